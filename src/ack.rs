@@ -1,0 +1,311 @@
+//! The acknowledgement tracker: turns Kafka delivery reports into the slot's confirmed LSN.
+//!
+//! Transactions are kept in commit order with a count of records Kafka has not acknowledged
+//! yet. The head is released once its Commit was seen and its count is zero; its `end_lsn`
+//! becomes the confirmed LSN. Memory is one entry per transaction in flight, never per record.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use crate::lsn::Lsn;
+
+/// Identifies a transaction to the tracker; small enough to ride along with every record.
+pub type TxnId = u64;
+
+/// A record Kafka refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFailure {
+    /// The event id (the `id` header), or `?` when the row had none.
+    pub event_id: String,
+    /// The topic the record was for.
+    pub topic: String,
+    /// What the broker or client said.
+    pub error: String,
+}
+
+impl std::fmt::Display for DeliveryFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Kafka refused event {} for topic {}: {}",
+            self.event_id, self.topic, self.error
+        )
+    }
+}
+
+/// What the tracker reports back to the replication loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Everything before this LSN is in Kafka; safe to confirm to the slot.
+    pub confirmed: Lsn,
+    /// Set once a record was refused; the confirmed LSN never moves past it.
+    pub failure: Option<Arc<DeliveryFailure>>,
+}
+
+#[derive(Debug)]
+struct Txn {
+    pending: u64,
+    end_lsn: Option<Lsn>,
+    failed: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The id of `txns[0]`.
+    head: TxnId,
+    txns: VecDeque<Txn>,
+    in_flight: u64,
+}
+
+/// Shared between the replication loop (begin/send/commit) and Kafka's delivery thread.
+#[derive(Debug)]
+pub struct AckTracker {
+    state: Mutex<State>,
+    progress: watch::Sender<Progress>,
+}
+
+impl AckTracker {
+    /// A tracker whose confirmed position starts at `start`.
+    pub fn new(start: Lsn) -> (Arc<Self>, watch::Receiver<Progress>) {
+        let (tx, rx) = watch::channel(Progress {
+            confirmed: start,
+            failure: None,
+        });
+        let tracker = AckTracker {
+            state: Mutex::new(State {
+                head: 0,
+                txns: VecDeque::new(),
+                in_flight: 0,
+            }),
+            progress: tx,
+        };
+        (Arc::new(tracker), rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the counts half-updated in a way that
+        // would confirm too far, so recovering the guard is safe.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a transaction (pgoutput Begin).
+    pub fn begin(&self) -> TxnId {
+        let mut s = self.lock();
+        s.txns.push_back(Txn {
+            pending: 0,
+            end_lsn: None,
+            failed: false,
+        });
+        s.head + s.txns.len() as u64 - 1
+    }
+
+    /// A record of `txn` is about to be handed to the producer.
+    pub fn sending(&self, txn: TxnId) {
+        let mut s = self.lock();
+        if let Some(t) = s.get_mut(txn) {
+            t.pending += 1;
+        }
+        s.in_flight += 1;
+    }
+
+    /// The producer did not take the record after all (queue full); it will be sent again.
+    pub fn not_sent(&self, txn: TxnId) {
+        self.delivered(txn, Ok(()));
+    }
+
+    /// Closes `txn` (pgoutput Commit); `end_lsn` is confirmed once all its records are acked.
+    pub fn commit(&self, txn: TxnId, end_lsn: Lsn) {
+        let mut s = self.lock();
+        if let Some(t) = s.get_mut(txn) {
+            t.end_lsn = Some(end_lsn);
+        }
+        self.release(&mut s);
+    }
+
+    /// Kafka's verdict on one record of `txn`.
+    pub fn delivered(&self, txn: TxnId, result: Result<(), DeliveryFailure>) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if let Some(t) = s.get_mut(txn) {
+            t.pending = t.pending.saturating_sub(1);
+            if result.is_err() {
+                t.failed = true;
+            }
+        }
+        match result {
+            Ok(()) => self.release(&mut s),
+            Err(failure) => {
+                self.progress.send_if_modified(|p| {
+                    if p.failure.is_some() {
+                        return false;
+                    }
+                    p.failure = Some(Arc::new(failure));
+                    true
+                });
+            }
+        }
+    }
+
+    /// The server's WAL end from a keepalive outside any transaction: confirm it if nothing is
+    /// in flight, so an idle outbox never holds WAL back.
+    pub fn idle(&self, wal_end: Lsn) {
+        let s = self.lock();
+        if s.txns.is_empty() {
+            self.advance(wal_end);
+        }
+    }
+
+    /// Records handed to the producer and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.lock().in_flight
+    }
+
+    fn release(&self, s: &mut State) {
+        let mut confirmed = None;
+        while let Some(t) = s.txns.front() {
+            match t.end_lsn {
+                Some(end) if t.pending == 0 && !t.failed => confirmed = Some(end),
+                _ => break,
+            }
+            s.txns.pop_front();
+            s.head += 1;
+        }
+        if let Some(lsn) = confirmed {
+            self.advance(lsn);
+        }
+    }
+
+    fn advance(&self, lsn: Lsn) {
+        self.progress.send_if_modified(|p| {
+            if lsn > p.confirmed && p.failure.is_none() {
+                p.confirmed = lsn;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl State {
+    fn get_mut(&mut self, txn: TxnId) -> Option<&mut Txn> {
+        let index = txn.checked_sub(self.head)?;
+        self.txns.get_mut(usize::try_from(index).ok()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure() -> DeliveryFailure {
+        DeliveryFailure {
+            event_id: "e1".into(),
+            topic: "t".into(),
+            error: "MessageSizeTooLarge".into(),
+        }
+    }
+
+    #[test]
+    fn confirms_a_transaction_only_after_all_its_records_are_acked() {
+        let (t, rx) = AckTracker::new(Lsn(10));
+        let a = t.begin();
+        t.sending(a);
+        t.sending(a);
+        t.commit(a, Lsn(100));
+        t.delivered(a, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(10));
+        t.delivered(a, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(100));
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_later_transaction_acked_first_waits_for_the_earlier_one() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin();
+        t.sending(a);
+        t.commit(a, Lsn(100));
+        let b = t.begin();
+        t.sending(b);
+        t.commit(b, Lsn(200));
+        t.delivered(b, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(0));
+        t.delivered(a, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(200));
+    }
+
+    #[test]
+    fn acks_before_commit_do_not_confirm_an_open_transaction() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin();
+        t.sending(a);
+        t.delivered(a, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(0));
+        t.commit(a, Lsn(50));
+        assert_eq!(rx.borrow().confirmed, Lsn(50));
+    }
+
+    #[test]
+    fn empty_transactions_confirm_at_commit() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin();
+        t.commit(a, Lsn(70));
+        assert_eq!(rx.borrow().confirmed, Lsn(70));
+    }
+
+    #[test]
+    fn keepalive_confirms_wal_end_only_when_nothing_is_outstanding() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin();
+        t.idle(Lsn(500));
+        assert_eq!(rx.borrow().confirmed, Lsn(0), "open transaction");
+        t.sending(a);
+        t.commit(a, Lsn(100));
+        t.idle(Lsn(500));
+        assert_eq!(rx.borrow().confirmed, Lsn(0), "record in flight");
+        t.delivered(a, Ok(()));
+        t.idle(Lsn(500));
+        assert_eq!(rx.borrow().confirmed, Lsn(500));
+    }
+
+    #[test]
+    fn confirmed_never_moves_backwards() {
+        let (t, rx) = AckTracker::new(Lsn(1000));
+        let a = t.begin();
+        t.commit(a, Lsn(10));
+        t.idle(Lsn(20));
+        assert_eq!(rx.borrow().confirmed, Lsn(1000));
+    }
+
+    #[test]
+    fn a_refused_record_stops_confirmation_and_is_reported() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin();
+        t.sending(a);
+        t.sending(a);
+        t.commit(a, Lsn(100));
+        t.delivered(a, Err(failure()));
+        t.delivered(a, Ok(()));
+        let b = t.begin();
+        t.commit(b, Lsn(200));
+        t.idle(Lsn(300));
+        let p = rx.borrow().clone();
+        assert_eq!(p.confirmed, Lsn(0));
+        assert_eq!(p.failure.as_deref(), Some(&failure()));
+    }
+
+    #[test]
+    fn not_sent_records_do_not_hold_the_transaction() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin();
+        t.sending(a);
+        t.not_sent(a);
+        t.sending(a);
+        t.commit(a, Lsn(9));
+        t.delivered(a, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(9));
+    }
+}

@@ -1,0 +1,387 @@
+//! The relay's TOML configuration: parsing, `${ENV_VAR}` expansion, defaults and validation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file's path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or does not fit the schema (unknown key, wrong type, missing key).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file's path.
+        path: String,
+        /// What toml said, folded onto one line.
+        message: String,
+    },
+    /// A `${VAR}` names an environment variable that is not set.
+    #[error("config file {path}: environment variable {var} is not set (referenced as ${{{var}}}); export it or remove the reference")]
+    MissingEnv {
+        /// The file's path.
+        path: String,
+        /// The variable's name.
+        var: String,
+    },
+    /// The values parse but make no sense together.
+    #[error("config file {path}: {message}")]
+    Invalid {
+        /// The file's path.
+        path: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the outbox lives.
+    pub postgres: PostgresConfig,
+    /// The outbox tables to relay; at least one.
+    #[serde(default)]
+    pub outbox: Vec<OutboxConfig>,
+    /// Where records go.
+    pub kafka: KafkaConfig,
+}
+
+/// `[postgres]`: the database, slot and publication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq-style connection URL.
+    pub url: String,
+    /// Logical replication slot name.
+    #[serde(default = "default_name")]
+    pub slot: String,
+    /// Publication name.
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// Upper bound between two standby status updates, in seconds.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
+}
+
+/// `[[outbox]]`: one outbox table and how its rows become records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Table name, optionally schema-qualified (`public` otherwise).
+    pub table: String,
+    /// Column carrying the event id (the `id` header).
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    /// Column whose value is the record key.
+    #[serde(default = "default_key_column")]
+    pub key_column: String,
+    /// Column carrying the event type (the `type` header).
+    #[serde(default = "default_type_column")]
+    pub type_column: String,
+    /// Column whose value is the record value.
+    #[serde(default = "default_payload_column")]
+    pub payload_column: String,
+    /// Topic template; `{column}` is replaced by that column's value.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Extra columns copied into headers named after the column.
+    #[serde(default)]
+    pub header_columns: Vec<String>,
+}
+
+/// `[kafka]`: the brokers and producer settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// librdkafka properties, passed through verbatim; they override the relay's defaults.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_name() -> String {
+    "outbox_relay".into()
+}
+fn default_status_interval() -> u64 {
+    10
+}
+fn default_id_column() -> String {
+    "id".into()
+}
+fn default_key_column() -> String {
+    "aggregateid".into()
+}
+fn default_type_column() -> String {
+    "type".into()
+}
+fn default_payload_column() -> String {
+    "payload".into()
+}
+fn default_topic() -> String {
+    "outbox.event.{aggregatetype}".into()
+}
+
+impl OutboxConfig {
+    /// The table as `(schema, name)`, defaulting the schema to `public`.
+    pub fn schema_and_name(&self) -> (&str, &str) {
+        self.table
+            .split_once('.')
+            .unwrap_or(("public", &self.table))
+    }
+
+    /// The column names referenced in braces by the topic template.
+    pub fn topic_columns(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut rest = self.topic.as_str();
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
+            out.push(&rest[open + 1..open + close]);
+            rest = &rest[open + close + 1..];
+        }
+        out
+    }
+
+    /// Every column the mapping reads, without repeats.
+    pub fn required_columns(&self) -> Vec<&str> {
+        let mut cols = vec![
+            self.id_column.as_str(),
+            self.key_column.as_str(),
+            self.type_column.as_str(),
+            self.payload_column.as_str(),
+        ];
+        cols.extend(self.topic_columns());
+        cols.extend(self.header_columns.iter().map(String::as_str));
+        let mut seen = Vec::with_capacity(cols.len());
+        cols.retain(|c| {
+            let new = !seen.contains(c);
+            seen.push(*c);
+            new
+        });
+        cols
+    }
+}
+
+impl Config {
+    /// Reads, expands and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown, |var| std::env::var(var).ok())
+    }
+
+    /// Parses `text`; `env` resolves `${VAR}` references. `path` only labels errors.
+    pub fn parse(
+        text: &str,
+        path: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| parse_error(path, &e))?;
+        expand_env(&mut value, &env).map_err(|var| ConfigError::MissingEnv {
+            path: path.to_owned(),
+            var,
+        })?;
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_error(path, &e))?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.outbox.is_empty() {
+            return Err("no [[outbox]] table configured; add one, e.g. [[outbox]] table = \"public.outbox\"".into());
+        }
+        for name in [&self.postgres.slot, &self.postgres.publication] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(format!(
+                    "slot and publication names may use only lower-case letters, digits and '_' (at most 63): {name:?}"
+                ));
+            }
+        }
+        if self.postgres.status_interval_secs == 0 {
+            return Err("[postgres] status_interval_secs must be at least 1".into());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err("[kafka] brokers is empty; set it to host:port[,host:port]".into());
+        }
+        let mut tables = Vec::new();
+        for o in &self.outbox {
+            if o.table.trim().is_empty() {
+                return Err("[[outbox]] table is empty".into());
+            }
+            let key = o.schema_and_name();
+            if tables.contains(&key) {
+                return Err(format!("[[outbox]] table {} is configured twice", o.table));
+            }
+            tables.push(key);
+            if o.topic.matches('{').count() != o.topic.matches('}').count()
+                || o.topic_columns().iter().any(|c| c.is_empty())
+            {
+                return Err(format!(
+                    "[[outbox]] topic template {:?} has unbalanced or empty braces; write e.g. \"outbox.event.{{aggregatetype}}\"",
+                    o.topic
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_error(path: &str, e: &toml::de::Error) -> ConfigError {
+    // toml's messages span several lines with a source excerpt; keep the error to one line.
+    let message = e
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect::<Vec<_>>()
+        .join("; ");
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+/// Replaces `${VAR}` in every string; returns the name of the first variable that is unset.
+fn expand_env(
+    value: &mut toml::Value,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    match value {
+        toml::Value::String(s) => {
+            if s.contains("${") {
+                *s = expand_str(s, env)?;
+            }
+            Ok(())
+        }
+        toml::Value::Array(items) => items.iter_mut().try_for_each(|v| expand_env(v, env)),
+        toml::Value::Table(t) => t.iter_mut().try_for_each(|(_, v)| expand_env(v, env)),
+        _ => Ok(()),
+    }
+}
+
+fn expand_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            // An unterminated reference is kept literally rather than guessed at.
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let var = &after[..end];
+        out.push_str(&env(var).ok_or_else(|| var.to_owned())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [postgres]
+        url = "postgres://relay:${PGPASSWORD}@db:5432/app"
+        [[outbox]]
+        table = "public.outbox"
+        [kafka]
+        brokers = "kafka:9092"
+    "#;
+
+    fn env(var: &str) -> Option<String> {
+        (var == "PGPASSWORD").then(|| "s3cret".to_owned())
+    }
+
+    #[test]
+    fn minimal_file_gets_debezium_defaults() {
+        let c = Config::parse(MINIMAL, "relay.toml", env).unwrap();
+        assert_eq!(c.postgres.url, "postgres://relay:s3cret@db:5432/app");
+        assert_eq!(c.postgres.slot, "outbox_relay");
+        assert_eq!(c.postgres.publication, "outbox_relay");
+        let o = &c.outbox[0];
+        assert_eq!(o.schema_and_name(), ("public", "outbox"));
+        assert_eq!(o.topic, "outbox.event.{aggregatetype}");
+        assert_eq!(
+            o.required_columns(),
+            ["id", "aggregateid", "type", "payload", "aggregatetype"]
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("url =", "urll =");
+        let err = Config::parse(&text, "relay.toml", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("urll"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn malformed_toml_names_the_line() {
+        let err = Config::parse("[postgres\nurl = 1", "relay.toml", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn unset_env_var_is_named() {
+        let err = Config::parse(MINIMAL, "relay.toml", |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PGPASSWORD"), "{err}");
+    }
+
+    #[test]
+    fn missing_outbox_is_rejected_with_an_example() {
+        let text = MINIMAL.replace("[[outbox]]\n        table = \"public.outbox\"", "");
+        let err = Config::parse(&text, "relay.toml", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[[outbox]]"), "{err}");
+    }
+
+    #[test]
+    fn unbalanced_topic_template_is_rejected() {
+        let text = MINIMAL.replace(
+            "table = \"public.outbox\"",
+            "table = \"public.outbox\"\n topic = \"x.{aggregatetype\"",
+        );
+        assert!(Config::parse(&text, "relay.toml", env).is_err());
+    }
+
+    #[test]
+    fn topic_columns_are_listed_in_order() {
+        let mut c = Config::parse(MINIMAL, "relay.toml", env).unwrap();
+        c.outbox[0].topic = "{tenant}.events.{type}".into();
+        assert_eq!(c.outbox[0].topic_columns(), ["tenant", "type"]);
+    }
+}

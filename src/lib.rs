@@ -1,0 +1,13 @@
+//! outbox-relay: tails a PostgreSQL logical replication slot (pgoutput) and publishes every
+//! committed outbox insert to Kafka, confirming the slot only after Kafka acknowledged it.
+#![deny(missing_docs)]
+
+pub mod ack;
+pub mod config;
+pub mod lsn;
+pub mod outbox;
+pub mod pgoutput;
+pub mod publisher;
+pub mod relay;
+pub mod replication;
+pub mod setup;

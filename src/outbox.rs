@@ -1,0 +1,546 @@
+//! The outbox mapping: turns an inserted outbox row into a Kafka record (topic, key, value,
+//! headers), Debezium Outbox Event Router compatible by default.
+//!
+//! A plan is built once per Relation message (column positions, which are bytea, the parsed
+//! topic template), so the per-row path only picks values out of the tuple.
+
+use std::collections::HashMap;
+
+use crate::config::OutboxConfig;
+use crate::pgoutput::{DecodeError, Relation, Tuple, Value};
+
+/// PostgreSQL's type oid for `bytea`, whose text form is hex and must be sent as raw bytes.
+const BYTEA_OID: u32 = 17;
+
+/// Why a row could not be mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// A configured column is not in the table (at start, or after an ALTER TABLE).
+    #[error("outbox table {table} has no column {column:?} (configured as {role}); add the column or change {role} in the [[outbox]] entry")]
+    MissingColumn {
+        /// The table.
+        table: String,
+        /// The missing column.
+        column: String,
+        /// Which config key names it.
+        role: &'static str,
+    },
+    /// A column the topic template needs is NULL in a row.
+    #[error("event {event_id} in {table}: column {column:?} used by the topic template is NULL; the record has no topic")]
+    NullTopicColumn {
+        /// The table.
+        table: String,
+        /// The event id.
+        event_id: String,
+        /// The column.
+        column: String,
+    },
+    /// A bytea value is not valid hex.
+    #[error("{table}.{column}: bytea value is not in PostgreSQL's hex format (\\x...); set bytea_output = 'hex'")]
+    BadBytea {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// An Insert arrived for a relation id no Relation message described.
+    #[error("insert for unknown relation id {0}: the server sent no Relation message for it")]
+    UnknownRelation(u32),
+    /// The row's bytes were malformed.
+    #[error("malformed row: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+#[derive(Debug, Clone)]
+enum TopicPart {
+    Literal(String),
+    Column { index: usize, name: String },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Col {
+    index: usize,
+    bytea: bool,
+}
+
+/// How one outbox table's rows become records.
+#[derive(Debug, Clone)]
+struct Plan {
+    table: String,
+    id: Col,
+    key: Col,
+    kind: Col,
+    payload: Col,
+    topic: Vec<TopicPart>,
+    headers: Vec<(String, Col)>,
+}
+
+/// One record ready for the producer; borrows the row and the mapper's scratch space.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Destination topic.
+    pub topic: &'a str,
+    /// Record key (`None` for a NULL key column).
+    pub key: Option<&'a [u8]>,
+    /// Record value (`None` for a NULL payload).
+    pub payload: Option<&'a [u8]>,
+    /// Headers in order: `id`, `type`, then the configured extra columns.
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+}
+
+impl Record<'_> {
+    /// The event id as text, for error messages.
+    pub fn event_id(&self) -> String {
+        match self.headers.first() {
+            Some((_, Some(v))) => String::from_utf8_lossy(v).into_owned(),
+            _ => "?".into(),
+        }
+    }
+}
+
+/// Maps rows of the configured outbox tables; other tables are ignored.
+#[derive(Debug)]
+pub struct OutboxMapper {
+    tables: Vec<OutboxConfig>,
+    plans: HashMap<u32, Option<Plan>>,
+    topic: String,
+    key_buf: Vec<u8>,
+    payload_buf: Vec<u8>,
+    header_bufs: Vec<Vec<u8>>,
+}
+
+impl OutboxMapper {
+    /// A mapper for these `[[outbox]]` entries.
+    pub fn new(tables: &[OutboxConfig]) -> Self {
+        OutboxMapper {
+            tables: tables.to_vec(),
+            plans: HashMap::new(),
+            topic: String::new(),
+            key_buf: Vec::new(),
+            payload_buf: Vec::new(),
+            header_bufs: Vec::new(),
+        }
+    }
+
+    /// Learns (or relearns, after ALTER TABLE) a table's columns from a Relation message.
+    pub fn relation(&mut self, rel: &Relation) -> Result<(), MappingError> {
+        let config = self
+            .tables
+            .iter()
+            .find(|t| t.schema_and_name() == (rel.namespace.as_str(), rel.name.as_str()));
+        let plan = match config {
+            Some(c) => Some(plan_for(c, rel)?),
+            None => None,
+        };
+        self.plans.insert(rel.id, plan);
+        Ok(())
+    }
+
+    /// Whether rows of this relation are outbox events.
+    pub fn is_outbox(&self, relation_id: u32) -> bool {
+        matches!(self.plans.get(&relation_id), Some(Some(_)))
+    }
+
+    /// The record for a row of `relation_id`, or `None` when the table is not an outbox.
+    pub fn map<'a>(
+        &'a mut self,
+        relation_id: u32,
+        tuple: &Tuple<'a>,
+    ) -> Result<Option<Record<'a>>, MappingError> {
+        let plan = match self.plans.get(&relation_id) {
+            Some(Some(plan)) => plan,
+            Some(None) => return Ok(None),
+            None => return Err(MappingError::UnknownRelation(relation_id)),
+        };
+        let values = tuple.values().collect::<Result<Vec<Value<'a>>, _>>()?;
+        let text = |col: Col| -> Option<&'a [u8]> {
+            match values.get(col.index) {
+                Some(Value::Text(b)) | Some(Value::Binary(b)) => Some(*b),
+                _ => None,
+            }
+        };
+        let event_id = || {
+            text(plan.id)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+
+        self.topic.clear();
+        for part in &plan.topic {
+            match part {
+                TopicPart::Literal(s) => self.topic.push_str(s),
+                TopicPart::Column { index, name } => {
+                    let Some(v) = text(Col {
+                        index: *index,
+                        bytea: false,
+                    }) else {
+                        return Err(MappingError::NullTopicColumn {
+                            table: plan.table.clone(),
+                            event_id: event_id(),
+                            column: name.clone(),
+                        });
+                    };
+                    self.topic.push_str(&String::from_utf8_lossy(v));
+                }
+            }
+        }
+
+        let bad_bytea = |col: &str| MappingError::BadBytea {
+            table: plan.table.clone(),
+            column: col.to_owned(),
+        };
+        let key = decode_col(text(plan.key), plan.key, &mut self.key_buf)
+            .ok_or_else(|| bad_bytea("key"))?;
+        let payload = decode_col(text(plan.payload), plan.payload, &mut self.payload_buf)
+            .ok_or_else(|| bad_bytea("payload"))?;
+
+        let mut headers = Vec::with_capacity(2 + plan.headers.len());
+        headers.push(("id", text(plan.id)));
+        headers.push(("type", text(plan.kind)));
+        if !plan.headers.is_empty() {
+            self.header_bufs.resize_with(plan.headers.len(), Vec::new);
+            for ((name, col), buf) in plan.headers.iter().zip(self.header_bufs.iter_mut()) {
+                let v = decode_col(text(*col), *col, buf).ok_or_else(|| bad_bytea(name))?;
+                headers.push((name.as_str(), v));
+            }
+        }
+        Ok(Some(Record {
+            topic: &self.topic,
+            key,
+            payload,
+            headers,
+        }))
+    }
+}
+
+/// The value as raw bytes: text passes through; bytea hex is decoded into `buf`.
+/// The outer `None` means the bytea text was malformed.
+fn decode_col<'a>(
+    value: Option<&'a [u8]>,
+    col: Col,
+    buf: &'a mut Vec<u8>,
+) -> Option<Option<&'a [u8]>> {
+    let Some(v) = value else {
+        return Some(None);
+    };
+    if !col.bytea {
+        return Some(Some(v));
+    }
+    let hex = v.strip_prefix(b"\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    buf.clear();
+    for pair in hex.chunks_exact(2) {
+        buf.push((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?);
+    }
+    Some(Some(buf.as_slice()))
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn plan_for(c: &OutboxConfig, rel: &Relation) -> Result<Plan, MappingError> {
+    let table = format!("{}.{}", rel.namespace, rel.name);
+    let find = |name: &str, role: &'static str| -> Result<Col, MappingError> {
+        rel.columns
+            .iter()
+            .position(|col| col.name == name)
+            .map(|index| Col {
+                index,
+                bytea: rel.columns[index].type_oid == BYTEA_OID,
+            })
+            .ok_or_else(|| MappingError::MissingColumn {
+                table: table.clone(),
+                column: name.to_owned(),
+                role,
+            })
+    };
+    let mut topic = Vec::new();
+    let mut rest = c.topic.as_str();
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').map(|i| open + i);
+        let Some(close) = close else { break };
+        if open > 0 {
+            topic.push(TopicPart::Literal(rest[..open].to_owned()));
+        }
+        let name = &rest[open + 1..close];
+        topic.push(TopicPart::Column {
+            index: find(name, "topic")?.index,
+            name: name.to_owned(),
+        });
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        topic.push(TopicPart::Literal(rest.to_owned()));
+    }
+    let headers = c
+        .header_columns
+        .iter()
+        .map(|h| Ok((h.clone(), find(h, "header_columns")?)))
+        .collect::<Result<_, MappingError>>()?;
+    Ok(Plan {
+        id: find(&c.id_column, "id_column")?,
+        key: find(&c.key_column, "key_column")?,
+        kind: find(&c.type_column, "type_column")?,
+        payload: find(&c.payload_column, "payload_column")?,
+        topic,
+        headers,
+        table,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pgoutput::{decode, Message};
+
+    const TEXT: u32 = 25;
+    const UUID: u32 = 2950;
+    const JSONB: u32 = 3802;
+
+    fn outbox_config(extra: &str) -> OutboxConfig {
+        let text = format!(
+            "[postgres]\nurl = \"postgres://x@h/db\"\n[[outbox]]\ntable = \"public.outbox\"\n{extra}\n[kafka]\nbrokers = \"k:9092\"\n"
+        );
+        Config::parse(&text, "t.toml", |_| None)
+            .unwrap()
+            .outbox
+            .remove(0)
+    }
+
+    /// pgoutput 'R' bytes, as the server would send them.
+    fn relation_bytes(id: u32, table: &str, columns: &[(&str, u32)]) -> Vec<u8> {
+        let mut b = vec![b'R'];
+        b.extend(id.to_be_bytes());
+        b.extend(b"public\0");
+        b.extend(table.as_bytes());
+        b.push(0);
+        b.push(b'd');
+        b.extend((columns.len() as i16).to_be_bytes());
+        for (name, oid) in columns {
+            b.push(0);
+            b.extend(name.as_bytes());
+            b.push(0);
+            b.extend(oid.to_be_bytes());
+            b.extend((-1i32).to_be_bytes());
+        }
+        b
+    }
+
+    /// pgoutput 'I' bytes; `None` is a NULL column.
+    fn insert_bytes(id: u32, values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut b = vec![b'I'];
+        b.extend(id.to_be_bytes());
+        b.push(b'N');
+        b.extend((values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                None => b.push(b'n'),
+                Some(v) => {
+                    b.push(b't');
+                    b.extend((v.len() as i32).to_be_bytes());
+                    b.extend(*v);
+                }
+            }
+        }
+        b
+    }
+
+    fn learn(mapper: &mut OutboxMapper, bytes: &[u8]) -> Result<(), MappingError> {
+        match decode(bytes).unwrap() {
+            Message::Relation(rel) => mapper.relation(&rel),
+            other => panic!("not a relation: {other:?}"),
+        }
+    }
+
+    fn map_row<T>(
+        mapper: &mut OutboxMapper,
+        bytes: &[u8],
+        check: impl FnOnce(Result<Option<Record<'_>>, MappingError>) -> T,
+    ) -> T {
+        match decode(bytes).unwrap() {
+            Message::Insert { relation_id, tuple } => check(mapper.map(relation_id, &tuple)),
+            other => panic!("not an insert: {other:?}"),
+        }
+    }
+
+    const DEFAULT_COLUMNS: &[(&str, u32)] = &[
+        ("id", UUID),
+        ("aggregatetype", TEXT),
+        ("aggregateid", TEXT),
+        ("type", TEXT),
+        ("payload", JSONB),
+    ];
+
+    #[test]
+    fn default_row_becomes_a_debezium_style_record() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        learn(&mut m, &relation_bytes(7, "outbox", DEFAULT_COLUMNS)).unwrap();
+        let row = insert_bytes(
+            7,
+            &[
+                Some(b"4a1c1f5e-0000-4000-8000-000000000001"),
+                Some(b"order"),
+                Some("ключ-🚀".as_bytes()),
+                Some(b"OrderCreated"),
+                Some(br#"{"total": 12.5}"#),
+            ],
+        );
+        map_row(&mut m, &row, |r| {
+            let r = r.unwrap().unwrap();
+            assert_eq!(r.topic, "outbox.event.order");
+            assert_eq!(r.key, Some("ключ-🚀".as_bytes()));
+            assert_eq!(r.payload, Some(&br#"{"total": 12.5}"#[..]));
+            assert_eq!(
+                r.headers,
+                vec![
+                    ("id", Some(&b"4a1c1f5e-0000-4000-8000-000000000001"[..])),
+                    ("type", Some(&b"OrderCreated"[..])),
+                ]
+            );
+        });
+    }
+
+    #[test]
+    fn null_payload_and_key_become_absent() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        learn(&mut m, &relation_bytes(7, "outbox", DEFAULT_COLUMNS)).unwrap();
+        let row = insert_bytes(7, &[Some(b"e"), Some(b"a"), None, Some(b"t"), None]);
+        map_row(&mut m, &row, |r| {
+            let r = r.unwrap().unwrap();
+            assert_eq!((r.key, r.payload), (None, None));
+        });
+    }
+
+    #[test]
+    fn bytea_columns_arrive_as_raw_bytes() {
+        let mut m = OutboxMapper::new(&[outbox_config("header_columns = [\"trace\"]")]);
+        let mut cols = DEFAULT_COLUMNS.to_vec();
+        cols[4] = ("payload", BYTEA_OID);
+        cols.push(("trace", BYTEA_OID));
+        learn(&mut m, &relation_bytes(7, "outbox", &cols)).unwrap();
+        let row = insert_bytes(
+            7,
+            &[
+                Some(b"e"),
+                Some(b"a"),
+                Some(b"k"),
+                Some(b"t"),
+                Some(b"\\x00ff10"),
+                Some(b"\\xAB"),
+            ],
+        );
+        map_row(&mut m, &row, |r| {
+            let r = r.unwrap().unwrap();
+            assert_eq!(r.payload, Some(&[0x00, 0xff, 0x10][..]));
+            assert_eq!(r.headers[2], ("trace", Some(&[0xab][..])));
+        });
+    }
+
+    #[test]
+    fn malformed_bytea_is_an_error_not_garbage() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        let mut cols = DEFAULT_COLUMNS.to_vec();
+        cols[4] = ("payload", BYTEA_OID);
+        learn(&mut m, &relation_bytes(7, "outbox", &cols)).unwrap();
+        let row = insert_bytes(
+            7,
+            &[
+                Some(b"e"),
+                Some(b"a"),
+                Some(b"k"),
+                Some(b"t"),
+                Some(b"\\x0"),
+            ],
+        );
+        map_row(&mut m, &row, |r| {
+            assert!(matches!(r, Err(MappingError::BadBytea { .. })), "{r:?}")
+        });
+    }
+
+    #[test]
+    fn topic_template_uses_any_columns_and_null_is_an_error() {
+        let mut m =
+            OutboxMapper::new(&[outbox_config("topic = \"{type}-events.{aggregatetype}\"")]);
+        learn(&mut m, &relation_bytes(7, "outbox", DEFAULT_COLUMNS)).unwrap();
+        let row = insert_bytes(
+            7,
+            &[
+                Some(b"e1"),
+                Some(b"order"),
+                Some(b"k"),
+                Some(b"Created"),
+                None,
+            ],
+        );
+        map_row(&mut m, &row, |r| {
+            assert_eq!(r.unwrap().unwrap().topic, "Created-events.order")
+        });
+        let row = insert_bytes(7, &[Some(b"e2"), None, Some(b"k"), Some(b"Created"), None]);
+        map_row(&mut m, &row, |r| {
+            let err = r.unwrap_err().to_string();
+            assert!(err.contains("e2") && err.contains("aggregatetype"), "{err}");
+        });
+    }
+
+    #[test]
+    fn rows_of_other_tables_are_not_events() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        learn(&mut m, &relation_bytes(9, "orders", &[("id", TEXT)])).unwrap();
+        let row = insert_bytes(9, &[Some(b"1")]);
+        map_row(&mut m, &row, |r| assert!(r.unwrap().is_none()));
+        assert!(!m.is_outbox(9));
+    }
+
+    #[test]
+    fn a_new_relation_message_replaces_the_old_columns() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        learn(&mut m, &relation_bytes(7, "outbox", DEFAULT_COLUMNS)).unwrap();
+        let mut cols = vec![("extra", TEXT)];
+        cols.extend_from_slice(DEFAULT_COLUMNS);
+        learn(&mut m, &relation_bytes(7, "outbox", &cols)).unwrap();
+        let row = insert_bytes(
+            7,
+            &[
+                Some(b"x"),
+                Some(b"e"),
+                Some(b"a"),
+                Some(b"k"),
+                Some(b"t"),
+                Some(b"{}"),
+            ],
+        );
+        map_row(&mut m, &row, |r| {
+            let r = r.unwrap().unwrap();
+            assert_eq!((r.key, r.payload), (Some(&b"k"[..]), Some(&b"{}"[..])));
+        });
+    }
+
+    #[test]
+    fn a_dropped_configured_column_is_named() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        let err = learn(&mut m, &relation_bytes(7, "outbox", &DEFAULT_COLUMNS[..4]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"payload\"") && err.contains("payload_column"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn insert_for_an_unannounced_relation_is_an_error() {
+        let mut m = OutboxMapper::new(&[outbox_config("")]);
+        map_row(&mut m, &insert_bytes(3, &[None]), |r| {
+            assert!(matches!(r, Err(MappingError::UnknownRelation(3))))
+        });
+    }
+}

@@ -1,0 +1,171 @@
+//! The Kafka publisher: an idempotent `acks=all` librdkafka producer whose delivery reports
+//! feed the acknowledgement tracker, carrying only the transaction id per record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::Notify;
+
+use crate::ack::{AckTracker, DeliveryFailure, TxnId};
+use crate::config::KafkaConfig;
+use crate::outbox::Record;
+
+/// Producer settings the relay's promises rest on; `[kafka.properties]` may override them.
+pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    // The Java client's partitioner, so existing consumers see the same key → partition.
+    ("partitioner", "murmur2_random"),
+    // librdkafka buffers up to 1 GiB by default; a small queue is what makes backpressure.
+    ("queue.buffering.max.messages", "20000"),
+    ("queue.buffering.max.kbytes", "16384"),
+    ("linger.ms", "5"),
+];
+
+/// Why a record could not be handed to the producer.
+#[derive(Debug)]
+pub enum SendError {
+    /// The producer queue is full; wait for acknowledgements and try again.
+    QueueFull,
+    /// The record was refused before it left (e.g. larger than `message.max.bytes`).
+    Refused(DeliveryFailure),
+}
+
+struct Delivery {
+    tracker: Arc<AckTracker>,
+    space: Arc<Notify>,
+}
+
+impl ClientContext for Delivery {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "{fac}: {log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{fac}: {log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "{error}: {reason}");
+    }
+}
+
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, txn: usize) {
+        let verdict = match result {
+            Ok(_) => Ok(()),
+            Err((err, msg)) => Err(DeliveryFailure {
+                event_id: msg
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_else(|| "?".into()),
+                topic: msg.topic().to_owned(),
+                error: err.to_string(),
+            }),
+        };
+        self.tracker.delivered(txn as TxnId, verdict);
+        self.space.notify_one();
+    }
+}
+
+/// Hands records to Kafka; acknowledgements flow to the tracker on librdkafka's thread.
+pub struct Publisher {
+    producer: ThreadedProducer<Delivery>,
+    space: Arc<Notify>,
+}
+
+impl Publisher {
+    /// Builds the producer from `[kafka]`, the relay's defaults overridden by `properties`.
+    pub fn new(config: &KafkaConfig, tracker: Arc<AckTracker>) -> Result<Self, KafkaError> {
+        let mut client = ClientConfig::new();
+        for (k, v) in DEFAULT_PROPERTIES {
+            client.set(*k, *v);
+        }
+        client.set("bootstrap.servers", &config.brokers);
+        client.set("client.id", "outbox-relay");
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        for (key, safe) in [
+            ("acks", ["all", "-1"]),
+            ("enable.idempotence", ["true", "true"]),
+        ] {
+            if let Some(v) = config.properties.get(key) {
+                if !safe.contains(&v.as_str()) {
+                    tracing::warn!(
+                        "[kafka.properties] {key} = {v:?} weakens the relay's guarantees (no loss, per-key order)"
+                    );
+                }
+            }
+        }
+        let space = Arc::new(Notify::new());
+        let producer = client.create_with_context(Delivery {
+            tracker,
+            space: space.clone(),
+        })?;
+        Ok(Publisher { producer, space })
+    }
+
+    /// Hands one record of `txn` to the producer without waiting.
+    pub fn send(&self, txn: TxnId, record: &Record<'_>) -> Result<(), SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header { key, value: *value });
+        }
+        let mut out = BaseRecord::<[u8], [u8], usize>::with_opaque_to(record.topic, txn as usize)
+            .headers(headers);
+        if let Some(k) = record.key {
+            out = out.key(k);
+        }
+        if let Some(p) = record.payload {
+            out = out.payload(p);
+        }
+        match self.producer.send(out) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull)
+            }
+            Err((err, _)) => Err(SendError::Refused(DeliveryFailure {
+                event_id: record.event_id(),
+                topic: record.topic.to_owned(),
+                error: err.to_string(),
+            })),
+        }
+    }
+
+    /// Resolves after the next delivery report, i.e. when the queue may have room again.
+    pub async fn space(&self) {
+        self.space.notified().await
+    }
+
+    /// Waits up to `timeout` for every queued record's delivery report; false if some remain.
+    pub async fn flush(self: &Arc<Self>, timeout: Duration) -> bool {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.producer.flush(timeout).is_ok())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Records queued or in flight inside librdkafka.
+    pub fn queued(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}

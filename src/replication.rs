@@ -1,0 +1,497 @@
+//! The replication stream: a `replication=database` connection to PostgreSQL, framed by hand
+//! on `postgres-protocol`'s encoders and parsers, that starts logical replication and yields
+//! XLogData and keepalives while sending standby status updates back.
+//!
+//! `tokio-postgres` has no replication mode and `postgres-protocol` does not parse the
+//! CopyBothResponse ('W') message, so frames are split here by tag and length first.
+
+use std::io;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::config::Host;
+
+use crate::lsn::Lsn;
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Why the replication connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The socket failed or closed.
+    #[error("replication connection I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The server answered with an ErrorResponse.
+    #[error("PostgreSQL error {code}: {message}{}", hint.as_ref().map(|h| format!(" (hint: {h})")).unwrap_or_default())]
+    Server {
+        /// SQLSTATE, e.g. `55006` when the slot is in use.
+        code: String,
+        /// The server's message.
+        message: String,
+        /// The server's hint, if any.
+        hint: Option<String>,
+    },
+    /// Authentication could not proceed (no password given, unsupported method).
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The server sent something this client does not expect.
+    #[error("unexpected message from PostgreSQL: {0}")]
+    Protocol(String),
+    /// The connection parameters are unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ReplicationError {
+    /// The SQLSTATE when the server refused something.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+type Result<T, E = ReplicationError> = std::result::Result<T, E>;
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// One backend frame: the two kinds replication needs, or anything else parsed by `postgres-protocol`.
+enum Frame {
+    CopyData(Bytes),
+    CopyBothResponse,
+    Other(backend::Message),
+}
+
+/// A replication-mode connection, before and during streaming.
+pub struct ReplicationConnection {
+    socket: Box<dyn Socket>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+/// What the walsender sent inside CopyBoth.
+#[derive(Debug)]
+pub enum ReplicationEvent {
+    /// A chunk of decoded WAL: one pgoutput message.
+    XLogData {
+        /// WAL position the data starts at.
+        wal_start: Lsn,
+        /// The server's current WAL end.
+        wal_end: Lsn,
+        /// The pgoutput message.
+        data: Bytes,
+    },
+    /// A primary keepalive.
+    Keepalive {
+        /// The server's current WAL end; everything before it has been sent.
+        wal_end: Lsn,
+        /// The server wants a status update now or it will time us out.
+        reply_requested: bool,
+    },
+}
+
+/// The server's answer to `IDENTIFY_SYSTEM`.
+#[derive(Debug, Clone)]
+pub struct SystemIdentity {
+    /// The cluster's system identifier.
+    pub system_id: String,
+    /// The timeline.
+    pub timeline: u32,
+    /// The current WAL flush position.
+    pub xlog_pos: Lsn,
+}
+
+impl ReplicationConnection {
+    /// Connects in `replication=database` mode and authenticates.
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self> {
+        let user = config
+            .get_user()
+            .ok_or_else(|| ReplicationError::Config("the URL names no user".into()))?;
+        let dbname = config.get_dbname().unwrap_or(user);
+        let socket = open_socket(config).await?;
+        let mut conn = ReplicationConnection {
+            socket,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+        };
+        frontend::startup_message(
+            [
+                ("user", user),
+                ("database", dbname),
+                ("replication", "database"),
+                ("application_name", "outbox-relay"),
+                ("client_encoding", "UTF8"),
+            ],
+            &mut conn.wbuf,
+        )?;
+        conn.flush().await?;
+        conn.authenticate(user, config.get_password()).await?;
+        conn.wait_ready().await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<()> {
+        let need_password = || {
+            password.ok_or_else(|| {
+                ReplicationError::Auth(format!(
+                    "the server wants a password for user {user}, but the URL has none"
+                ))
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            match self.expect_other().await? {
+                backend::Message::AuthenticationOk => return Ok(()),
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(need_password()?, &mut self.wbuf)?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(user.as_bytes(), need_password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut offered = Vec::new();
+                    while let Some(m) = mechanisms.next()? {
+                        offered.push(m.to_owned());
+                    }
+                    if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                        return Err(ReplicationError::Auth(format!(
+                            "the server offers only {offered:?}; SCRAM-SHA-256 is supported"
+                        )));
+                    }
+                    // Channel binding needs TLS; without it the server accepts plain SCRAM.
+                    let s = sasl::ScramSha256::new(
+                        need_password()?,
+                        sasl::ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplicationError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data())
+                        .map_err(|e| ReplicationError::Auth(e.to_string()))?;
+                    continue;
+                }
+                _ => {
+                    return Err(ReplicationError::Auth(
+                        "the server asked for an authentication method this client does not support (use trust, md5, password or scram-sha-256)".into(),
+                    ))
+                }
+            }
+            self.flush().await?;
+        }
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        loop {
+            if let backend::Message::ReadyForQuery(_) = self.expect_other().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one simple-protocol command and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        loop {
+            match self.expect_other().await? {
+                backend::Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        row.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(row);
+                }
+                backend::Message::ReadyForQuery(_) => return Ok(rows),
+                _ => {}
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`: the cluster id, timeline and current WAL position.
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let field = |i: usize| rows.first().and_then(|r| r.get(i)).cloned().flatten();
+        let bad = || ReplicationError::Protocol("malformed IDENTIFY_SYSTEM answer".into());
+        Ok(SystemIdentity {
+            system_id: field(0).ok_or_else(bad)?,
+            timeline: field(1).and_then(|t| t.parse().ok()).ok_or_else(bad)?,
+            xlog_pos: field(2).and_then(|l| l.parse().ok()).ok_or_else(bad)?,
+        })
+    }
+
+    /// Starts streaming the slot from `start` (`0/0`: the slot's confirmed position).
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<ReplicationStream> {
+        // Names were validated to [a-z0-9_], so quoting them is enough.
+        let sql = format!(
+            "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '1', publication_names '\"{publication}\"')"
+        );
+        frontend::query(&sql, &mut self.wbuf)?;
+        self.flush().await?;
+        loop {
+            match self.next_frame().await? {
+                Frame::CopyBothResponse => return Ok(ReplicationStream { conn: self }),
+                Frame::Other(backend::Message::NoticeResponse(_)) => {}
+                Frame::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body)?)
+                }
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "expected CopyBothResponse after START_REPLICATION".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.socket.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        self.socket.flush().await
+    }
+
+    /// Reads the next whole frame. Cancel-safe: bytes stay in `rbuf` until a frame is complete.
+    async fn next_frame(&mut self) -> Result<Frame> {
+        loop {
+            if let Some(frame) = self.split_frame()? {
+                return Ok(frame);
+            }
+            if self.socket.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "PostgreSQL closed the replication connection",
+                )
+                .into());
+            }
+        }
+    }
+
+    fn split_frame(&mut self) -> Result<Option<Frame>> {
+        let Some(header) = backend::Header::parse(&self.rbuf)? else {
+            return Ok(None);
+        };
+        let total = 1 + header.len() as usize;
+        if self.rbuf.len() < total {
+            self.rbuf.reserve(total - self.rbuf.len());
+            return Ok(None);
+        }
+        let frame = match header.tag() {
+            b'd' => {
+                let mut f = self.rbuf.split_to(total);
+                f.advance(5);
+                Frame::CopyData(f.freeze())
+            }
+            b'W' => {
+                self.rbuf.advance(total);
+                Frame::CopyBothResponse
+            }
+            _ => {
+                let mut f = self.rbuf.split_to(total);
+                match backend::Message::parse(&mut f)? {
+                    Some(m) => Frame::Other(m),
+                    None => {
+                        return Err(ReplicationError::Protocol(format!(
+                            "incomplete message with tag {:?}",
+                            header.tag() as char
+                        )))
+                    }
+                }
+            }
+        };
+        Ok(Some(frame))
+    }
+
+    /// The next non-CopyData frame, turning ErrorResponse into an error and skipping notices.
+    async fn expect_other(&mut self) -> Result<backend::Message> {
+        loop {
+            match self.next_frame().await? {
+                Frame::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body)?)
+                }
+                Frame::Other(backend::Message::NoticeResponse(_)) => {}
+                Frame::Other(m) => return Ok(m),
+                Frame::CopyData(_) | Frame::CopyBothResponse => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected copy message outside replication".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A connection in CopyBoth mode.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+}
+
+impl ReplicationStream {
+    /// The next XLogData or keepalive. Cancel-safe.
+    pub async fn next_event(&mut self) -> Result<ReplicationEvent> {
+        loop {
+            match self.conn.next_frame().await? {
+                Frame::CopyData(data) => {
+                    if let Some(event) = parse_copy_data(data)? {
+                        return Ok(event);
+                    }
+                }
+                Frame::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body)?)
+                }
+                Frame::Other(backend::Message::NoticeResponse(_)) => {}
+                Frame::Other(backend::Message::CopyDone) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "PostgreSQL ended the replication stream",
+                    )
+                    .into())
+                }
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message during replication".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends a standby status update: `received` as written, `confirmed` as flushed and applied.
+    pub async fn send_status(&mut self, received: Lsn, confirmed: Lsn) -> Result<()> {
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(received.0);
+        msg.put_u64(confirmed.0);
+        msg.put_u64(confirmed.0);
+        msg.put_i64(pg_now_micros());
+        msg.put_u8(0);
+        frontend::CopyData::new(msg.freeze())?.write(&mut self.conn.wbuf);
+        self.conn.flush().await?;
+        Ok(())
+    }
+
+    /// Ends the stream politely: CopyDone, then Terminate.
+    pub async fn close(mut self) -> Result<()> {
+        frontend::copy_done(&mut self.conn.wbuf);
+        frontend::terminate(&mut self.conn.wbuf);
+        self.conn.flush().await?;
+        Ok(())
+    }
+}
+
+fn parse_copy_data(mut data: Bytes) -> Result<Option<ReplicationEvent>> {
+    let short = || ReplicationError::Protocol("truncated replication message".into());
+    if data.is_empty() {
+        return Err(short());
+    }
+    match data.get_u8() {
+        b'w' => {
+            if data.len() < 24 {
+                return Err(short());
+            }
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let _send_time = data.get_i64();
+            Ok(Some(ReplicationEvent::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            }))
+        }
+        b'k' => {
+            if data.len() < 17 {
+                return Err(short());
+            }
+            let wal_end = Lsn(data.get_u64());
+            let _send_time = data.get_i64();
+            Ok(Some(ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested: data.get_u8() != 0,
+            }))
+        }
+        // Unknown CopyData kinds are future protocol additions we have no use for.
+        _ => Ok(None),
+    }
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> Result<ReplicationError> {
+    let (mut code, mut message, mut hint) = (String::new(), String::new(), None);
+    let mut fields = body.fields();
+    while let Some(f) = fields.next()? {
+        let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'H' => hint = Some(value),
+            _ => {}
+        }
+    }
+    Ok(ReplicationError::Server {
+        code,
+        message,
+        hint,
+    })
+}
+
+async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>> {
+    let hosts = config.get_hosts();
+    let ports = config.get_ports();
+    let mut last = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let attempt: io::Result<Box<dyn Socket>> = match host {
+            Host::Tcp(name) => TcpStream::connect((name.as_str(), port)).await.map(|s| {
+                let _ = s.set_nodelay(true);
+                Box::new(s) as Box<dyn Socket>
+            }),
+            Host::Unix(dir) => UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                .await
+                .map(|s| Box::new(s) as Box<dyn Socket>),
+        };
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => ReplicationError::Config("the URL names no host".into()),
+    })
+}
+
+/// Now, in microseconds since PostgreSQL's epoch.
+pub fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix - PG_EPOCH_OFFSET_MICROS
+}

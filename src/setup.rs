@@ -1,0 +1,283 @@
+//! Start-up checks and provisioning over plain SQL: `wal_level`, the outbox tables and their
+//! columns, the publication (created if missing, never altered) and the slot (created if
+//! missing, checked if present). Every failure is one line naming the cause and the fix.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{Config, OutboxConfig};
+use crate::lsn::Lsn;
+
+/// Why the database is not ready for the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// Could not connect or a query failed.
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// `wal_level` is not `logical`.
+    #[error("wal_level is {0:?}, logical replication needs 'logical': set wal_level = logical in postgresql.conf (or the cloud parameter group) and restart PostgreSQL")]
+    WalLevel(String),
+    /// A configured outbox table does not exist.
+    #[error("outbox table {0} does not exist; create it (see migrations/001_outbox.sql) or fix [[outbox]] table")]
+    MissingTable(String),
+    /// A configured column does not exist.
+    #[error("outbox table {table} has no column {column:?} (configured as {role}); add it or change {role} in the [[outbox]] entry")]
+    MissingColumn {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Which config key names it.
+        role: &'static str,
+    },
+    /// The existing publication does not publish a configured table's inserts.
+    #[error("publication {publication} does not cover table {table}; run ALTER PUBLICATION {publication} ADD TABLE {table} (the relay never alters an existing publication)")]
+    PublicationMissesTable {
+        /// The publication.
+        publication: String,
+        /// The table.
+        table: String,
+    },
+    /// The existing publication does not publish inserts.
+    #[error("publication {0} does not publish inserts; run ALTER PUBLICATION {0} SET (publish = 'insert')")]
+    PublicationNoInserts(String),
+    /// The publication could not be created.
+    #[error("cannot create publication {publication}: {cause}; create it as the tables' owner: CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = 'insert')")]
+    CreatePublication {
+        /// The publication.
+        publication: String,
+        /// The tables.
+        tables: String,
+        /// The server's message.
+        cause: String,
+    },
+    /// The slot exists but cannot be used.
+    #[error("replication slot {slot}: {problem}")]
+    Slot {
+        /// The slot.
+        slot: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+}
+
+/// What start-up learned about the slot.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    /// The slot's `confirmed_flush_lsn`: where streaming resumes.
+    pub confirmed_flush: Lsn,
+    /// Whether this start created it.
+    pub created: bool,
+}
+
+fn pg(e: tokio_postgres::Error) -> SetupError {
+    // tokio-postgres' Display hides the server's message behind "db error"; show it.
+    match e.as_db_error() {
+        Some(db) => SetupError::Postgres(format!("{} ({})", db.message(), db.code().code())),
+        None => SetupError::Postgres(e.to_string()),
+    }
+}
+
+/// Connects with plain SQL (not replication) for checks and provisioning.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, SetupError> {
+    let (client, conn) = config.connect(NoTls).await.map_err(pg)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("admin connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Checks the database and creates the publication and slot where missing.
+pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, SetupError> {
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel(wal_level));
+    }
+    for table in &config.outbox {
+        check_table(client, table).await?;
+    }
+    ensure_publication(client, config).await?;
+    ensure_slot(client, &config.postgres.slot).await
+}
+
+fn quoted(table: &OutboxConfig) -> String {
+    let (schema, name) = table.schema_and_name();
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), SetupError> {
+    let (schema, name) = table.schema_and_name();
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a \
+             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(pg)?;
+    if rows.is_empty() {
+        return Err(SetupError::MissingTable(table.table.clone()));
+    }
+    let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let mut wanted = vec![
+        (table.id_column.as_str(), "id_column"),
+        (table.key_column.as_str(), "key_column"),
+        (table.type_column.as_str(), "type_column"),
+        (table.payload_column.as_str(), "payload_column"),
+    ];
+    wanted.extend(table.topic_columns().into_iter().map(|c| (c, "topic")));
+    wanted.extend(
+        table
+            .header_columns
+            .iter()
+            .map(|c| (c.as_str(), "header_columns")),
+    );
+    for (column, role) in wanted {
+        if !columns.iter().any(|c| c == column) {
+            return Err(SetupError::MissingColumn {
+                table: table.table.clone(),
+                column: column.to_owned(),
+                role,
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SetupError> {
+    let publication = &config.postgres.publication;
+    let existing = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(pg)?;
+    if let Some(row) = existing {
+        if !row.get::<_, bool>(0) {
+            return Err(SetupError::PublicationNoInserts(publication.clone()));
+        }
+        for table in &config.outbox {
+            let (schema, name) = table.schema_and_name();
+            let covered = client
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                    &[publication, &schema, &name],
+                )
+                .await
+                .map_err(pg)?;
+            if covered.is_none() {
+                return Err(SetupError::PublicationMissesTable {
+                    publication: publication.clone(),
+                    table: table.table.clone(),
+                });
+            }
+        }
+        return Ok(());
+    }
+    let tables = config
+        .outbox
+        .iter()
+        .map(quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert')",
+        quote_ident(publication)
+    );
+    match client.batch_execute(&sql).await {
+        Ok(()) => {
+            tracing::info!(publication = %publication, tables = %tables, "created publication");
+            Ok(())
+        }
+        // Another replica created it between our check and now.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) => Err(SetupError::CreatePublication {
+            publication: publication.clone(),
+            tables,
+            cause: pg(e).to_string(),
+        }),
+    }
+}
+
+async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SetupError> {
+    let slot_err = |problem: String| SetupError::Slot {
+        slot: slot.to_owned(),
+        problem,
+    };
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text, current_database()::text, \
+                    confirmed_flush_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg)?;
+    let Some(row) = row else {
+        let created = client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await;
+        return match created {
+            Ok(row) => {
+                let lsn: String = row.get(0);
+                tracing::info!(slot, lsn = %lsn, "created replication slot");
+                Ok(SlotState {
+                    confirmed_flush: lsn.parse().map_err(|e| slot_err(format!("{e}")))?,
+                    created: true,
+                })
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+                Box::pin(ensure_slot(client, slot)).await
+            }
+            Err(e) => Err(slot_err(format!(
+                "cannot create it: {}; the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)",
+                pg(e)
+            ))),
+        };
+    };
+    let plugin: Option<String> = row.get(0);
+    let slot_type: Option<String> = row.get(1);
+    let database: Option<String> = row.get(2);
+    let current: String = row.get(3);
+    let confirmed: Option<String> = row.get(4);
+    let wal_status: Option<String> = row.get(5);
+    if slot_type.as_deref() != Some("logical") || plugin.as_deref() != Some("pgoutput") {
+        return Err(slot_err(format!(
+            "exists with plugin {plugin:?} ({slot_type:?}), the relay needs a logical pgoutput slot; drop it or configure another [postgres] slot"
+        )));
+    }
+    if database.as_deref() != Some(current.as_str()) {
+        return Err(slot_err(format!(
+            "belongs to database {database:?}, not {current:?}; configure another [postgres] slot"
+        )));
+    }
+    if wal_status.as_deref() == Some("lost") {
+        return Err(slot_err(format!(
+            "has wal_status = lost: WAL it needed was removed, so events committed after {} may never reach Kafka; \
+             recover by re-publishing outbox rows committed since then, then drop the slot (SELECT pg_drop_replication_slot('{slot}')) and restart the relay",
+            confirmed.as_deref().unwrap_or("its last confirmed LSN")
+        )));
+    }
+    let confirmed = confirmed
+        .ok_or_else(|| slot_err("has no confirmed_flush_lsn".into()))?
+        .parse()
+        .map_err(|e| slot_err(format!("{e}")))?;
+    Ok(SlotState {
+        confirmed_flush: confirmed,
+        created: false,
+    })
+}
