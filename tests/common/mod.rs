@@ -1,0 +1,1219 @@
+//! Test harness: a throwaway PostgreSQL cluster, a throwaway Tansu (Kafka) broker and the
+//! relay binary, all real processes on loopback. Everything is torn down on `Drop`, so a
+//! failing test leaves nothing behind; on panic the relevant logs are printed to help.
+//!
+//! Tests run on tokio's current-thread runtime (the crate does not enable the multi-thread
+//! one), so nothing here blocks for long: Kafka reads poll librdkafka without waiting, and
+//! only server start-up and short metadata calls block.
+#![allow(dead_code)] // each test binary uses a different subset of the harness
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tempfile::TempDir;
+use tokio_postgres::{Client, NoTls};
+
+// ---------------------------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback port that was free a moment ago. Another process may grab it before we bind it,
+/// so the starters below retry with a fresh port when their server fails to come up.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes; returns whether it
+/// became true. Callers assert on the result so their message can say what was awaited.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Formats a WAL position the way PostgreSQL prints it (`16/B374D848`), for messages.
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// The last `n` lines of a log file (or a note that it could not be read).
+fn tail(path: &Path, n: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Java-compatible murmur2 partitioning
+// ---------------------------------------------------------------------------------------------
+
+/// Kafka's Java `Utils.murmur2`: MurmurHash2, seed 0x9747b28c, little-endian 4-byte blocks,
+/// returned as the Java signed int.
+pub fn java_murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        // Java's switch falls through from 3 to 2 to 1.
+        for (i, &b) in rest.iter().enumerate().rev() {
+            h ^= u32::from(b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java producer's default partitioner picks for a non-null key:
+/// `toPositive(murmur2(key)) % partitions` (librdkafka's `murmur2_random` does the same).
+pub fn java_murmur2_partition(key: &[u8], partitions: i32) -> i32 {
+    assert!(partitions > 0, "partition count must be positive");
+    (java_murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// `initdb` refuses to run as root; in that case the cluster is run as the `postgres` user.
+fn running_as_root() -> bool {
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        let out = Command::new("id").arg("-u").output().expect("run `id -u`");
+        String::from_utf8_lossy(&out.stdout).trim() == "0"
+    })
+}
+
+/// A command for a PostgreSQL server binary, run as `postgres` when we are root.
+fn pg_command(program: &str) -> Command {
+    if running_as_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--", program]);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run_checked(mut cmd: Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what} ({cmd:?}): {e}; is PostgreSQL 15 on PATH?"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes `path` (recursively) belong to `postgres` when we run as root.
+fn chown_to_postgres(path: &Path) {
+    if running_as_root() {
+        let mut cmd = Command::new("chown");
+        cmd.arg("-R").arg("postgres:postgres").arg(path);
+        run_checked(cmd, "chown");
+    }
+}
+
+/// The outbox table of the examples: the relay's defaults fit it without column settings.
+pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregatetype text NOT NULL,
+    aggregateid text NOT NULL,
+    type text NOT NULL,
+    payload jsonb
+)";
+
+/// A throwaway PostgreSQL 15 cluster with `wal_level=logical`, trusting loopback connections
+/// as `postgres`. Stopped (immediate mode) and deleted on drop.
+pub struct Pg {
+    dir: TempDir,
+    port: u16,
+}
+
+impl Pg {
+    /// Creates and starts a cluster; panics with the server log if it cannot.
+    pub fn start() -> Pg {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pg-")
+            .tempdir()
+            .expect("create temp dir for PostgreSQL");
+        let data = dir.path().join("data");
+        chown_to_postgres(dir.path());
+
+        let mut initdb = pg_command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
+            .arg("--no-sync");
+        run_checked(initdb, "initdb");
+
+        // Our own pg_hba.conf: loopback trust for `postgres` and everybody else; roles that
+        // must use a password get a `scram-sha-256` line put in front (first match wins).
+        fs::write(data.join("pg_hba.conf"), hba_text(&[])).expect("write pg_hba.conf");
+
+        // A few tries in case someone else took the port between free_port() and listen().
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let settings = format!(
+                "\n# set by the outbox-relay test harness\n\
+                 port = {port}\n\
+                 listen_addresses = '127.0.0.1'\n\
+                 unix_socket_directories = '{sock}'\n\
+                 wal_level = logical\n\
+                 max_wal_senders = 20\n\
+                 max_replication_slots = 20\n\
+                 max_connections = 50\n\
+                 fsync = off\n\
+                 full_page_writes = off\n\
+                 shared_buffers = 32MB\n\
+                 log_min_messages = warning\n",
+                sock = dir.path().display(),
+            );
+            let conf = data.join("postgresql.conf");
+            let mut base = fs::read_to_string(&conf).expect("read postgresql.conf");
+            if let Some(i) = base.find("\n# set by the outbox-relay test harness") {
+                base.truncate(i);
+            }
+            fs::write(&conf, base + &settings).expect("write postgresql.conf");
+            chown_to_postgres(dir.path());
+
+            let log = dir.path().join("postgres.log");
+            let mut pg_ctl = pg_command("pg_ctl");
+            pg_ctl
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "60", "start"]);
+            let out = pg_ctl.output().expect("run pg_ctl start");
+            if out.status.success() {
+                return Pg { dir, port };
+            }
+            last_err = format!(
+                "{}\n{}\n--- server log ---\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                tail(&log, 30)
+            );
+        }
+        panic!("PostgreSQL did not start:\n{last_err}");
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A libpq-style URL for the superuser `postgres` (no password: loopback is trusted).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A URL for another role with a password (which must be URL-safe as given).
+    pub fn url_for(&self, user: &str, password: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+
+    /// A new connection as `postgres`; its connection task runs on the test's runtime.
+    pub async fn client(&self) -> Client {
+        connect(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    /// Runs one or more `;`-separated statements (simple query protocol) on a new connection.
+    pub async fn sql(&self, sql: &str) {
+        self.client()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+    }
+
+    /// The slot's `confirmed_flush_lsn` as a byte position, `None` if there is no such slot
+    /// (or it never confirmed anything).
+    pub async fn confirmed_flush_lsn(&self, slot: &str) -> Option<u64> {
+        let row = self
+            .client()
+            .await
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("query pg_replication_slots");
+        row.and_then(|r| r.get::<_, Option<String>>(0))
+            .map(|s| s.parse().expect("numeric LSN"))
+    }
+
+    /// Whether a walsender is streaming from the slot right now (`false` if there is no slot).
+    pub async fn slot_active(&self, slot: &str) -> bool {
+        self.client()
+            .await
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("query pg_replication_slots")
+            .is_some_and(|r| r.get::<_, bool>(0))
+    }
+
+    /// `pg_current_wal_lsn()` as a byte position: everything written so far ends before it.
+    pub async fn current_wal_lsn(&self) -> u64 {
+        let row = self
+            .client()
+            .await
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text", &[])
+            .await
+            .expect("query pg_current_wal_lsn()");
+        row.get::<_, String>(0).parse().expect("numeric LSN")
+    }
+
+    /// Waits until the slot's `confirmed_flush_lsn` reaches `target`; returns whether it did
+    /// (and the last value seen, for the assertion message).
+    pub async fn wait_confirmed(
+        &self,
+        slot: &str,
+        target: u64,
+        timeout: Duration,
+    ) -> (bool, Option<u64>) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.confirmed_flush_lsn(slot).await;
+            if last.is_some_and(|l| l >= target) {
+                return (true, last);
+            }
+            if Instant::now() >= deadline {
+                return (false, last);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Creates a LOGIN REPLICATION role with a SCRAM-SHA-256 password and requires
+    /// `scram-sha-256` for it on loopback (both for databases and for replication
+    /// connections), then reloads the configuration.
+    pub async fn create_scram_role(&self, role: &str, password: &str) {
+        self.sql(&format!(
+            "SET password_encryption = 'scram-sha-256';\n\
+             CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}';"
+        ))
+        .await;
+        let data = self.dir.path().join("data");
+        fs::write(data.join("pg_hba.conf"), hba_text(&[role])).expect("write pg_hba.conf");
+        chown_to_postgres(&data.join("pg_hba.conf"));
+        self.sql("SELECT pg_reload_conf()").await;
+        // The reload is asynchronous: wait until the postmaster shows the new rules.
+        let applied = wait_until(Duration::from_secs(10), || async move {
+            let rows = self
+                .client()
+                .await
+                .query(
+                    "SELECT 1 FROM pg_hba_file_rules \
+                     WHERE auth_method = 'scram-sha-256' AND $1 = ANY(user_name)",
+                    &[&role],
+                )
+                .await
+                .expect("query pg_hba_file_rules");
+            !rows.is_empty()
+        })
+        .await;
+        assert!(applied, "pg_hba.conf rules for {role} not visible");
+        // pg_hba_file_rules reads the file; give the postmaster a moment to load it too.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    /// The server log, for diagnostics.
+    pub fn log(&self) -> String {
+        tail(&self.dir.path().join("postgres.log"), 200)
+    }
+}
+
+/// pg_hba.conf: `scram_roles` must authenticate with SCRAM, everyone else is trusted.
+fn hba_text(scram_roles: &[&str]) -> String {
+    let mut s = String::from("# written by the outbox-relay test harness\n");
+    for role in scram_roles {
+        s += &format!("host all {role} 127.0.0.1/32 scram-sha-256\n");
+        s += &format!("host replication {role} 127.0.0.1/32 scram-sha-256\n");
+    }
+    s += "local all all trust\n\
+          local replication all trust\n\
+          host all all 127.0.0.1/32 trust\n\
+          host replication all 127.0.0.1/32 trust\n";
+    s
+}
+
+/// Connects with tokio-postgres and drives the connection on the current runtime.
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        // Errors here surface as errors of the queries themselves.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- PostgreSQL log (port {}) ---\n{}",
+                self.port,
+                tail(&self.dir.path().join("postgres.log"), 40)
+            );
+        }
+        let mut stop = pg_command("pg_ctl");
+        stop.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = stop.status();
+        // TempDir's own drop deletes the directory (root may delete postgres' files).
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kafka (Tansu)
+// ---------------------------------------------------------------------------------------------
+
+/// The `tansu` binary: `$TANSU`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
+fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANSU") {
+        return PathBuf::from(p);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("tansu");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let candidate = PathBuf::from(home).join(".cargo/bin/tansu");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "the Tansu Kafka broker is needed by this test but was not found \
+         (looked at $TANSU, PATH and ~/.cargo/bin/tansu); install it with \
+         `cargo install tansu --locked --features dynostore` or set TANSU=/path/to/tansu"
+    );
+}
+
+/// One record as a consumer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rec {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// In record order; a header may repeat and may have a null value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Rec {
+    /// The first header of that name; `Some(None)` for a present header with a null value.
+    pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_deref())
+    }
+
+    /// The first header of that name as (lossy) text; `None` if absent or null.
+    pub fn header_str(&self, name: &str) -> Option<String> {
+        self.header(name)
+            .flatten()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The key as (lossy) text.
+    pub fn key_str(&self) -> Option<String> {
+        self.key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+    }
+
+    /// The value as (lossy) text.
+    pub fn value_str(&self) -> Option<String> {
+        self.value
+            .as_deref()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A Tansu broker with in-memory storage on a free loopback port; killed on drop.
+pub struct Broker {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+impl Broker {
+    /// Starts the broker and waits until it answers metadata requests.
+    pub fn start() -> Broker {
+        let tansu = tansu_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-kafka-")
+            .tempdir()
+            .expect("create temp dir for Tansu");
+        let log_path = dir.path().join("tansu.log");
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let log = File::create(&log_path).expect("create tansu.log");
+            let mut child = Command::new(&tansu)
+                .arg("broker")
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--storage-engine")
+                .arg("memory://tansu/")
+                // Tansu also reads these from the environment; don't let the caller's leak in.
+                .env_remove("CLUSTER_ID")
+                .env_remove("SCHEMA_REGISTRY")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
+
+            let bootstrap = format!("127.0.0.1:{port}");
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .expect("create Kafka admin client");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_err = format!("tansu exited ({status}):\n{}", tail(&log_path, 30));
+                    break;
+                }
+                let ready = admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_millis(500))
+                    .is_ok_and(|m| !m.brokers().is_empty());
+                if ready {
+                    return Broker {
+                        child,
+                        port,
+                        dir,
+                        admin,
+                    };
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = format!(
+                        "tansu did not answer metadata requests within 30 s:\n{}",
+                        tail(&log_path, 30)
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("Kafka broker (tansu) did not start: {last_err}");
+    }
+
+    /// `host:port` for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a topic and waits until its metadata shows all partitions.
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = self
+            .admin
+            .create_topics([&topic], &opts)
+            .await
+            .unwrap_or_else(|e| panic!("CreateTopics {name}: {e}"));
+        for result in results {
+            if let Err((topic, code)) = result {
+                panic!("CreateTopics {topic} failed: {code}");
+            }
+        }
+        let bootstrap = self.bootstrap();
+        let topic_name = name.to_owned();
+        let shown = tokio::task::spawn_blocking(move || {
+            let consumer = reader_consumer(&bootstrap);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if partition_count(&consumer, &topic_name) == Some(partitions) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        })
+        .await
+        .expect("metadata task");
+        assert!(shown, "topic {name:?} never showed {partitions} partitions");
+    }
+
+    /// A reader of `topics` from the beginning of all their partitions.
+    pub fn reader(&self, topics: &[&str]) -> Reader {
+        Reader::new(&self.bootstrap(), topics)
+    }
+
+    /// Reads `topics` from the beginning until at least `expected` records arrived and then
+    /// nothing new for a quiet spell (so extra records already on their way show up too), or
+    /// until `timeout`. Returns what was read either way, so that the caller's assertion
+    /// shows the difference. Records are in (topic, partition, offset) order.
+    pub async fn read_all(&self, topics: &[&str], expected: usize, timeout: Duration) -> Vec<Rec> {
+        let mut reader = self.reader(topics);
+        reader.wait_for(expected, timeout, || {}).await;
+        reader.settle(QUIET).await;
+        reader.records()
+    }
+
+    /// The broker's output, for diagnostics.
+    pub fn log(&self) -> String {
+        tail(&self.dir.path().join("tansu.log"), 200)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- tansu log (port {}) ---\n{}",
+                self.port,
+                tail(&self.dir.path().join("tansu.log"), 40)
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A consumer that joins no group: partitions are assigned explicitly, nothing is committed.
+fn reader_consumer(bootstrap: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "outbox-relay-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .expect("create Kafka consumer")
+}
+
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> Option<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(2))
+        .ok()?;
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        return None;
+    }
+    Some(t.partitions().len() as i32)
+}
+
+/// How long no new record must arrive before a read counts as complete.
+///
+/// Why not read up to the high watermarks? Tansu 0.6's ListOffsets(latest) answers "base
+/// offset of the newest stored batch + 1", not the high watermark, so librdkafka's
+/// `fetch_watermarks` undercounts whenever a batch holds more than one record.
+pub const QUIET: Duration = Duration::from_secs(2);
+
+/// A consumer assigned to every partition of some topics from the beginning (no group, no
+/// commits). Polling never blocks, so a test can interleave reading with other checks on
+/// its single-threaded runtime; librdkafka fetches in its own threads meanwhile.
+pub struct Reader {
+    consumer: BaseConsumer,
+    recs: Vec<Rec>,
+    last_new: Instant,
+}
+
+impl Reader {
+    fn new(bootstrap: &str, topics: &[&str]) -> Reader {
+        let consumer = reader_consumer(bootstrap);
+        let mut assignment = TopicPartitionList::new();
+        for topic in topics {
+            let n = partition_count(&consumer, topic)
+                .unwrap_or_else(|| panic!("topic {topic:?} has no metadata; create it first"));
+            for p in 0..n {
+                assignment
+                    .add_partition_offset(topic, p, Offset::Beginning)
+                    .expect("add partition");
+            }
+        }
+        consumer.assign(&assignment).expect("assign partitions");
+        Reader {
+            consumer,
+            recs: Vec::new(),
+            last_new: Instant::now(),
+        }
+    }
+
+    /// Takes whatever librdkafka has fetched so far; returns how many records were new.
+    pub fn poll(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(result) = self.consumer.poll(Duration::ZERO) {
+            match result {
+                Ok(m) => {
+                    let headers = m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    self.recs.push(Rec {
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                    n += 1;
+                }
+                // Fetch errors are retried by librdkafka; show them for debugging.
+                Err(e) => eprintln!("reader: {e}"),
+            }
+        }
+        if n > 0 {
+            self.last_new = Instant::now();
+        }
+        n
+    }
+
+    /// Records read so far.
+    pub fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    /// Polls until at least `expected` records were read or `timeout` passed, calling
+    /// `between` (e.g. `|| relay.assert_running()`) while waiting. Returns whether enough
+    /// records arrived.
+    pub async fn wait_for(
+        &mut self,
+        expected: usize,
+        timeout: Duration,
+        mut between: impl FnMut(),
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll();
+            if self.recs.len() >= expected {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            between();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until nothing new arrived for `quiet`.
+    pub async fn settle(&mut self, quiet: Duration) {
+        // Even if records stopped arriving long ago, give late ones at least half a spell.
+        self.last_new = self.last_new.max(Instant::now() - quiet / 2);
+        loop {
+            self.poll();
+            if self.last_new.elapsed() >= quiet {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything read so far, in (topic, partition, offset) order.
+    pub fn records(&self) -> Vec<Rec> {
+        let mut recs = self.recs.clone();
+        recs.sort_by(|a, b| {
+            (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset))
+        });
+        recs
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay under test
+// ---------------------------------------------------------------------------------------------
+
+/// A `relay.toml` for one outbox table with defaults: `public.outbox` on `pg`, brokers of
+/// `broker`, default slot and publication.
+pub fn basic_config(pg_url: &str, bootstrap: &str) -> String {
+    format!(
+        "[postgres]\nurl = \"{pg_url}\"\n\n\
+         [[outbox]]\ntable = \"public.outbox\"\n\n\
+         [kafka]\nbrokers = \"{bootstrap}\"\n"
+    )
+}
+
+/// A running `outbox-relay run --config relay.toml`, its stderr captured to a file.
+/// Killed on drop; if the test is panicking, its stderr is printed.
+pub struct Relay {
+    child: Child,
+    dir: TempDir,
+    exited: Option<ExitStatus>,
+    /// A panic message already carried the stderr: don't print it again on drop.
+    stderr_shown: bool,
+}
+
+impl Relay {
+    /// Writes `config` to a temp file and starts the relay with `RUST_LOG=info`
+    /// (unless the caller's RUST_LOG says otherwise).
+    pub fn start(config: &str) -> Relay {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-run-")
+            .tempdir()
+            .expect("create temp dir for the relay");
+        let config_path = dir.path().join("relay.toml");
+        fs::write(&config_path, config).expect("write relay.toml");
+        let stderr = File::create(dir.path().join("stderr.log")).expect("create stderr.log");
+        let stdout = File::create(dir.path().join("stdout.log")).expect("create stdout.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start the outbox-relay binary");
+        Relay {
+            child,
+            dir,
+            exited: None,
+            stderr_shown: false,
+        }
+    }
+
+    /// The process id (e.g. for messages).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`: no chance to flush or confirm anything. Waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        if self.exited.is_none() {
+            // Child::kill sends SIGKILL on Unix.
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// Whether the process has exited (and how), without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; `None` if it is still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the relay has created its slot and the slot has a consistent start point,
+    /// so that everything written afterwards is captured. Fails fast if the relay exits.
+    pub async fn wait_for_slot(&mut self, pg: &Pg, slot: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            if pg.confirmed_flush_lsn(slot).await.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not create slot {slot:?} within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Everything the relay wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.dir.path().join("stderr.log")).unwrap_or_default())
+            .into_owned()
+    }
+
+    /// Panics (with the relay's stderr) if the relay has exited: call it while waiting for
+    /// progress so a crashed relay fails fast instead of at a timeout.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_exit() {
+            self.stderr_shown = true;
+            panic!(
+                "the relay exited unexpectedly ({status}); stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() && !self.stderr_shown {
+            let text = self.stderr();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- relay stderr (pid {}, last 80 lines) ---\n{}",
+                self.child.id(),
+                lines[lines.len().saturating_sub(80)..].join("\n")
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outbox events: writing them and checking what arrived (shared by the tests)
+// ---------------------------------------------------------------------------------------------
+
+/// An outbox row to insert. `seq` counts per key, so consumers can check per-key order.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub aggregatetype: String,
+    pub key: String,
+    pub event_type: String,
+    pub seq: i64,
+    /// jsonb text, `None` for SQL NULL.
+    pub payload: Option<String>,
+}
+
+/// An inserted outbox row, as PostgreSQL stored it (ids and jsonb text from `RETURNING`).
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub id: String,
+    pub aggregatetype: String,
+    pub key: String,
+    pub event_type: String,
+    pub seq: i64,
+    /// `payload::text`: what PostgreSQL prints for the jsonb, `None` for NULL.
+    pub payload: Option<String>,
+}
+
+impl Event {
+    /// The topic of the default template `outbox.event.{aggregatetype}`.
+    pub fn default_topic(&self) -> String {
+        format!("outbox.event.{}", self.aggregatetype)
+    }
+}
+
+/// Hands out per-key sequence numbers and builds payloads carrying them.
+#[derive(Default)]
+pub struct Seqs(std::collections::HashMap<String, i64>);
+
+impl Seqs {
+    /// The next event for `key`, with payload `{"key": …, "seq": n, "note": …}`.
+    /// `key` and `note` must not need JSON escaping (no `"` or `\`).
+    pub fn event(
+        &mut self,
+        aggregatetype: &str,
+        key: &str,
+        event_type: &str,
+        note: &str,
+    ) -> NewEvent {
+        let seq = self.0.entry(key.to_owned()).or_insert(0);
+        *seq += 1;
+        NewEvent {
+            aggregatetype: aggregatetype.to_owned(),
+            key: key.to_owned(),
+            event_type: event_type.to_owned(),
+            seq: *seq,
+            payload: Some(format!(
+                r#"{{"key": "{key}", "seq": {seq}, "note": "{note}"}}"#,
+                seq = *seq
+            )),
+        }
+    }
+}
+
+/// Inserts `rows` into `public.outbox` with one statement, in the given order (so per-key
+/// sequence order is commit order), on `client`, which may be inside a transaction.
+/// Ids are drawn (`gen_random_uuid()`) in the statement so each row's id is known.
+pub async fn insert_outbox(
+    client: &impl tokio_postgres::GenericClient,
+    rows: &[NewEvent],
+) -> Vec<Event> {
+    let types: Vec<&str> = rows.iter().map(|r| r.aggregatetype.as_str()).collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    let event_types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let payloads: Vec<Option<&str>> = rows.iter().map(|r| r.payload.as_deref()).collect();
+    let returned = client
+        .query(
+            "WITH input AS MATERIALIZED (
+                 SELECT gen_random_uuid() AS id, aggregatetype, aggregateid, type,
+                        payload::jsonb AS payload, n
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                     WITH ORDINALITY AS t(aggregatetype, aggregateid, type, payload, n)
+             ), ins AS (
+                 INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, payload)
+                 SELECT id, aggregatetype, aggregateid, type, payload FROM input ORDER BY n
+                 RETURNING id
+             )
+             SELECT input.id::text, input.payload::text
+             FROM input JOIN ins USING (id) ORDER BY input.n",
+            &[&types, &keys, &event_types, &payloads],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert into outbox: {e}"));
+    assert_eq!(returned.len(), rows.len(), "rows inserted");
+    rows.iter()
+        .zip(returned)
+        .map(|(new, row)| Event {
+            id: row.get(0),
+            aggregatetype: new.aggregatetype.clone(),
+            key: new.key.clone(),
+            event_type: new.event_type.clone(),
+            seq: new.seq,
+            // What PostgreSQL prints for the stored jsonb (key order and spacing normalised).
+            payload: row.get(1),
+        })
+        .collect()
+}
+
+/// The relay's default slot name.
+pub const SLOT: &str = "outbox_relay";
+
+/// How long [`settle`] waits for each stage.
+#[derive(Clone, Copy, Debug)]
+pub struct Patience {
+    /// For all records to be in Kafka (generous: the machine is small; not a benchmark).
+    pub delivery: Duration,
+    /// After that, for the slot to be confirmed up to the target.
+    pub confirm: Duration,
+}
+
+/// Waits until `n` records arrived (up to `delivery`, failing fast if the relay dies), then
+/// up to `confirm` for the default slot's `confirmed_flush_lsn` to reach `target` (the WAL
+/// position taken after the last write), then lets the reader settle so late extras show.
+/// Returns the records and how long confirmation took after delivery (or why it failed),
+/// for the caller to check after the records, so a delivery problem is reported as such.
+pub async fn settle(
+    pg: &Pg,
+    broker: &Broker,
+    relay: &mut Relay,
+    topics: &[&str],
+    n: usize,
+    target: u64,
+    patience: Patience,
+) -> (Vec<Rec>, Result<Duration, String>) {
+    let Patience { delivery, confirm } = patience;
+    let mut reader = broker.reader(topics);
+    reader
+        .wait_for(n, delivery, || relay.assert_running())
+        .await;
+    relay.assert_running();
+    let delivered = Instant::now();
+    let (reached, last) = pg.wait_confirmed(SLOT, target, confirm).await;
+    let confirmed = if reached {
+        Ok(delivered.elapsed())
+    } else {
+        Err(format!(
+            "confirmed_flush_lsn {} did not reach {} (pg_current_wal_lsn() after the last \
+             write) within {confirm:?} of {} records being in Kafka",
+            last.map_or("NULL".into(), lsn_text),
+            lsn_text(target),
+            reader.len()
+        ))
+    };
+    reader.settle(QUIET).await;
+    (reader.records(), confirmed)
+}
+
+/// The outcome of comparing what a consumer read with what was committed.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Records whose `id` header was already seen.
+    pub duplicates: usize,
+    /// Everything wrong other than duplicates, one line each.
+    pub problems: Vec<String>,
+}
+
+impl Delivery {
+    /// Panics listing the first problems, if any.
+    pub fn assert_ok(&self, what: &str) {
+        if !self.problems.is_empty() {
+            let shown: Vec<&str> = self.problems.iter().take(25).map(String::as_str).collect();
+            panic!(
+                "{what}: {} problem(s) ({} duplicate record(s)):\n  {}",
+                self.problems.len(),
+                self.duplicates,
+                shown.join("\n  ")
+            );
+        }
+    }
+}
+
+/// Checks `recs` (as read by [`Broker::read_all`], in partition/offset order) against the
+/// committed `expected` events of the default outbox table:
+/// every event arrived; nothing else did; each record has the right topic, key, value,
+/// `id`/`type` headers and Java-murmur2 partition; and per key the sequence numbers increase
+/// in offset order once repeated ids are skipped. Duplicates are counted, not judged.
+pub fn check_delivery(recs: &[Rec], expected: &[Event], partitions: i32) -> Delivery {
+    let by_id: std::collections::HashMap<&str, &Event> =
+        expected.iter().map(|e| (e.id.as_str(), e)).collect();
+    let mut d = Delivery::default();
+    let mut seen: HashSet<String> = HashSet::new();
+    // Last sequence number per (topic, key), over first deliveries in offset order.
+    let mut last_seq: std::collections::HashMap<(String, String), (i64, i64)> = Default::default();
+    for r in recs {
+        let at = format!("{}[{}]@{}", r.topic, r.partition, r.offset);
+        let Some(id) = r.header_str("id") else {
+            d.problems.push(format!(
+                "{at}: no id header (key {:?}, value {:?})",
+                r.key_str(),
+                r.value_str()
+            ));
+            continue;
+        };
+        let Some(e) = by_id.get(id.as_str()) else {
+            d.problems.push(format!(
+                "{at}: unexpected record id={id} key={:?} value={:?}",
+                r.key_str(),
+                r.value_str()
+            ));
+            continue;
+        };
+        if r.topic != e.default_topic() {
+            d.problems.push(format!(
+                "{at}: id={id} expected on topic {}",
+                e.default_topic()
+            ));
+        }
+        if r.key.as_deref() != Some(e.key.as_bytes()) {
+            d.problems.push(format!(
+                "{at}: id={id} key {:?}, expected {:?}",
+                r.key_str(),
+                e.key
+            ));
+        }
+        if r.value.as_deref() != e.payload.as_deref().map(str::as_bytes) {
+            d.problems.push(format!(
+                "{at}: id={id} value {:?}, expected {:?}",
+                r.value_str(),
+                e.payload
+            ));
+        }
+        if r.header_str("type").as_deref() != Some(e.event_type.as_str()) {
+            d.problems.push(format!(
+                "{at}: id={id} type header {:?}, expected {:?}",
+                r.header_str("type"),
+                e.event_type
+            ));
+        }
+        let want_partition = java_murmur2_partition(e.key.as_bytes(), partitions);
+        if r.partition != want_partition {
+            d.problems.push(format!(
+                "{at}: key {:?} belongs in partition {want_partition} (Java murmur2)",
+                e.key
+            ));
+        }
+        if !seen.insert(id.clone()) {
+            d.duplicates += 1;
+            continue;
+        }
+        let slot = last_seq
+            .entry((r.topic.clone(), e.key.clone()))
+            .or_insert((0, -1));
+        if e.seq <= slot.0 {
+            d.problems.push(format!(
+                "{at}: key {:?} seq {} after seq {} (offset {}): per-key order broken",
+                e.key, e.seq, slot.0, slot.1
+            ));
+        }
+        if e.seq > slot.0 {
+            *slot = (e.seq, r.offset);
+        }
+    }
+    let missing: Vec<&Event> = expected.iter().filter(|e| !seen.contains(&e.id)).collect();
+    if !missing.is_empty() {
+        d.problems.insert(
+            0,
+            format!(
+                "{} of {} committed events never arrived, e.g. {:?}",
+                missing.len(),
+                expected.len(),
+                &missing[..missing.len().min(3)]
+            ),
+        );
+    }
+    d
+}
