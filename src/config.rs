@@ -53,6 +53,55 @@ pub struct Config {
     pub outbox: Vec<OutboxConfig>,
     /// Where records go.
     pub kafka: KafkaConfig,
+    /// The Prometheus and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Lifecycle timings.
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// `[metrics]`: where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address, e.g. `0.0.0.0:9187`; no endpoint when absent.
+    pub listen: Option<String>,
+}
+
+/// `[relay]`: lifecycle timings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// On SIGTERM, how long to wait for Kafka to acknowledge queued records.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
+    /// Upper bound of the reconnect backoff.
+    #[serde(default = "default_max_backoff")]
+    pub reconnect_max_backoff_secs: u64,
+    /// `/readyz` fails when a record waits longer than this for its ack while lag grows.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            shutdown_timeout_secs: default_shutdown_timeout(),
+            reconnect_max_backoff_secs: default_max_backoff(),
+            stall_timeout_secs: default_stall_timeout(),
+        }
+    }
+}
+
+fn default_shutdown_timeout() -> u64 {
+    10
+}
+fn default_max_backoff() -> u64 {
+    30
+}
+fn default_stall_timeout() -> u64 {
+    60
 }
 
 /// `[postgres]`: the database, slot and publication.
@@ -61,6 +110,8 @@ pub struct Config {
 pub struct PostgresConfig {
     /// libpq-style connection URL.
     pub url: String,
+    /// A file whose contents (trimmed) are the password; overrides any password in `url`.
+    pub password_file: Option<String>,
     /// Logical replication slot name.
     #[serde(default = "default_name")]
     pub slot: String,

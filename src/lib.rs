@@ -6,6 +6,7 @@ pub mod ack;
 pub mod config;
 pub mod lsn;
 pub mod outbox;
+pub mod pgconn;
 pub mod pgoutput;
 pub mod publisher;
 pub mod relay;

@@ -12,6 +12,7 @@ use crate::ack::{AckTracker, Progress, TxnId};
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::outbox::OutboxMapper;
+use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
 use crate::publisher::{Publisher, SendError};
 use crate::replication::{ReplicationConnection, ReplicationEvent, ReplicationStream};
@@ -26,17 +27,12 @@ const LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs the relay until `shutdown` resolves (graceful, `Ok`) or a fatal error.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let pg_config: tokio_postgres::Config = config
-        .postgres
-        .url
-        .parse()
-        .context("[postgres] url is not a valid PostgreSQL URL")?;
-    let admin = setup::connect(&pg_config).await.with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL at {}",
-            redact(&config.postgres.url)
-        )
-    })?;
+    let endpoint = PgEndpoint::new(&config.postgres)?;
+    let admin = endpoint
+        .connect_sql()
+        .await
+        .map_err(setup::pg)
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", endpoint.display_url()))?;
     let slot = setup::prepare(&admin, &config).await?;
     drop(admin);
 
@@ -46,12 +42,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .context("cannot create the Kafka producer")?,
     );
 
-    let mut conn = ReplicationConnection::connect(&pg_config)
+    let mut conn = ReplicationConnection::connect(&endpoint)
         .await
         .with_context(|| {
             format!(
                 "cannot open a replication connection to {}",
-                redact(&config.postgres.url)
+                endpoint.display_url()
             )
         })?;
     let system = conn.identify_system().await?;
@@ -271,38 +267,4 @@ fn failed(progress: &watch::Receiver<Progress>, confirmed: Lsn) -> anyhow::Resul
         bail!("{f}; the slot stays before this event (confirmed {confirmed}); fix the cause and restart");
     }
     Ok(())
-}
-
-/// The URL with its password replaced, for logs and errors.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(
-            redact("postgres://relay:s3cret@db:5432/app"),
-            "postgres://relay:***@db:5432/app"
-        );
-        assert_eq!(redact("postgres://relay@db/app"), "postgres://relay@db/app");
-        assert_eq!(redact("host=db user=x"), "host=db user=x");
-    }
 }

@@ -12,11 +12,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::Host;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::lsn::Lsn;
+use crate::pgconn::{PgEndpoint, Socket};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -59,9 +58,6 @@ impl ReplicationError {
 }
 
 type Result<T, E = ReplicationError> = std::result::Result<T, E>;
-
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
 
 /// One backend frame: the two kinds replication needs, or anything else parsed by `postgres-protocol`.
 enum Frame {
@@ -111,12 +107,13 @@ pub struct SystemIdentity {
 
 impl ReplicationConnection {
     /// Connects in `replication=database` mode and authenticates.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self> {
+    pub async fn connect(endpoint: &PgEndpoint) -> Result<Self> {
+        let config = endpoint.config();
         let user = config
             .get_user()
             .ok_or_else(|| ReplicationError::Config("the URL names no user".into()))?;
         let dbname = config.get_dbname().unwrap_or(user);
-        let socket = open_socket(config).await?;
+        let socket = endpoint.open_socket().await?;
         let mut conn = ReplicationConnection {
             socket,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -458,32 +455,6 @@ fn server_error(body: &backend::ErrorResponseBody) -> Result<ReplicationError> {
         code,
         message,
         hint,
-    })
-}
-
-async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>> {
-    let hosts = config.get_hosts();
-    let ports = config.get_ports();
-    let mut last = None;
-    for (i, host) in hosts.iter().enumerate() {
-        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let attempt: io::Result<Box<dyn Socket>> = match host {
-            Host::Tcp(name) => TcpStream::connect((name.as_str(), port)).await.map(|s| {
-                let _ = s.set_nodelay(true);
-                Box::new(s) as Box<dyn Socket>
-            }),
-            Host::Unix(dir) => UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
-                .await
-                .map(|s| Box::new(s) as Box<dyn Socket>),
-        };
-        match attempt {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(match last {
-        Some(e) => e.into(),
-        None => ReplicationError::Config("the URL names no host".into()),
     })
 }
 

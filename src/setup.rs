@@ -2,7 +2,7 @@
 //! columns, the publication (created if missing, never altered) and the slot (created if
 //! missing, checked if present). Every failure is one line naming the cause and the fix.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{Config, OutboxConfig};
 use crate::lsn::Lsn;
@@ -69,23 +69,13 @@ pub struct SlotState {
     pub created: bool,
 }
 
-fn pg(e: tokio_postgres::Error) -> SetupError {
+/// A tokio-postgres error with the server's own message.
+pub fn pg(e: tokio_postgres::Error) -> SetupError {
     // tokio-postgres' Display hides the server's message behind "db error"; show it.
     match e.as_db_error() {
         Some(db) => SetupError::Postgres(format!("{} ({})", db.message(), db.code().code())),
         None => SetupError::Postgres(e.to_string()),
     }
-}
-
-/// Connects with plain SQL (not replication) for checks and provisioning.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, SetupError> {
-    let (client, conn) = config.connect(NoTls).await.map_err(pg)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("admin connection closed: {e}");
-        }
-    });
-    Ok(client)
 }
 
 /// Checks the database and creates the publication and slot where missing.
