@@ -78,8 +78,8 @@ pub fn pg(e: tokio_postgres::Error) -> SetupError {
     }
 }
 
-/// Checks the database and creates the publication and slot where missing.
-pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, SetupError> {
+/// Whether `wal_level` is `logical`.
+pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -88,6 +88,12 @@ pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, Setu
     if wal_level != "logical" {
         return Err(SetupError::WalLevel(wal_level));
     }
+    Ok(())
+}
+
+/// Checks the database and creates the publication and slot where missing.
+pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, SetupError> {
+    check_wal_level(client).await?;
     for table in &config.outbox {
         check_table(client, table).await?;
     }
@@ -104,7 +110,8 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), SetupError> {
+/// Whether the outbox table and every configured column exist.
+pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), SetupError> {
     let (schema, name) = table.schema_and_name();
     let rows = client
         .query(
@@ -144,7 +151,8 @@ async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), SetupE
     Ok(())
 }
 
-async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SetupError> {
+/// Creates the publication if missing; checks an existing one covers every outbox table.
+pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SetupError> {
     let publication = &config.postgres.publication;
     let existing = client
         .query_opt(
