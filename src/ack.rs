@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -49,6 +50,10 @@ struct Txn {
     pending: u64,
     end_lsn: Option<Lsn>,
     failed: bool,
+    /// Commit time in microseconds since 2000-01-01, for the commit-to-ack histogram.
+    commit_time: i64,
+    /// When its first record was handed to the producer, for stall detection.
+    since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -57,6 +62,19 @@ struct State {
     head: TxnId,
     txns: VecDeque<Txn>,
     in_flight: u64,
+    /// Transactions released so far.
+    done: u64,
+}
+
+/// A snapshot for metrics and readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Records handed to the producer and not yet acknowledged.
+    pub in_flight: u64,
+    /// Transactions fully acknowledged so far.
+    pub transactions: u64,
+    /// How long the oldest unacknowledged record has waited.
+    pub oldest_wait: Option<Duration>,
 }
 
 /// Shared between the replication loop (begin/send/commit) and Kafka's delivery thread.
@@ -78,6 +96,7 @@ impl AckTracker {
                 head: 0,
                 txns: VecDeque::new(),
                 in_flight: 0,
+                done: 0,
             }),
             progress: tx,
         };
@@ -90,13 +109,15 @@ impl AckTracker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens a transaction (pgoutput Begin).
-    pub fn begin(&self) -> TxnId {
+    /// Opens a transaction (pgoutput Begin) committed at `commit_time` (µs since 2000).
+    pub fn begin(&self, commit_time: i64) -> TxnId {
         let mut s = self.lock();
         s.txns.push_back(Txn {
             pending: 0,
             end_lsn: None,
             failed: false,
+            commit_time,
+            since: None,
         });
         s.head + s.txns.len() as u64 - 1
     }
@@ -106,6 +127,7 @@ impl AckTracker {
         let mut s = self.lock();
         if let Some(t) = s.get_mut(txn) {
             t.pending += 1;
+            t.since.get_or_insert_with(Instant::now);
         }
         s.in_flight += 1;
     }
@@ -124,15 +146,17 @@ impl AckTracker {
         self.release(&mut s);
     }
 
-    /// Kafka's verdict on one record of `txn`.
-    pub fn delivered(&self, txn: TxnId, result: Result<(), DeliveryFailure>) {
+    /// Kafka's verdict on one record of `txn`; returns the transaction's commit time.
+    pub fn delivered(&self, txn: TxnId, result: Result<(), DeliveryFailure>) -> Option<i64> {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
+        let mut commit_time = None;
         if let Some(t) = s.get_mut(txn) {
             t.pending = t.pending.saturating_sub(1);
             if result.is_err() {
                 t.failed = true;
             }
+            commit_time = Some(t.commit_time);
         }
         match result {
             Ok(()) => self.release(&mut s),
@@ -146,6 +170,7 @@ impl AckTracker {
                 });
             }
         }
+        commit_time
     }
 
     /// The server's WAL end from a keepalive outside any transaction: confirm it if nothing is
@@ -162,6 +187,43 @@ impl AckTracker {
         self.lock().in_flight
     }
 
+    /// Counts for metrics and readiness.
+    pub fn stats(&self) -> Stats {
+        let s = self.lock();
+        Stats {
+            in_flight: s.in_flight,
+            transactions: s.done,
+            oldest_wait: s
+                .txns
+                .iter()
+                .find(|t| t.pending > 0)
+                .and_then(|t| t.since)
+                .map(|since| since.elapsed()),
+        }
+    }
+
+    /// After the replication connection was lost and every queued record got its verdict:
+    /// forgets transactions that will never see their Commit (the server sends them again).
+    pub fn reset_open(&self) {
+        let mut s = self.lock();
+        self.release(&mut s);
+        let dropped = s.txns.len() as u64;
+        s.txns.clear();
+        s.head += dropped;
+    }
+
+    /// The slot's confirmed position as the server has it now; ours never lags behind it,
+    /// so a status update can never move the slot backwards.
+    pub fn rebase(&self, slot_confirmed: Lsn) {
+        let _s = self.lock();
+        self.advance(slot_confirmed);
+    }
+
+    /// The confirmed LSN now.
+    pub fn confirmed(&self) -> Lsn {
+        self.progress.borrow().confirmed
+    }
+
     fn release(&self, s: &mut State) {
         let mut confirmed = None;
         while let Some(t) = s.txns.front() {
@@ -171,6 +233,7 @@ impl AckTracker {
             }
             s.txns.pop_front();
             s.head += 1;
+            s.done += 1;
         }
         if let Some(lsn) = confirmed {
             self.advance(lsn);
@@ -211,7 +274,7 @@ mod tests {
     #[test]
     fn confirms_a_transaction_only_after_all_its_records_are_acked() {
         let (t, rx) = AckTracker::new(Lsn(10));
-        let a = t.begin();
+        let a = t.begin(0);
         t.sending(a);
         t.sending(a);
         t.commit(a, Lsn(100));
@@ -225,10 +288,10 @@ mod tests {
     #[test]
     fn a_later_transaction_acked_first_waits_for_the_earlier_one() {
         let (t, rx) = AckTracker::new(Lsn(0));
-        let a = t.begin();
+        let a = t.begin(0);
         t.sending(a);
         t.commit(a, Lsn(100));
-        let b = t.begin();
+        let b = t.begin(0);
         t.sending(b);
         t.commit(b, Lsn(200));
         t.delivered(b, Ok(()));
@@ -240,7 +303,7 @@ mod tests {
     #[test]
     fn acks_before_commit_do_not_confirm_an_open_transaction() {
         let (t, rx) = AckTracker::new(Lsn(0));
-        let a = t.begin();
+        let a = t.begin(0);
         t.sending(a);
         t.delivered(a, Ok(()));
         assert_eq!(rx.borrow().confirmed, Lsn(0));
@@ -251,7 +314,7 @@ mod tests {
     #[test]
     fn empty_transactions_confirm_at_commit() {
         let (t, rx) = AckTracker::new(Lsn(0));
-        let a = t.begin();
+        let a = t.begin(0);
         t.commit(a, Lsn(70));
         assert_eq!(rx.borrow().confirmed, Lsn(70));
     }
@@ -259,7 +322,7 @@ mod tests {
     #[test]
     fn keepalive_confirms_wal_end_only_when_nothing_is_outstanding() {
         let (t, rx) = AckTracker::new(Lsn(0));
-        let a = t.begin();
+        let a = t.begin(0);
         t.idle(Lsn(500));
         assert_eq!(rx.borrow().confirmed, Lsn(0), "open transaction");
         t.sending(a);
@@ -274,7 +337,7 @@ mod tests {
     #[test]
     fn confirmed_never_moves_backwards() {
         let (t, rx) = AckTracker::new(Lsn(1000));
-        let a = t.begin();
+        let a = t.begin(0);
         t.commit(a, Lsn(10));
         t.idle(Lsn(20));
         assert_eq!(rx.borrow().confirmed, Lsn(1000));
@@ -283,13 +346,13 @@ mod tests {
     #[test]
     fn a_refused_record_stops_confirmation_and_is_reported() {
         let (t, rx) = AckTracker::new(Lsn(0));
-        let a = t.begin();
+        let a = t.begin(0);
         t.sending(a);
         t.sending(a);
         t.commit(a, Lsn(100));
         t.delivered(a, Err(failure()));
         t.delivered(a, Ok(()));
-        let b = t.begin();
+        let b = t.begin(0);
         t.commit(b, Lsn(200));
         t.idle(Lsn(300));
         let p = rx.borrow().clone();
@@ -298,9 +361,33 @@ mod tests {
     }
 
     #[test]
+    fn reset_forgets_a_transaction_cut_off_by_a_reconnect() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin(0);
+        t.sending(a);
+        t.delivered(a, Ok(()));
+        t.reset_open();
+        let b = t.begin(0);
+        t.commit(b, Lsn(40));
+        assert_eq!(rx.borrow().confirmed, Lsn(40));
+    }
+
+    #[test]
+    fn stats_report_the_oldest_wait_and_finished_transactions() {
+        let (t, _rx) = AckTracker::new(Lsn(0));
+        let a = t.begin(0);
+        t.commit(a, Lsn(1));
+        let b = t.begin(0);
+        t.sending(b);
+        let s = t.stats();
+        assert_eq!((s.in_flight, s.transactions), (1, 1));
+        assert!(s.oldest_wait.is_some());
+    }
+
+    #[test]
     fn not_sent_records_do_not_hold_the_transaction() {
         let (t, rx) = AckTracker::new(Lsn(0));
-        let a = t.begin();
+        let a = t.begin(0);
         t.sending(a);
         t.not_sent(a);
         t.sending(a);

@@ -4,7 +4,9 @@
 
 pub mod ack;
 pub mod config;
+pub mod http;
 pub mod lsn;
+pub mod metrics;
 pub mod outbox;
 pub mod pgconn;
 pub mod pgoutput;

@@ -66,6 +66,8 @@ struct Col {
 /// How one outbox table's rows become records.
 #[derive(Debug, Clone)]
 struct Plan {
+    /// Index of the `[[outbox]]` entry.
+    index: usize,
     table: String,
     id: Col,
     key: Col,
@@ -78,6 +80,8 @@ struct Plan {
 /// One record ready for the producer; borrows the row and the mapper's scratch space.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Record<'a> {
+    /// Index of the `[[outbox]]` entry the row belongs to.
+    pub table: usize,
     /// Destination topic.
     pub topic: &'a str,
     /// Record key (`None` for a NULL key column).
@@ -127,9 +131,9 @@ impl OutboxMapper {
         let config = self
             .tables
             .iter()
-            .find(|t| t.schema_and_name() == (rel.namespace.as_str(), rel.name.as_str()));
+            .position(|t| t.schema_and_name() == (rel.namespace.as_str(), rel.name.as_str()));
         let plan = match config {
-            Some(c) => Some(plan_for(c, rel)?),
+            Some(i) => Some(plan_for(i, &self.tables[i], rel)?),
             None => None,
         };
         self.plans.insert(rel.id, plan);
@@ -205,6 +209,7 @@ impl OutboxMapper {
             }
         }
         Ok(Some(Record {
+            table: plan.index,
             topic: &self.topic,
             key,
             payload,
@@ -246,7 +251,7 @@ fn hex_digit(b: u8) -> Option<u8> {
     }
 }
 
-fn plan_for(c: &OutboxConfig, rel: &Relation) -> Result<Plan, MappingError> {
+fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, MappingError> {
     let table = format!("{}.{}", rel.namespace, rel.name);
     let find = |name: &str, role: &'static str| -> Result<Col, MappingError> {
         rel.columns
@@ -286,6 +291,7 @@ fn plan_for(c: &OutboxConfig, rel: &Relation) -> Result<Plan, MappingError> {
         .map(|h| Ok((h.clone(), find(h, "header_columns")?)))
         .collect::<Result<_, MappingError>>()?;
     Ok(Plan {
+        index,
         id: find(&c.id_column, "id_column")?,
         key: find(&c.key_column, "key_column")?,
         kind: find(&c.type_column, "type_column")?,

@@ -12,8 +12,10 @@ use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
 use crate::ack::{AckTracker, DeliveryFailure, TxnId};
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, OutboxConfig};
+use crate::metrics::{Health, Metrics};
 use crate::outbox::Record;
+use crate::replication::pg_now_micros;
 
 /// Producer settings the relay's promises rest on; `[kafka.properties]` may override them.
 pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -36,9 +38,16 @@ pub enum SendError {
     Refused(DeliveryFailure),
 }
 
+/// Packs the transaction and the outbox table's index into librdkafka's per-record opaque,
+/// so a delivery report needs no allocation to find either.
+const TABLE_BITS: u32 = 16;
+
 struct Delivery {
     tracker: Arc<AckTracker>,
     space: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    tables: Vec<String>,
 }
 
 impl ClientContext for Delivery {
@@ -62,28 +71,72 @@ impl ClientContext for Delivery {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "{error}: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_broker(false, reason);
+        }
     }
 }
 
 impl ProducerContext for Delivery {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, txn: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+        let txn = (token >> TABLE_BITS) as TxnId;
+        let table = self
+            .tables
+            .get(token & ((1 << TABLE_BITS) - 1))
+            .map_or("?", String::as_str);
         let verdict = match result {
-            Ok(_) => Ok(()),
-            Err((err, msg)) => Err(DeliveryFailure {
-                event_id: msg
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_else(|| "?".into()),
-                topic: msg.topic().to_owned(),
-                error: err.to_string(),
-            }),
+            Ok(msg) => {
+                self.metrics
+                    .events_published
+                    .with_label_values(&[table, msg.topic()])
+                    .inc();
+                Ok(())
+            }
+            Err((err, msg)) => {
+                let reason = err
+                    .rdkafka_error_code()
+                    .map_or_else(|| err.to_string(), |c| format!("{c:?}"));
+                self.metrics
+                    .publish_errors
+                    .with_label_values(&[msg.topic(), &reason])
+                    .inc();
+                Err(DeliveryFailure {
+                    event_id: msg
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_else(|| "?".into()),
+                    topic: msg.topic().to_owned(),
+                    error: err.to_string(),
+                })
+            }
         };
-        self.tracker.delivered(txn as TxnId, verdict);
+        let ok = verdict.is_ok();
+        if let Some(commit_time) = self.tracker.delivered(txn, verdict) {
+            let secs = (pg_now_micros() - commit_time) as f64 / 1e6;
+            self.metrics.commit_to_ack_seconds.observe(secs.max(0.0));
+        }
+        if ok {
+            self.health.set_broker(true, "");
+        }
         self.space.notify_one();
     }
+}
+
+/// The librdkafka settings: the relay's defaults, the brokers, then `[kafka.properties]`.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (k, v) in DEFAULT_PROPERTIES {
+        client.set(*k, *v);
+    }
+    client.set("bootstrap.servers", &config.brokers);
+    client.set("client.id", "outbox-relay");
+    for (k, v) in &config.properties {
+        client.set(k, v);
+    }
+    client
 }
 
 /// Hands records to Kafka; acknowledgements flow to the tracker on librdkafka's thread.
@@ -94,16 +147,14 @@ pub struct Publisher {
 
 impl Publisher {
     /// Builds the producer from `[kafka]`, the relay's defaults overridden by `properties`.
-    pub fn new(config: &KafkaConfig, tracker: Arc<AckTracker>) -> Result<Self, KafkaError> {
-        let mut client = ClientConfig::new();
-        for (k, v) in DEFAULT_PROPERTIES {
-            client.set(*k, *v);
-        }
-        client.set("bootstrap.servers", &config.brokers);
-        client.set("client.id", "outbox-relay");
-        for (k, v) in &config.properties {
-            client.set(k, v);
-        }
+    pub fn new(
+        config: &KafkaConfig,
+        tables: &[OutboxConfig],
+        tracker: Arc<AckTracker>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Self, KafkaError> {
+        let client = client_config(config);
         for (key, safe) in [
             ("acks", ["all", "-1"]),
             ("enable.idempotence", ["true", "true"]),
@@ -120,18 +171,22 @@ impl Publisher {
         let producer = client.create_with_context(Delivery {
             tracker,
             space: space.clone(),
+            metrics,
+            health,
+            tables: tables.iter().map(|t| t.table.clone()).collect(),
         })?;
         Ok(Publisher { producer, space })
     }
 
-    /// Hands one record of `txn` to the producer without waiting.
-    pub fn send(&self, txn: TxnId, record: &Record<'_>) -> Result<(), SendError> {
+    /// Hands one record of `txn` from outbox table number `table` to the producer without waiting.
+    pub fn send(&self, txn: TxnId, table: usize, record: &Record<'_>) -> Result<(), SendError> {
+        let token = ((txn as usize) << TABLE_BITS) | (table & ((1 << TABLE_BITS) - 1));
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header { key, value: *value });
         }
-        let mut out = BaseRecord::<[u8], [u8], usize>::with_opaque_to(record.topic, txn as usize)
-            .headers(headers);
+        let mut out =
+            BaseRecord::<[u8], [u8], usize>::with_opaque_to(record.topic, token).headers(headers);
         if let Some(k) = record.key {
             out = out.key(k);
         }
@@ -162,6 +217,20 @@ impl Publisher {
         tokio::task::spawn_blocking(move || this.producer.flush(timeout).is_ok())
             .await
             .unwrap_or(false)
+    }
+
+    /// Asks the brokers for cluster metadata: whether Kafka is reachable right now.
+    pub async fn probe(self: &Arc<Self>, timeout: Duration) -> Result<(), String> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
     }
 
     /// Records queued or in flight inside librdkafka.

@@ -1,79 +1,122 @@
 //! The pipeline: replication stream → pgoutput decoder → outbox mapping → publisher, with the
 //! acknowledgement tracker's confirmed LSN fed back to the slot as standby status updates.
+//! Around it, the lifecycle: reconnects with backoff, standby while another instance holds
+//! the slot, a monitor for slot health and Kafka reachability, and graceful shutdown.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
 use crate::ack::{AckTracker, Progress, TxnId};
 use crate::config::Config;
 use crate::lsn::Lsn;
+use crate::metrics::{Health, Metrics};
 use crate::outbox::OutboxMapper;
 use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
 use crate::publisher::{Publisher, SendError};
-use crate::replication::{ReplicationConnection, ReplicationEvent, ReplicationStream};
-use crate::setup;
+use crate::replication::{
+    ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
+};
+use crate::setup::{self, SetupError};
 
 /// How often the loop looks at the confirmed LSN to report it; bounds status-update chattiness.
 const CONFIRM_TICK: Duration = Duration::from_millis(100);
-/// How long a graceful stop waits for Kafka to acknowledge what is queued.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 /// How often progress is logged at info.
 const LOG_EVERY: Duration = Duration::from_secs(30);
+/// How often slot health and broker reachability are polled.
+const MONITOR_EVERY: Duration = Duration::from_secs(5);
+/// How often a standby retries acquiring the slot.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+
+/// How a streaming session ended.
+enum SessionEnd {
+    /// Shutdown was requested and handled.
+    Stopped,
+    /// Another process holds the slot: wait and retry.
+    SlotBusy(String),
+    /// The connection failed in a way a reconnect may fix.
+    Transient(anyhow::Error),
+    /// Stop the relay.
+    Fatal(anyhow::Error),
+}
+
+type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
 
 /// Runs the relay until `shutdown` resolves (graceful, `Ok`) or a fatal error.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let endpoint = PgEndpoint::new(&config.postgres)?;
-    let admin = endpoint
-        .connect_sql()
-        .await
-        .map_err(setup::pg)
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", endpoint.display_url()))?;
-    let slot = setup::prepare(&admin, &config).await?;
-    drop(admin);
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    health.set_not_streaming("starting");
+    if let Some(addr) = &config.metrics.listen {
+        let bound = crate::http::serve(addr, metrics.clone(), health.clone())
+            .await
+            .with_context(|| format!("cannot listen on [metrics] listen = {addr:?}"))?;
+        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    }
+    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+    let max_backoff = Duration::from_secs(config.relay.reconnect_max_backoff_secs.max(1));
+
+    // Start-up checks: configuration problems are fatal, an unreachable server is retried.
+    let mut backoff = Backoff::new(max_backoff);
+    let slot = loop {
+        let attempt = async {
+            let admin = endpoint.connect_sql().await.map_err(SetupError::from)?;
+            setup::prepare(&admin, &config).await
+        };
+        match attempt.await {
+            Ok(slot) => break slot,
+            Err(SetupError::Connect(e)) => {
+                let wait = backoff.next();
+                tracing::warn!(
+                    "cannot connect to PostgreSQL at {}: {e}; retrying in {wait:?}",
+                    endpoint.display_url()
+                );
+                health.set_not_streaming(format!("cannot connect to PostgreSQL: {e}"));
+                metrics.reconnects.with_label_values(&["postgres"]).inc();
+                if sleep_or_shutdown(wait, shutdown.as_mut()).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
 
     let (tracker, progress) = AckTracker::new(slot.confirmed_flush);
     let publisher = Arc::new(
-        Publisher::new(&config.kafka, tracker.clone())
-            .context("cannot create the Kafka producer")?,
+        Publisher::new(
+            &config.kafka,
+            &config.outbox,
+            tracker.clone(),
+            metrics.clone(),
+            health.clone(),
+        )
+        .context("cannot create the Kafka producer")?,
     );
-
-    let mut conn = ReplicationConnection::connect(&endpoint)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open a replication connection to {}",
-                endpoint.display_url()
-            )
-        })?;
-    let system = conn.identify_system().await?;
-    let stream = conn
-        .start_replication(&config.postgres.slot, &config.postgres.publication, Lsn(0))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot start replication from slot {}",
-                config.postgres.slot
-            )
-        })?;
-    tracing::info!(
-        slot = %config.postgres.slot,
-        publication = %config.postgres.publication,
-        resume_from = %slot.confirmed_flush,
-        server_wal = %system.xlog_pos,
-        "streaming"
-    );
+    let monitor = tokio::spawn(monitor(
+        endpoint.clone(),
+        config.postgres.slot.clone(),
+        publisher.clone(),
+        tracker.clone(),
+        metrics.clone(),
+        health.clone(),
+        Duration::from_secs(config.relay.stall_timeout_secs),
+    ));
 
     let mut pipeline = Pipeline {
-        stream,
+        config: &config,
+        endpoint: &endpoint,
         mapper: OutboxMapper::new(&config.outbox),
         tracker,
         publisher,
         progress,
+        metrics,
+        health: health.clone(),
         status: Status {
             every: Duration::from_secs(config.postgres.status_interval_secs),
             received: slot.confirmed_flush,
@@ -84,15 +127,142 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         idle_end: slot.confirmed_flush,
         events: 0,
     };
-    pipeline.run(shutdown).await
+    let mut backoff = Backoff::new(max_backoff);
+    let result = loop {
+        let started = Instant::now();
+        match pipeline.session(shutdown.as_mut()).await {
+            SessionEnd::Stopped => break Ok(()),
+            SessionEnd::Fatal(e) => break Err(e),
+            SessionEnd::SlotBusy(why) => {
+                health.set_not_streaming(format!("standby: {why}"));
+                pipeline.metrics.leader.set(0);
+                tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
+                if sleep_or_shutdown(STANDBY_RETRY, shutdown.as_mut()).await {
+                    break Ok(());
+                }
+            }
+            SessionEnd::Transient(e) => {
+                pipeline.metrics.leader.set(0);
+                pipeline
+                    .metrics
+                    .reconnects
+                    .with_label_values(&["postgres"])
+                    .inc();
+                if started.elapsed() > max_backoff * 2 {
+                    backoff = Backoff::new(max_backoff);
+                }
+                let wait = backoff.next();
+                tracing::warn!("{e:#}; reconnecting in {wait:?}");
+                health.set_not_streaming(format!("reconnecting to PostgreSQL: {e}"));
+                if pipeline.drain(shutdown.as_mut()).await
+                    || sleep_or_shutdown(wait, shutdown.as_mut()).await
+                {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    monitor.abort();
+    result
 }
 
-struct Pipeline {
-    stream: ReplicationStream,
+/// Sleeps `d`; true if shutdown was requested meanwhile.
+async fn sleep_or_shutdown(d: Duration, shutdown: Shutdown<'_>) -> bool {
+    tokio::select! {
+        _ = shutdown => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// Capped exponential backoff with jitter, so replicas do not reconnect in lockstep.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Backoff {
+            next: Duration::from_millis(250),
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Jitter from the clock's low bits: good enough to de-synchronise, no RNG needed.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
+    }
+}
+
+/// Polls slot health and broker reachability for metrics and `/readyz`.
+async fn monitor(
+    endpoint: PgEndpoint,
+    slot: String,
+    publisher: Arc<Publisher>,
+    tracker: Arc<AckTracker>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stall_after: Duration,
+) {
+    let mut client = None;
+    let mut tick = tokio::time::interval(MONITOR_EVERY);
+    loop {
+        tick.tick().await;
+        let stats = tracker.stats();
+        health.set_stalled(match stats.oldest_wait {
+            Some(w) if w > stall_after => Some(format!(
+                "the oldest of {} records has waited {} s for Kafka's acknowledgement",
+                stats.in_flight,
+                w.as_secs()
+            )),
+            _ => None,
+        });
+        if let Err(e) = publisher.probe(Duration::from_secs(5)).await {
+            health.set_broker(false, e);
+        }
+        if client.is_none() {
+            client = endpoint.connect_sql().await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let row = c
+            .query_opt(
+                "SELECT wal_status, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        match row {
+            Ok(Some(row)) => {
+                let status: Option<String> = row.get(0);
+                metrics.set_wal_status(Some(status.as_deref().unwrap_or("missing")));
+                if let Some(lag) = row.get::<_, Option<i64>>(1) {
+                    metrics.replication_lag_bytes.set(lag.max(0));
+                }
+            }
+            Ok(None) => metrics.set_wal_status(None),
+            Err(e) => {
+                tracing::debug!("slot monitor query failed: {e}");
+                client = None;
+            }
+        }
+    }
+}
+
+struct Pipeline<'c> {
+    config: &'c Config,
+    endpoint: &'c PgEndpoint,
     mapper: OutboxMapper,
     tracker: Arc<AckTracker>,
     publisher: Arc<Publisher>,
     progress: watch::Receiver<Progress>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     status: Status,
     /// The open transaction, between Begin and Commit.
     txn: Option<TxnId>,
@@ -118,7 +288,7 @@ impl Status {
         stream: &mut ReplicationStream,
         progress: &watch::Receiver<Progress>,
         force: bool,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ReplicationError> {
         let confirmed = progress.borrow().confirmed;
         if force || confirmed != self.reported || self.last.elapsed() >= self.every {
             stream
@@ -131,49 +301,170 @@ impl Status {
     }
 }
 
-impl Pipeline {
-    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        tokio::pin!(shutdown);
+/// Sorts a replication error into what the lifecycle does about it.
+fn classify(e: ReplicationError, slot: &str, during: &str) -> SessionEnd {
+    match e.sqlstate() {
+        // object_in_use: another walsender has the slot.
+        Some("55006") => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
+        // undefined_object: the slot is gone (dropped, or lost in a failover).
+        Some("42704") => SessionEnd::Fatal(anyhow!(
+            "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
+             re-publish outbox rows committed since the newest event in Kafka, then restart the relay to create a fresh slot"
+        )),
+        // object_not_in_prerequisite_state: the slot was invalidated (wal_status = lost).
+        Some("55000") => SessionEnd::Fatal(anyhow!(
+            "replication slot {slot} can no longer be read ({e}): WAL it needed was removed, so events may have been lost; \
+             re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')) and restart"
+        )),
+        Some(code) if code.starts_with("28") => {
+            SessionEnd::Fatal(anyhow::Error::new(e).context(format!("{during}: PostgreSQL refused the credentials")))
+        }
+        Some(code) if code.starts_with("42") || code.starts_with("0A") => {
+            SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
+        }
+        Some(_) | None => match e {
+            ReplicationError::Protocol(_) | ReplicationError::Config(_) | ReplicationError::Auth(_) => {
+                SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
+            }
+            _ => SessionEnd::Transient(anyhow::Error::new(e).context(during.to_owned())),
+        },
+    }
+}
+
+impl Pipeline<'_> {
+    /// Connects, streams until something ends the session, and says why it ended.
+    async fn session(&mut self, mut shutdown: Shutdown<'_>) -> SessionEnd {
+        let slot = self.config.postgres.slot.as_str();
+        let conn = match ReplicationConnection::connect(self.endpoint).await {
+            Ok(c) => c,
+            Err(e) => {
+                let during = format!(
+                    "cannot open a replication connection to {}",
+                    self.endpoint.display_url()
+                );
+                return classify(e, slot, &during);
+            }
+        };
+        let start = conn
+            .start_replication(slot, &self.config.postgres.publication, Lsn(0))
+            .await;
+        let mut stream = match start {
+            Ok(s) => s,
+            Err(e) => {
+                return classify(
+                    e,
+                    slot,
+                    &format!("cannot start replication from slot {slot}"),
+                )
+            }
+        };
+        // We hold the slot now; nobody else moves it. Never report below where it stands.
+        if let Err(e) = self.rebase().await {
+            return SessionEnd::Transient(e);
+        }
+        self.health.set_streaming();
+        self.metrics.leader.set(1);
+        tracing::info!(
+            slot,
+            publication = %self.config.postgres.publication,
+            resume_from = %self.status.reported,
+            "streaming"
+        );
+        let end = self.stream(&mut stream, shutdown.as_mut()).await;
+        self.health.set_not_streaming("replication stream ended");
+        if !matches!(end, SessionEnd::Transient(_)) {
+            // The socket still works: say goodbye so the slot is released at once.
+            let _ = stream.close().await;
+        }
+        end
+    }
+
+    async fn rebase(&mut self) -> anyhow::Result<()> {
+        let client = self.endpoint.connect_sql().await.map_err(setup::pg)?;
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.postgres.slot],
+            )
+            .await
+            .map_err(setup::pg)?;
+        if let Some(lsn) = row.and_then(|r| r.get::<_, Option<String>>(0)) {
+            let lsn: Lsn = lsn.parse()?;
+            self.tracker.rebase(lsn);
+            let confirmed = self.tracker.confirmed();
+            self.status.reported = confirmed;
+            self.status.received = self.status.received.max(confirmed);
+            self.idle_end = self.idle_end.max(confirmed);
+        }
+        Ok(())
+    }
+
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationStream,
+        mut shutdown: Shutdown<'_>,
+    ) -> SessionEnd {
+        let slot = self.config.postgres.slot.clone();
         let mut tick = tokio::time::interval(CONFIRM_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_log = Instant::now();
         let mut logged = self.status.reported;
         loop {
-            tokio::select! {
+            let step: Result<(), SessionEnd> = tokio::select! {
                 biased;
-                _ = &mut shutdown => return self.stop().await,
-                _ = self.progress.changed() => self.check_failure()?,
+                _ = &mut shutdown => {
+                    return match self.stop(stream).await {
+                        Ok(()) => SessionEnd::Stopped,
+                        Err(e) => SessionEnd::Fatal(e),
+                    };
+                }
+                _ = self.progress.changed() => failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal),
                 _ = tick.tick() => {
                     // The server sends one keepalive when it catches up; if records were still
                     // in flight then, confirm its WAL end once they are acknowledged, rather
                     // than waiting ~15 s for the next one.
                     self.tracker.idle(self.idle_end);
-                    self.report(false).await?;
+                    self.update_metrics();
                     if last_log.elapsed() >= LOG_EVERY && self.status.reported != logged {
                         tracing::info!(confirmed = %self.status.reported, events = self.events, "confirmed");
                         logged = self.status.reported;
                         last_log = Instant::now();
                     }
+                    self.status
+                        .send(stream, &self.progress, false)
+                        .await
+                        .map_err(|e| classify(e, &slot, "sending a status update failed"))
                 }
-                event = self.stream.next_event() => {
-                    let event = event.context("replication stream failed")?;
-                    self.handle(event).await?;
-                }
+                event = stream.next_event() => match event {
+                    Ok(event) => self.handle(stream, event).await,
+                    Err(e) => Err(classify(e, &slot, "replication stream failed")),
+                },
+            };
+            if let Err(end) = step {
+                return end;
             }
         }
     }
 
-    fn check_failure(&self) -> anyhow::Result<()> {
-        failed(&self.progress, self.status.reported)
+    fn update_metrics(&self) {
+        let stats = self.tracker.stats();
+        self.metrics.inflight_events.set(stats.in_flight as i64);
+        let done = self.metrics.transactions.get();
+        if stats.transactions > done {
+            self.metrics.transactions.inc_by(stats.transactions - done);
+        }
+        self.metrics
+            .confirmed_flush_lsn
+            .set(self.status.reported.0 as i64);
+        self.metrics.received_lsn.set(self.status.received.0 as i64);
     }
 
-    async fn report(&mut self, force: bool) -> anyhow::Result<()> {
-        self.status
-            .send(&mut self.stream, &self.progress, force)
-            .await
-    }
-
-    async fn handle(&mut self, event: ReplicationEvent) -> anyhow::Result<()> {
+    async fn handle(
+        &mut self,
+        stream: &mut ReplicationStream,
+        event: ReplicationEvent,
+    ) -> Result<(), SessionEnd> {
+        let slot = &self.config.postgres.slot;
         match event {
             ReplicationEvent::Keepalive {
                 wal_end,
@@ -185,40 +476,57 @@ impl Pipeline {
                     self.tracker.idle(wal_end);
                 }
                 if reply_requested {
-                    self.report(true).await?;
+                    self.status
+                        .send(stream, &self.progress, true)
+                        .await
+                        .map_err(|e| classify(e, slot, "answering a keepalive failed"))?;
                 }
             }
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => {
                 self.status.received = self.status.received.max(wal_start);
-                let message = pgoutput::decode(&data)
-                    .with_context(|| format!("cannot decode pgoutput message at {wal_start}"))?;
-                self.apply(message).await?;
+                let message = pgoutput::decode(&data).map_err(|e| {
+                    SessionEnd::Fatal(anyhow!(
+                        "cannot decode pgoutput message at {wal_start}: {e}"
+                    ))
+                })?;
+                self.apply(stream, message).await?;
             }
         }
         Ok(())
     }
 
-    async fn apply(&mut self, message: Message<'_>) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        stream: &mut ReplicationStream,
+        message: Message<'_>,
+    ) -> Result<(), SessionEnd> {
         match message {
-            Message::Begin { .. } => self.txn = Some(self.tracker.begin()),
+            Message::Begin { commit_time, .. } => self.txn = Some(self.tracker.begin(commit_time)),
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
                     self.tracker.commit(txn, end_lsn);
                 }
             }
-            Message::Relation(rel) => self.mapper.relation(&rel)?,
+            Message::Relation(rel) => self
+                .mapper
+                .relation(&rel)
+                .map_err(|e| SessionEnd::Fatal(e.into()))?,
             Message::Insert { relation_id, tuple } => {
                 let Some(txn) = self.txn else {
-                    bail!("pgoutput sent an Insert outside a transaction");
+                    return Err(SessionEnd::Fatal(anyhow!(
+                        "pgoutput sent an Insert outside a transaction"
+                    )));
                 };
-                let Some(record) = self.mapper.map(relation_id, &tuple)? else {
-                    return Ok(());
+                let record = match self.mapper.map(relation_id, &tuple) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
                 self.tracker.sending(txn);
                 loop {
-                    match self.publisher.send(txn, &record) {
+                    match self.publisher.send(txn, record.table, &record) {
                         Ok(()) => break,
                         Err(SendError::QueueFull) => {
                             // Backpressure: stop reading the socket (the walsender blocks on
@@ -228,14 +536,27 @@ impl Pipeline {
                                 _ = tokio::time::sleep(CONFIRM_TICK) => {}
                             }
                             self.status
-                                .send(&mut self.stream, &self.progress, false)
-                                .await?;
-                            failed(&self.progress, self.status.reported)?;
+                                .send(stream, &self.progress, false)
+                                .await
+                                .map_err(|e| {
+                                    classify(
+                                        e,
+                                        &self.config.postgres.slot,
+                                        "sending a status update failed",
+                                    )
+                                })?;
+                            failed(&self.progress, self.status.reported)
+                                .map_err(SessionEnd::Fatal)?;
                         }
                         Err(SendError::Refused(failure)) => {
+                            self.metrics
+                                .publish_errors
+                                .with_label_values(&[record.topic, "refused"])
+                                .inc();
                             self.tracker.delivered(txn, Err(failure));
-                            failed(&self.progress, self.status.reported)?;
-                            bail!("Kafka refused a record");
+                            failed(&self.progress, self.status.reported)
+                                .map_err(SessionEnd::Fatal)?;
+                            return Err(SessionEnd::Fatal(anyhow!("Kafka refused a record")));
                         }
                     }
                 }
@@ -246,16 +567,36 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn stop(&mut self) -> anyhow::Result<()> {
+    /// After a lost connection: wait for every queued record's verdict, then forget the
+    /// transaction that was cut off. True if shutdown was requested meanwhile.
+    async fn drain(&mut self, mut shutdown: Shutdown<'_>) -> bool {
+        loop {
+            if self.tracker.in_flight() == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = &mut shutdown => return true,
+                _ = self.publisher.space() => {}
+                _ = tokio::time::sleep(CONFIRM_TICK) => {}
+            }
+        }
+        self.tracker.reset_open();
+        self.txn = None;
+        false
+    }
+
+    async fn stop(&mut self, stream: &mut ReplicationStream) -> anyhow::Result<()> {
+        self.health.set_not_streaming("stopping");
         tracing::info!("stopping: waiting for Kafka to acknowledge queued records");
-        let flushed = self.publisher.flush(SHUTDOWN_FLUSH).await;
-        if !flushed {
+        let deadline = Duration::from_secs(self.config.relay.shutdown_timeout_secs);
+        if !self.publisher.flush(deadline).await {
             tracing::warn!(
                 queued = self.publisher.queued(),
                 "some records were not acknowledged in time; they will be sent again after restart"
             );
         }
-        self.report(true).await?;
+        self.tracker.idle(self.idle_end);
+        self.status.send(stream, &self.progress, true).await?;
         tracing::info!(confirmed = %self.status.reported, events = self.events, "stopped");
         Ok(())
     }
@@ -264,7 +605,24 @@ impl Pipeline {
 /// The fatal error for a refused record, if one was reported.
 fn failed(progress: &watch::Receiver<Progress>, confirmed: Lsn) -> anyhow::Result<()> {
     if let Some(f) = &progress.borrow().failure {
-        bail!("{f}; the slot stays before this event (confirmed {confirmed}); fix the cause and restart");
+        return Err(anyhow!(
+            "{f}; the slot stays before this event (confirmed {confirmed}); fix the cause and restart"
+        ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_secs(4));
+        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert!(waits[0] <= Duration::from_millis(250));
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(4)));
+        assert!(waits[7] >= Duration::from_secs(2));
+    }
 }

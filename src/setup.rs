@@ -10,6 +10,19 @@ use crate::lsn::Lsn;
 /// Why the database is not ready for the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// The server could not be reached; worth retrying.
+    #[error("{0}")]
+    Connect(String),
+    /// A replication slot this relay created is gone: events may have been lost.
+    #[error("replication slot {slot} is gone, but {marker}: events committed since its last confirmed LSN may never have reached Kafka (a failover to a server without the slot, or a dropped slot). Recover: re-publish outbox rows committed since the newest event in Kafka, then run COMMENT ON PUBLICATION {publication} IS NULL and restart; the relay then creates a fresh slot")]
+    SlotVanished {
+        /// The slot.
+        slot: String,
+        /// The publication carrying the marker.
+        publication: String,
+        /// What the marker says.
+        marker: String,
+    },
     /// Could not connect or a query failed.
     #[error("PostgreSQL: {0}")]
     Postgres(String),
@@ -69,6 +82,18 @@ pub struct SlotState {
     pub created: bool,
 }
 
+impl From<tokio_postgres::Error> for SetupError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // A server-side error (bad password, missing database) will not fix itself; a
+        // socket-level one may.
+        if e.as_db_error().is_none() {
+            SetupError::Connect(e.to_string())
+        } else {
+            pg(e)
+        }
+    }
+}
+
 /// A tokio-postgres error with the server's own message.
 pub fn pg(e: tokio_postgres::Error) -> SetupError {
     // tokio-postgres' Display hides the server's message behind "db error"; show it.
@@ -98,7 +123,7 @@ pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, Setu
         check_table(client, table).await?;
     }
     ensure_publication(client, config).await?;
-    ensure_slot(client, &config.postgres.slot).await
+    ensure_slot(client, &config.postgres.slot, &config.postgres.publication).await
 }
 
 fn quoted(table: &OutboxConfig) -> String {
@@ -108,6 +133,10 @@ fn quoted(table: &OutboxConfig) -> String {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Whether the outbox table and every configured column exist.
@@ -208,7 +237,17 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
     }
 }
 
-async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SetupError> {
+/// The publication comment that records "this relay created slot X": it outlives the slot
+/// (catalogs are replicated, slots are not), so a slot lost in a failover is noticed.
+fn marker_prefix(slot: &str) -> String {
+    format!("outbox-relay: slot {slot} created")
+}
+
+async fn ensure_slot(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<SlotState, SetupError> {
     let slot_err = |problem: String| SetupError::Slot {
         slot: slot.to_owned(),
         problem,
@@ -223,6 +262,21 @@ async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SetupErro
         .await
         .map_err(pg)?;
     let Some(row) = row else {
+        let marker: Option<String> = client
+            .query_opt(
+                "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(pg)?
+            .and_then(|r| r.get(0));
+        if let Some(marker) = marker.filter(|m| m.starts_with(&marker_prefix(slot))) {
+            return Err(SetupError::SlotVanished {
+                slot: slot.to_owned(),
+                publication: publication.to_owned(),
+                marker: format!("publication {publication} records {marker:?}"),
+            });
+        }
         let created = client
             .query_one(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -233,13 +287,28 @@ async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SetupErro
             Ok(row) => {
                 let lsn: String = row.get(0);
                 tracing::info!(slot, lsn = %lsn, "created replication slot");
+                let comment = format!(
+                    "{} at {lsn}; if the slot disappears outbox-relay refuses to create a new one until this comment is cleared",
+                    marker_prefix(slot)
+                );
+                let sql = format!(
+                    "COMMENT ON PUBLICATION {} IS {}",
+                    quote_ident(publication),
+                    quote_literal(&comment)
+                );
+                if let Err(e) = client.batch_execute(&sql).await {
+                    tracing::warn!(
+                        "cannot mark publication {publication} with the slot's creation ({}); a slot lost in a failover will then not be detected at start",
+                        pg(e)
+                    );
+                }
                 Ok(SlotState {
                     confirmed_flush: lsn.parse().map_err(|e| slot_err(format!("{e}")))?,
                     created: true,
                 })
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
-                Box::pin(ensure_slot(client, slot)).await
+                Box::pin(ensure_slot(client, slot, publication)).await
             }
             Err(e) => Err(slot_err(format!(
                 "cannot create it: {}; the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)",
