@@ -192,12 +192,13 @@ impl Health {
         self.streaming.store(false, Ordering::Relaxed);
     }
 
-    /// Whether the broker answered recently.
-    pub fn set_broker(&self, reachable: bool, reason: impl Into<String>) {
+    /// Whether the broker answered recently; true when it just came back.
+    pub fn set_broker(&self, reachable: bool, reason: impl Into<String>) -> bool {
         if !reachable {
             *lock(&self.broker_reason) = reason.into();
         }
-        self.broker_down.store(!reachable, Ordering::Relaxed);
+        let was_down = self.broker_down.swap(!reachable, Ordering::Relaxed);
+        reachable && was_down
     }
 
     /// `Some(why)` when acknowledgements stopped progressing.

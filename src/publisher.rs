@@ -27,6 +27,9 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "20000"),
     ("queue.buffering.max.kbytes", "16384"),
     ("linger.ms", "5"),
+    // Never give up on a record while the broker is away: backpressure holds the slot, and
+    // /readyz reports the stall. Records refused for good still fail at once.
+    ("message.timeout.ms", "0"),
 ];
 
 /// Why a record could not be handed to the producer.
@@ -118,8 +121,8 @@ impl ProducerContext for Delivery {
             let secs = (pg_now_micros() - commit_time) as f64 / 1e6;
             self.metrics.commit_to_ack_seconds.observe(secs.max(0.0));
         }
-        if ok {
-            self.health.set_broker(true, "");
+        if ok && self.health.set_broker(true, "") {
+            self.metrics.reconnects.with_label_values(&["kafka"]).inc();
         }
         self.space.notify_one();
     }

@@ -223,8 +223,15 @@ async fn monitor(
             )),
             _ => None,
         });
-        if let Err(e) = publisher.probe(Duration::from_secs(5)).await {
-            health.set_broker(false, e);
+        match publisher.probe(Duration::from_secs(5)).await {
+            Ok(()) => {
+                if health.set_broker(true, "") {
+                    metrics.reconnects.with_label_values(&["kafka"]).inc();
+                }
+            }
+            Err(e) => {
+                health.set_broker(false, e);
+            }
         }
         if client.is_none() {
             client = endpoint.connect_sql().await.ok();
