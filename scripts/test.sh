@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests (decoder on captured pgoutput bytes, config, ack tracking,
+# mapping) and the integration tests in tests/, which start their own throwaway PostgreSQL and
+# Tansu broker and run the built relay against them. Installs what is missing first (see
+# scripts/lib.sh: ensure_tools) and exports TANSU, the broker binary the tests start.
+# Extra arguments go to cargo test, e.g. scripts/test.sh --test crash -- --nocapture
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_tools
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+LOG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/outbox-relay-test.XXXXXX")"
+on_exit "rm -rf '$LOG_DIR'"
+LOG="$LOG_DIR/cargo-test.log"
+
+say "cargo test --no-fail-fast $* (unit, integration and doc tests; examples are compiled too)"
+set +e
+cargo test --no-fail-fast "$@" 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+set -e
+
+# Sum cargo's per-binary "test result:" lines into one summary.
+read -r passed failed ignored binaries < <(
+    awk '/^test result:/ {
+            for (i = 1; i <= NF; i++) {
+                if ($(i) ~ /^passed;?$/) p += $(i - 1)
+                if ($(i) ~ /^failed;?$/) f += $(i - 1)
+                if ($(i) ~ /^ignored;?$/) g += $(i - 1)
+            }
+            n++
+         }
+         END { print p + 0, f + 0, g + 0, n + 0 }' "$LOG"
+)
+echo
+echo "==================== summary ===================="
+echo "test binaries run: $binaries, ignored: $ignored"
+grep -E '^test .* \.\.\. FAILED$' "$LOG" | sed 's/^/  /' || true
+echo "$passed passed, $failed failed"
+if [ "$rc" -ne 0 ]; then
+    echo "FAILED: cargo test exited with status $rc" >&2
+    exit "$rc"
+fi
+if [ "$binaries" -eq 0 ] || [ "$passed" -eq 0 ]; then
+    echo "FAILED: no test ran" >&2
+    exit 1
+fi
+echo "OK"
