@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod ack;
+pub mod check;
 pub mod config;
 pub mod http;
 pub mod lsn;
@@ -14,3 +15,4 @@ pub mod publisher;
 pub mod relay;
 pub mod replication;
 pub mod setup;
+pub mod status;

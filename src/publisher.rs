@@ -129,13 +129,13 @@ impl ProducerContext for Delivery {
 }
 
 /// The librdkafka settings: the relay's defaults, the brokers, then `[kafka.properties]`.
-pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut client = ClientConfig::new();
     for (k, v) in DEFAULT_PROPERTIES {
         client.set(*k, *v);
     }
     client.set("bootstrap.servers", &config.brokers);
-    client.set("client.id", "outbox-relay");
+    client.set("client.id", client_id);
     for (k, v) in &config.properties {
         client.set(k, v);
     }
@@ -157,7 +157,7 @@ impl Publisher {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<Self, KafkaError> {
-        let client = client_config(config);
+        let client = client_config(config, "outbox-relay");
         for (key, safe) in [
             ("acks", ["all", "-1"]),
             ("enable.idempotence", ["true", "true"]),
@@ -239,5 +239,29 @@ impl Publisher {
     /// Records queued or in flight inside librdkafka.
     pub fn queued(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_config;
+    use crate::config::KafkaConfig;
+
+    #[test]
+    fn properties_override_the_relays_defaults() {
+        let kafka = KafkaConfig {
+            brokers: "k1:9092,k2:9092".into(),
+            properties: [("acks", "1"), ("security.protocol", "ssl")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        let c = client_config(&kafka, "x");
+        assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(c.get("acks"), Some("1"));
+        assert_eq!(c.get("security.protocol"), Some("ssl"));
+        assert_eq!(c.get("client.id"), Some("x"));
     }
 }

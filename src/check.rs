@@ -1,0 +1,988 @@
+//! `outbox-relay check`: read-only checks that a configuration, its PostgreSQL and its Kafka
+//! are ready for the relay, reported one line per check. Nothing is created or altered, so it
+//! is safe to run from a container's init step or CI against production.
+//!
+//! Checks are independent: a failure skips only the checks that cannot run without what
+//! failed (no database connection → no database checks, but the broker is still checked), so
+//! one run shows every problem and each root cause yields one `FAIL` line.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
+use rdkafka::ClientContext;
+use tokio_postgres::Client;
+
+use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig};
+use crate::pgconn::PgEndpoint;
+use crate::replication::{ReplicationConnection, ReplicationError};
+use crate::setup::{self, SetupError};
+
+/// How long to wait for PostgreSQL to accept a connection before calling it unreachable.
+pub const PG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for broker metadata unless `[kafka.properties] socket.timeout.ms` says.
+pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The check passed.
+    Ok,
+    /// The check failed: the relay would not start or would not work.
+    Fail,
+    /// The check could not run because an earlier one failed.
+    Skip,
+    /// Information only, never a failure.
+    Info,
+}
+
+impl Verdict {
+    /// The label printed at the start of the line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "skip",
+            Verdict::Info => "info",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    /// Whether it passed.
+    pub verdict: Verdict,
+    /// What was checked and what was found; for failures, the cause and the fix.
+    pub message: String,
+}
+
+impl fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Fixed-width labels keep the messages aligned for people and easy to cut for scripts.
+        // Messages come from servers too; a stray newline must not break "one line per check".
+        write!(
+            f,
+            "{:<6}{}",
+            self.verdict.label(),
+            self.message.replace(['\r', '\n'], " ")
+        )
+    }
+}
+
+/// Collects verdicts and hands each line to the caller as soon as it is known, so a slow
+/// check (a broker timeout) does not hide the lines before it.
+struct Report<'a> {
+    emit: &'a mut dyn FnMut(&CheckLine),
+    failures: usize,
+}
+
+impl Report<'_> {
+    fn line(&mut self, verdict: Verdict, message: String) {
+        if verdict == Verdict::Fail {
+            self.failures += 1;
+        }
+        (self.emit)(&CheckLine { verdict, message });
+    }
+    fn ok(&mut self, message: String) {
+        self.line(Verdict::Ok, message)
+    }
+    fn fail(&mut self, message: String) {
+        self.line(Verdict::Fail, message)
+    }
+    fn skip(&mut self, message: String) {
+        self.line(Verdict::Skip, message)
+    }
+    fn info(&mut self, message: String) {
+        self.line(Verdict::Info, message)
+    }
+}
+
+/// Runs every check for the config file at `path`, passing each line to `emit` as it is
+/// decided; returns whether all passed (no `FAIL` line).
+pub async fn run(path: &Path, emit: &mut dyn FnMut(&CheckLine)) -> bool {
+    let mut report = Report { emit, failures: 0 };
+    let config = match Config::load(path) {
+        Ok(config) => {
+            report.ok(format!(
+                "config {} parses: {} outbox table(s), slot {}, publication {}",
+                path.display(),
+                config.outbox.len(),
+                config.postgres.slot,
+                config.postgres.publication
+            ));
+            config
+        }
+        Err(e) => {
+            report.fail(e.to_string());
+            report.skip("PostgreSQL and Kafka checks: they need a valid config".into());
+            return false;
+        }
+    };
+    match PgEndpoint::new(&config.postgres) {
+        Ok(endpoint) => postgres_checks(&mut report, &config, &endpoint).await,
+        Err(e) => {
+            let message = match e {
+                // PgEndpoint labels its errors "[postgres]" in place of a path; name the file.
+                ConfigError::Invalid { message, .. } => {
+                    format!("config file {}: [postgres] {message}", path.display())
+                }
+                other => other.to_string(),
+            };
+            report.fail(message);
+            report.skip("PostgreSQL checks: [postgres] url must be usable first".into());
+        }
+    }
+    kafka_checks(&mut report, &config.kafka, &config.outbox).await;
+    report.failures == 0
+}
+
+/// `user@host:port/dbname` from the parsed URL: names the target without any password, also
+/// for key=value connection strings, which [`crate::pgconn::redact`] leaves as they are.
+pub fn describe_target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "(no host)".to_owned()
+    } else {
+        hosts.join(",")
+    };
+    let user = config.get_user().unwrap_or("?");
+    let db = config.get_dbname().unwrap_or(user);
+    format!("{user}@{hosts}/{db}")
+}
+
+/// The server's own message and SQLSTATE when there is one, else the client's error chain.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    // tokio-postgres' Display says only "db error" for server errors; show the server's words.
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    // Client-side errors keep the useful part ("Connection refused") in their sources.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What to do about a failed connection, by SQLSTATE (or the lack of one).
+fn connect_fix(e: &tokio_postgres::Error) -> &'static str {
+    match e.code().map(|c| c.code()) {
+        Some("28P01") => "check the user and password in [postgres] url (or password_file)",
+        Some("28000") => "check the user in [postgres] url and that pg_hba.conf lets it connect from this host",
+        Some("3D000") => "fix the database name in [postgres] url",
+        Some("53300") => "the server has no free connection slots: raise max_connections or close idle sessions",
+        Some("57P03") => "the server is starting up or shutting down: retry when it is up",
+        Some(_) => "fix the cause the server names, then retry",
+        None if e.to_string().contains("password missing") => {
+            "the server asks for a password: put it in [postgres] url or set password_file"
+        }
+        None => "check that PostgreSQL runs and listens on that host and port (listen_addresses, firewall) and that [postgres] url names them",
+    }
+}
+
+/// The relay's role as `pg_roles` sees it.
+struct Role {
+    name: String,
+    superuser: bool,
+    /// The REPLICATION attribute, superuser, or membership in RDS' `rds_replication`.
+    can_replicate: bool,
+}
+
+/// A configured table that exists, with what the role may do with it.
+struct TableAccess {
+    exists: bool,
+    owned: bool,
+}
+
+async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &PgEndpoint) {
+    let target = describe_target(endpoint.config());
+    let client = match tokio::time::timeout(PG_TIMEOUT, endpoint.connect_sql()).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            report.fail(format!(
+                "cannot connect to PostgreSQL at {target}: {}; {}",
+                pg_message(&e),
+                connect_fix(&e)
+            ));
+            report.skip("database checks: no connection to PostgreSQL".into());
+            return;
+        }
+        Err(_) => {
+            report.fail(format!(
+                "cannot connect to PostgreSQL at {target}: no answer within {}s; check the host and port in [postgres] url and that no firewall drops the connection",
+                PG_TIMEOUT.as_secs()
+            ));
+            report.skip("database checks: no connection to PostgreSQL".into());
+            return;
+        }
+    };
+    let version = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, String>(0).ok())
+        .unwrap_or_else(|| "?".into());
+    report.ok(format!(
+        "PostgreSQL reachable at {target} (server {version})"
+    ));
+
+    match setup::check_wal_level(&client).await {
+        Ok(()) => report.ok("wal_level = logical".into()),
+        Err(e) => report.fail(e.to_string()),
+    }
+
+    let role = check_role(report, &client).await;
+    // Unknown attributes (the query failed): try, the connection attempt says more.
+    if role.as_ref().map_or(true, |r| r.can_replicate) {
+        check_replication_connection(report, endpoint, &target).await;
+    } else {
+        report.skip("replication connection: the role lacks REPLICATION (see above)".into());
+    }
+
+    let mut tables = Vec::with_capacity(config.outbox.len());
+    for table in &config.outbox {
+        let exists = match setup::check_table(&client, table).await {
+            Ok(()) => {
+                report.ok(format!(
+                    "outbox table {} has columns {}",
+                    table.table,
+                    table.required_columns().join(", ")
+                ));
+                true
+            }
+            Err(e @ SetupError::MissingColumn { .. }) => {
+                report.fail(e.to_string());
+                true
+            }
+            Err(e) => {
+                report.fail(e.to_string());
+                false
+            }
+        };
+        let owned = if exists {
+            check_select(report, &client, table, role.as_ref()).await
+        } else {
+            report.skip(format!(
+                "SELECT privilege on {}: the table is missing",
+                table.table
+            ));
+            false
+        };
+        tables.push(TableAccess { exists, owned });
+    }
+
+    check_publication(report, &client, config, role.as_ref(), &tables).await;
+    check_slot(report, &client, &config.postgres.slot, role.as_ref()).await;
+}
+
+async fn check_role(report: &mut Report<'_>, client: &Client) -> Option<Role> {
+    let row = client
+        .query_one(
+            "SELECT r.rolname::text, r.rolsuper, r.rolreplication, \
+                    EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = 'rds_replication' \
+                            AND pg_has_role(current_user, g.oid, 'MEMBER')) \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await;
+    let parsed = row.and_then(|row| {
+        Ok(Role {
+            name: row.try_get(0)?,
+            superuser: row.try_get(1)?,
+            can_replicate: row.try_get::<_, bool>(1)?
+                || row.try_get::<_, bool>(2)?
+                || row.try_get::<_, bool>(3)?,
+        })
+    });
+    match parsed {
+        Ok(role) => {
+            if role.superuser {
+                report.ok(format!("role {} may replicate (superuser)", role.name));
+            } else if role.can_replicate {
+                report.ok(format!("role {} has REPLICATION", role.name));
+            } else {
+                report.fail(format!(
+                    "role {0} lacks the REPLICATION attribute, which the replication connection and the slot need; run ALTER ROLE {0} REPLICATION as a superuser (on Amazon RDS: GRANT rds_replication TO {0})",
+                    role.name
+                ));
+            }
+            Some(role)
+        }
+        Err(e) => {
+            report.fail(format!(
+                "cannot read the role's attributes from pg_roles: {}; fix the cause and retry",
+                pg_message(&e)
+            ));
+            None
+        }
+    }
+}
+
+async fn check_replication_connection(
+    report: &mut Report<'_>,
+    endpoint: &PgEndpoint,
+    target: &str,
+) {
+    let attempt = tokio::time::timeout(PG_TIMEOUT, async {
+        let mut conn = ReplicationConnection::connect(endpoint).await?;
+        // Dropping the connection afterwards closes the socket; it never started streaming.
+        conn.identify_system().await
+    })
+    .await;
+    match attempt {
+        Ok(Ok(system)) => report.ok(format!(
+            "replication connection opens (system {}, timeline {}, WAL at {})",
+            system.system_id, system.timeline, system.xlog_pos
+        )),
+        Ok(Err(e)) => {
+            let fix = match e.sqlstate() {
+                Some("28000") | Some("28P01") => "pg_hba.conf must let the role connect to the database; a replication=database connection matches ordinary database lines",
+                Some("42501") => "the role needs REPLICATION: ALTER ROLE <role> REPLICATION",
+                Some("53300") => "all max_wal_senders are in use: raise max_wal_senders (restart) or stop another replication client",
+                _ if matches!(e, ReplicationError::Io(_)) => "check that PostgreSQL accepts connections on that host and port",
+                _ => "fix the cause PostgreSQL names, then retry",
+            };
+            report.fail(format!(
+                "cannot open a replication connection to {target}: {e}; {fix}"
+            ));
+        }
+        Err(_) => report.fail(format!(
+            "cannot open a replication connection to {target}: no answer within {}s; check the host and port in [postgres] url",
+            PG_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Checks SELECT on the table (and USAGE on its schema); returns whether the role owns it.
+async fn check_select(
+    report: &mut Report<'_>,
+    client: &Client,
+    table: &OutboxConfig,
+    role: Option<&Role>,
+) -> bool {
+    let (schema, name) = table.schema_and_name();
+    let row = client
+        .query_one(
+            "SELECT has_schema_privilege(n.oid, 'USAGE'), has_table_privilege(c.oid, 'SELECT'), \
+                    pg_has_role(c.relowner, 'USAGE') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &name],
+        )
+        .await
+        .and_then(|row| {
+            Ok((
+                row.try_get::<_, bool>(0)?,
+                row.try_get::<_, bool>(1)?,
+                row.try_get::<_, bool>(2)?,
+            ))
+        });
+    let who = role.map_or("the relay's role", |r| r.name.as_str());
+    match row {
+        Ok((true, true, owned)) => {
+            report.ok(format!("role {who} may SELECT from {}", table.table));
+            owned
+        }
+        Ok((usage, _, owned)) => {
+            let grant = if usage {
+                format!("GRANT SELECT ON {} TO {who}", table.table)
+            } else {
+                format!(
+                    "GRANT USAGE ON SCHEMA {schema} TO {who}; GRANT SELECT ON {} TO {who}",
+                    table.table
+                )
+            };
+            report.fail(format!(
+                "role {who} may not SELECT from {}; run {grant}",
+                table.table
+            ));
+            owned
+        }
+        Err(e) => {
+            report.fail(format!(
+                "cannot check privileges on {}: {}; fix the cause and retry",
+                table.table,
+                pg_message(&e)
+            ));
+            false
+        }
+    }
+}
+
+async fn check_publication(
+    report: &mut Report<'_>,
+    client: &Client,
+    config: &Config,
+    role: Option<&Role>,
+    tables: &[TableAccess],
+) {
+    let publication = &config.postgres.publication;
+    let existing = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .and_then(|row| row.map(|r| r.try_get::<_, bool>(0)).transpose());
+    let pubinsert = match existing {
+        Ok(p) => p,
+        Err(e) => {
+            report.fail(format!(
+                "cannot read publication {publication}: {}; fix the cause and retry",
+                pg_message(&e)
+            ));
+            return;
+        }
+    };
+    let Some(pubinsert) = pubinsert else {
+        return publication_absent(report, client, config, role, tables).await;
+    };
+    if !pubinsert {
+        report.fail(SetupError::PublicationNoInserts(publication.clone()).to_string());
+        return;
+    }
+    let mut covered_all = true;
+    for (table, access) in config.outbox.iter().zip(tables) {
+        // A missing table already failed above; the publication cannot cover it either.
+        if !access.exists {
+            continue;
+        }
+        let (schema, name) = table.schema_and_name();
+        let covered = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables \
+                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[publication, &schema, &name],
+            )
+            .await;
+        match covered {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                covered_all = false;
+                report.fail(
+                    SetupError::PublicationMissesTable {
+                        publication: publication.clone(),
+                        table: table.table.clone(),
+                    }
+                    .to_string(),
+                );
+            }
+            Err(e) => {
+                covered_all = false;
+                report.fail(format!(
+                    "cannot read the tables of publication {publication}: {}; fix the cause and retry",
+                    pg_message(&e)
+                ));
+            }
+        }
+    }
+    if covered_all {
+        let names: Vec<&str> = config
+            .outbox
+            .iter()
+            .zip(tables)
+            .filter(|(_, a)| a.exists)
+            .map(|(t, _)| t.table.as_str())
+            .collect();
+        if !names.is_empty() {
+            report.ok(format!(
+                "publication {publication} publishes inserts of {}",
+                names.join(", ")
+            ));
+        }
+    }
+}
+
+async fn publication_absent(
+    report: &mut Report<'_>,
+    client: &Client,
+    config: &Config,
+    role: Option<&Role>,
+    tables: &[TableAccess],
+) {
+    let publication = &config.postgres.publication;
+    let list = config
+        .outbox
+        .iter()
+        .map(|t| t.table.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if tables.iter().any(|t| !t.exists) {
+        report.skip(format!(
+            "publication {publication} does not exist; the relay would create it at start, once every outbox table exists"
+        ));
+        return;
+    }
+    let Some(role) = role else {
+        report.skip(format!(
+            "publication {publication} does not exist; whether the role may create it is unknown (see above)"
+        ));
+        return;
+    };
+    let how =
+        format!("CREATE PUBLICATION {publication} FOR TABLE {list} WITH (publish = 'insert')");
+    if role.superuser {
+        report.ok(format!(
+            "publication {publication} does not exist; the relay will create it at start ({how}; role {} is a superuser)",
+            role.name
+        ));
+        return;
+    }
+    // CREATE PUBLICATION needs CREATE on the database, and adding a table needs its ownership.
+    let may_create_in_db = client
+        .query_one(
+            "SELECT has_database_privilege(current_database(), 'CREATE')",
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get::<_, bool>(0));
+    let may_create_in_db = match may_create_in_db {
+        Ok(b) => b,
+        Err(e) => {
+            report.fail(format!(
+                "cannot check the CREATE privilege on the database: {}; fix the cause and retry",
+                pg_message(&e)
+            ));
+            return;
+        }
+    };
+    let not_owned: Vec<&str> = config
+        .outbox
+        .iter()
+        .zip(tables)
+        .filter(|(_, a)| !a.owned)
+        .map(|(t, _)| t.table.as_str())
+        .collect();
+    if may_create_in_db && not_owned.is_empty() {
+        report.ok(format!(
+            "publication {publication} does not exist; the relay will create it at start ({how}; role {} owns the tables)",
+            role.name
+        ));
+        return;
+    }
+    let mut why = Vec::new();
+    if !not_owned.is_empty() {
+        why.push(format!("does not own {}", not_owned.join(", ")));
+    }
+    if !may_create_in_db {
+        why.push("has no CREATE privilege on the database".to_owned());
+    }
+    report.fail(format!(
+        "publication {publication} does not exist and role {} cannot create it ({}); create it as the tables' owner: {how}",
+        role.name,
+        why.join(", ")
+    ));
+}
+
+/// The columns of `pg_replication_slots` the slot check reads.
+struct SlotRow {
+    plugin: Option<String>,
+    slot_type: Option<String>,
+    database: Option<String>,
+    current: String,
+    active: Option<bool>,
+    pid: Option<i32>,
+    wal_status: Option<String>,
+    confirmed: Option<String>,
+}
+
+impl SlotRow {
+    fn read(row: &tokio_postgres::Row) -> Result<SlotRow, tokio_postgres::Error> {
+        Ok(SlotRow {
+            plugin: row.try_get(0)?,
+            slot_type: row.try_get(1)?,
+            database: row.try_get(2)?,
+            current: row.try_get(3)?,
+            active: row.try_get(4)?,
+            pid: row.try_get(5)?,
+            wal_status: row.try_get(6)?,
+            confirmed: row.try_get(7)?,
+        })
+    }
+}
+
+async fn check_slot(report: &mut Report<'_>, client: &Client, slot: &str, role: Option<&Role>) {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type::text, database::text, current_database()::text, \
+                    active, active_pid, wal_status, confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => {
+            report.fail(format!(
+                "cannot read replication slot {slot} from pg_replication_slots: {}; fix the cause and retry",
+                pg_message(&e)
+            ));
+            return;
+        }
+    };
+    let Some(row) = row else {
+        return slot_absent(report, client, slot, role).await;
+    };
+    let SlotRow {
+        plugin,
+        slot_type,
+        database,
+        current,
+        active,
+        pid,
+        wal_status,
+        confirmed,
+    } = match SlotRow::read(&row) {
+        Ok(f) => f,
+        Err(e) => {
+            report.fail(format!(
+                "cannot read replication slot {slot}: {}; fix the cause and retry",
+                pg_message(&e)
+            ));
+            return;
+        }
+    };
+    let drop_it = format!("SELECT pg_drop_replication_slot('{slot}')");
+    if slot_type.as_deref() != Some("logical") {
+        report.fail(format!(
+            "replication slot {slot} is a {} slot, the relay needs a logical pgoutput slot; drop it ({drop_it}) if nothing uses it, or configure another [postgres] slot",
+            slot_type.as_deref().unwrap_or("non-logical")
+        ));
+        return;
+    }
+    if plugin.as_deref() != Some("pgoutput") {
+        report.fail(format!(
+            "replication slot {slot} exists with plugin {}, the relay needs pgoutput; drop it ({drop_it}) if nothing uses it, or configure another [postgres] slot",
+            plugin.as_deref().unwrap_or("(none)")
+        ));
+        return;
+    }
+    if database.as_deref() != Some(current.as_str()) {
+        report.fail(format!(
+            "replication slot {slot} belongs to database {}, not {current}; configure another [postgres] slot or point [postgres] url at that database",
+            database.as_deref().unwrap_or("(none)")
+        ));
+        return;
+    }
+    let confirmed = confirmed.as_deref().unwrap_or("(none)");
+    match wal_status.as_deref() {
+        Some("lost") => {
+            report.fail(format!(
+                "replication slot {slot} has wal_status = lost: WAL it needed was removed, so events committed after {confirmed} may never reach Kafka; re-publish outbox rows committed since then, then drop the slot ({drop_it}) and start the relay"
+            ));
+            return;
+        }
+        Some("unreserved") => report.info(format!(
+            "replication slot {slot} has wal_status = unreserved: its WAL is past max_slot_wal_keep_size and will be removed at the next checkpoint unless the relay catches up"
+        )),
+        _ => {}
+    }
+    let activity = match (active, pid) {
+        (Some(true), Some(pid)) => format!("in use by pid {pid}"),
+        (Some(true), None) => "in use".to_owned(),
+        _ => "not in use".to_owned(),
+    };
+    report.ok(format!(
+        "replication slot {slot}: pgoutput in database {current}, wal_status {}, confirmed {confirmed}, {activity}",
+        wal_status.as_deref().unwrap_or("(none)")
+    ));
+}
+
+async fn slot_absent(report: &mut Report<'_>, client: &Client, slot: &str, role: Option<&Role>) {
+    match role {
+        Some(role) if !role.can_replicate => {
+            report.skip(format!(
+                "replication slot {slot} does not exist; creating it at start needs REPLICATION, which role {} lacks (see above)",
+                role.name
+            ));
+            return;
+        }
+        None => {
+            report.skip(format!(
+                "replication slot {slot} does not exist; whether the role may create it is unknown (see above)"
+            ));
+            return;
+        }
+        Some(_) => {}
+    }
+    // The relay creates the slot at start; that fails when every slot is taken.
+    let room = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots), \
+                    current_setting('max_replication_slots')::int8",
+            &[],
+        )
+        .await
+        .and_then(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)));
+    match room {
+        Ok((used, max)) if used >= max => report.fail(format!(
+            "replication slot {slot} does not exist and all {max} max_replication_slots are in use, so the relay cannot create it; raise max_replication_slots (restart) or drop an unused slot"
+        )),
+        Ok(_) => report.ok(format!(
+            "replication slot {slot} does not exist; the relay will create it at start (pgoutput)"
+        )),
+        Err(e) => report.fail(format!(
+            "cannot count replication slots: {}; fix the cause and retry",
+            pg_message(&e)
+        )),
+    }
+}
+
+/// How long the broker check waits for metadata: `socket.timeout.ms` when configured (so a
+/// deployment that expects a slow network, or a test that expects none, decides), else 10 s.
+pub fn metadata_timeout(kafka: &KafkaConfig) -> Duration {
+    kafka
+        .properties
+        .get("socket.timeout.ms")
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(KAFKA_TIMEOUT, Duration::from_millis)
+}
+
+/// Keeps librdkafka quiet (the check reports in its own lines) but remembers its last
+/// complaint, which usually says why a broker is unreachable.
+#[derive(Default)]
+struct QuietContext {
+    last_error: Mutex<Option<String>>,
+}
+
+impl QuietContext {
+    fn remember(&self, message: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(message);
+        }
+    }
+}
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // The enum has no ordering; its discriminants are syslog levels (lower is worse).
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.remember(format!("{fac}: {message}"));
+        } else {
+            tracing::debug!(target: "librdkafka", "{fac}: {message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.remember(format!("{error}: {reason}"));
+    }
+}
+
+impl ProducerContext for QuietContext {
+    type DeliveryOpaque = ();
+
+    // The check never produces.
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// A topic as the broker's metadata lists it.
+struct TopicInfo {
+    name: String,
+    partitions: usize,
+    error: Option<String>,
+}
+
+/// What one metadata request learned.
+struct ClusterInfo {
+    brokers: usize,
+    topics: Vec<TopicInfo>,
+}
+
+/// Fetches cluster metadata with the relay's producer settings. Metadata for *all* topics is
+/// requested: asking for one topic by name can make a broker with auto-create on create it,
+/// and `check` must not create anything.
+fn fetch_cluster(kafka: &KafkaConfig, timeout: Duration) -> Result<ClusterInfo, String> {
+    let producer: BaseProducer<QuietContext> = crate::publisher::client_config(kafka, "outbox-relay-check")
+        .create_with_context(QuietContext::default())
+        .map_err(|e| {
+            format!("cannot create a Kafka client from [kafka]: {e}; fix or remove the offending [kafka.properties] entry")
+        })?;
+    let result = producer.client().fetch_metadata(None, timeout);
+    // Errors reach the context only while the client is polled.
+    producer.poll(Duration::ZERO);
+    match result {
+        Ok(metadata) => Ok(ClusterInfo {
+            brokers: metadata.brokers().len(),
+            topics: metadata
+                .topics()
+                .iter()
+                .map(|t| TopicInfo {
+                    name: t.name().to_owned(),
+                    partitions: t.partitions().len(),
+                    error: t.error().map(|e| format!("{:?}", e)),
+                })
+                .collect(),
+        }),
+        Err(e) => {
+            let last = producer
+                .context()
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|l| l.clone());
+            Err(match last {
+                Some(last) => format!("{e}; last client error: {last}"),
+                None => e.to_string(),
+            })
+        }
+    }
+}
+
+async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[OutboxConfig]) {
+    let timeout = metadata_timeout(kafka);
+    let owned = kafka.clone();
+    // librdkafka's metadata call blocks; keep it off the runtime's only thread.
+    let fetched = tokio::task::spawn_blocking(move || fetch_cluster(&owned, timeout))
+        .await
+        .unwrap_or_else(|e| Err(format!("the metadata request did not finish: {e}")));
+    let cluster = match fetched {
+        Ok(cluster) if cluster.brokers > 0 => cluster,
+        Ok(_) => {
+            report.fail(format!(
+                "Kafka at {} answered without any broker; check [kafka] brokers",
+                kafka.brokers
+            ));
+            report.skip("topic checks: no usable broker".into());
+            return;
+        }
+        Err(e) => {
+            report.fail(format!(
+                "Kafka at {} is unreachable (no metadata within {} ms): {e}; check [kafka] brokers, that the broker runs, and the security settings in [kafka.properties]",
+                kafka.brokers,
+                timeout.as_millis()
+            ));
+            report.skip("topic checks: no connection to Kafka".into());
+            return;
+        }
+    };
+    report.ok(format!(
+        "Kafka reachable at {} ({} broker(s), {} topic(s))",
+        kafka.brokers,
+        cluster.brokers,
+        cluster.topics.len()
+    ));
+
+    let mut seen: Vec<&str> = Vec::new();
+    for table in outbox {
+        let template = table.topic.as_str();
+        if seen.contains(&template) {
+            continue;
+        }
+        seen.push(template);
+        match template.find('{') {
+            None => match cluster.topics.iter().find(|t| t.name == template) {
+                Some(t) if t.error.is_none() && t.partitions > 0 => report.ok(format!(
+                    "topic {template} exists ({} partition(s))",
+                    t.partitions
+                )),
+                Some(t) => report.fail(format!(
+                    "topic {template} is not usable: {}; check it on the broker",
+                    t.error.as_deref().unwrap_or("no partitions")
+                )),
+                None => report.fail(format!(
+                    "topic {template} (for {}) does not exist; create it with the partition count you want (kafka-topics.sh --create --topic {template}); a broker with auto.create.topics.enable would create it with its defaults on first use",
+                    table.table
+                )),
+            },
+            Some(open) => {
+                let prefix = &template[..open];
+                let mut matching: Vec<&str> = cluster
+                    .topics
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .filter(|n| n.starts_with(prefix) && !n.starts_with("__"))
+                    .collect();
+                matching.sort_unstable();
+                const SHOWN: usize = 20;
+                let listed = if matching.is_empty() {
+                    "none yet; create them before events arrive unless the broker auto-creates topics".to_owned()
+                } else if matching.len() > SHOWN {
+                    format!(
+                        "{} and {} more",
+                        matching[..SHOWN].join(", "),
+                        matching.len() - SHOWN
+                    )
+                } else {
+                    matching.join(", ")
+                };
+                report.info(format!(
+                    "topic template {template}: existing topics with prefix {prefix:?}: {listed}"
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(props: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "k1:9092,k2:9092".into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn lines_have_aligned_labels_and_stay_on_one_line() {
+        let line = CheckLine {
+            verdict: Verdict::Fail,
+            message: "no column\n\"payload\"".into(),
+        };
+        assert_eq!(line.to_string(), "FAIL  no column \"payload\"");
+        let line = CheckLine {
+            verdict: Verdict::Ok,
+            message: "wal_level = logical".into(),
+        };
+        assert_eq!(line.to_string(), "ok    wal_level = logical");
+    }
+
+    #[test]
+    fn metadata_timeout_follows_socket_timeout() {
+        assert_eq!(metadata_timeout(&kafka(&[])), KAFKA_TIMEOUT);
+        assert_eq!(
+            metadata_timeout(&kafka(&[("socket.timeout.ms", "1500")])),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            metadata_timeout(&kafka(&[("socket.timeout.ms", "soon")])),
+            KAFKA_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn target_names_host_and_user_but_never_the_password() {
+        let config: tokio_postgres::Config = "postgres://relay:s3cret@db:6432/app".parse().unwrap();
+        assert_eq!(describe_target(&config), "relay@db:6432/app");
+        let config: tokio_postgres::Config = "host=db user=relay password=s3cret".parse().unwrap();
+        assert_eq!(describe_target(&config), "relay@db:5432/relay");
+    }
+}

@@ -1,0 +1,344 @@
+//! `outbox-relay status`: the configured slot's state from `pg_replication_slots`, its lag
+//! behind the server's WAL, and the publication's tables, as text or one JSON object.
+//! Read-only, and independent of any running relay.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::check::{describe_target, pg_message, PG_TIMEOUT};
+use crate::config::{Config, ConfigError};
+use crate::pgconn::PgEndpoint;
+
+/// Why no status could be read at all (as opposed to a slot in a bad state).
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The config file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// PostgreSQL could not be reached or refused the connection.
+    #[error("cannot connect to PostgreSQL at {target}: {cause}; check [postgres] url (host, port, user, password) and that PostgreSQL runs")]
+    Connect {
+        /// `user@host:port/db`.
+        target: String,
+        /// What went wrong.
+        cause: String,
+    },
+    /// A catalog query failed.
+    #[error("cannot read {what} from PostgreSQL: {cause}; check that the role may read the system catalogs")]
+    Query {
+        /// What was being read.
+        what: &'static str,
+        /// The server's message.
+        cause: String,
+    },
+}
+
+/// The slot, its lag and the publication: the fields of `status --json`. Field names are a
+/// stable interface for scripts; add fields, never rename them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    /// The configured slot name.
+    pub slot: String,
+    /// Whether the slot exists.
+    pub exists: bool,
+    /// Whether a walsender streams from it now.
+    pub active: bool,
+    /// The walsender's process id while active.
+    pub active_pid: Option<i32>,
+    /// The output plugin (`pgoutput` for the relay's slot).
+    pub plugin: Option<String>,
+    /// `logical` or `physical`.
+    pub slot_type: Option<String>,
+    /// The database the slot decodes.
+    pub database: Option<String>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Everything before it reached Kafka and was confirmed, as `X/Y`.
+    pub confirmed_flush_lsn: Option<String>,
+    /// The oldest WAL the slot keeps, as `X/Y`.
+    pub restart_lsn: Option<String>,
+    /// The server's WAL position now (`pg_current_wal_lsn()`, or the last received on a standby).
+    pub current_wal_lsn: Option<String>,
+    /// `current_wal_lsn - confirmed_flush_lsn` in bytes.
+    pub lag_bytes: Option<i64>,
+    /// `current_wal_lsn - restart_lsn` in bytes: WAL the server keeps for the slot.
+    pub retained_bytes: Option<i64>,
+    /// Bytes of WAL that may still be written before the slot is lost (`max_slot_wal_keep_size`).
+    pub safe_wal_size: Option<i64>,
+    /// The configured publication name.
+    pub publication: String,
+    /// Whether the publication exists.
+    pub publication_exists: bool,
+    /// The tables it publishes, as `schema.table`.
+    pub publication_tables: Vec<String>,
+    /// Whether the slot is usable by the relay: exists, pgoutput, this database, not lost.
+    pub ok: bool,
+    /// Why not, when `ok` is false.
+    pub problem: Option<String>,
+}
+
+/// Loads the config and reads the status of its slot and publication.
+pub async fn read(path: &Path) -> Result<SlotStatus, StatusError> {
+    let config = Config::load(path)?;
+    let endpoint = PgEndpoint::new(&config.postgres)?;
+    let target = describe_target(endpoint.config());
+    let connect_error = |cause: String| StatusError::Connect {
+        target: target.clone(),
+        cause,
+    };
+    let client = tokio::time::timeout(PG_TIMEOUT, endpoint.connect_sql())
+        .await
+        .map_err(|_| connect_error(format!("no answer within {}s", PG_TIMEOUT.as_secs())))?
+        .map_err(|e| connect_error(pg_message(&e)))?;
+    query(&client, &config).await
+}
+
+/// Reads the status of `config`'s slot and publication over `client`.
+pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, StatusError> {
+    let slot = &config.postgres.slot;
+    let publication = &config.postgres.publication;
+    let failed = |what: &'static str| {
+        move |e: tokio_postgres::Error| StatusError::Query {
+            what,
+            cause: pg_message(&e),
+        }
+    };
+    // One statement, so the WAL position and the lags derived from it are consistent.
+    let row = client
+        .query_one(
+            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
+                                      ELSE pg_current_wal_lsn() END AS lsn) \
+             SELECT s.slot_name IS NOT NULL, coalesce(s.active, false), s.active_pid, \
+                    s.plugin::text, s.slot_type::text, s.database::text, current_database()::text, \
+                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, cur.lsn::text, \
+                    (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
+                    s.safe_wal_size \
+             FROM cur LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(failed("pg_replication_slots"))?;
+    let get = failed("pg_replication_slots");
+    let current_db: String = row.try_get(6).map_err(&get)?;
+    let mut status = SlotStatus {
+        slot: slot.clone(),
+        exists: row.try_get(0).map_err(&get)?,
+        active: row.try_get(1).map_err(&get)?,
+        active_pid: row.try_get(2).map_err(&get)?,
+        plugin: row.try_get(3).map_err(&get)?,
+        slot_type: row.try_get(4).map_err(&get)?,
+        database: row.try_get(5).map_err(&get)?,
+        wal_status: row.try_get(7).map_err(&get)?,
+        confirmed_flush_lsn: row.try_get(8).map_err(&get)?,
+        restart_lsn: row.try_get(9).map_err(&get)?,
+        current_wal_lsn: row.try_get(10).map_err(&get)?,
+        lag_bytes: row.try_get(11).map_err(&get)?,
+        retained_bytes: row.try_get(12).map_err(&get)?,
+        safe_wal_size: row.try_get(13).map_err(&get)?,
+        publication: publication.clone(),
+        publication_exists: false,
+        publication_tables: Vec::new(),
+        ok: false,
+        problem: None,
+    };
+    status.publication_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(failed("pg_publication"))?
+        .is_some();
+    let tables = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1",
+            &[publication],
+        )
+        .await
+        .map_err(failed("pg_publication_tables"))?;
+    status.publication_tables = tables
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(failed("pg_publication_tables"))?;
+    status.problem = problem(&status, &current_db);
+    status.ok = status.problem.is_none();
+    Ok(status)
+}
+
+/// Why the relay could not stream from the slot as it is, if it could not.
+fn problem(s: &SlotStatus, current_db: &str) -> Option<String> {
+    let slot = &s.slot;
+    if !s.exists {
+        return Some(format!(
+            "slot {slot} does not exist; the relay creates it at start (outbox-relay check tells whether it can)"
+        ));
+    }
+    if s.slot_type.as_deref() != Some("logical") || s.plugin.as_deref() != Some("pgoutput") {
+        return Some(format!(
+            "slot {slot} uses plugin {}, the relay needs a logical pgoutput slot",
+            s.plugin.as_deref().unwrap_or("(none)")
+        ));
+    }
+    if s.database.as_deref() != Some(current_db) {
+        return Some(format!(
+            "slot {slot} belongs to database {}, not {current_db}",
+            s.database.as_deref().unwrap_or("(none)")
+        ));
+    }
+    if s.wal_status.as_deref() == Some("lost") {
+        return Some(format!(
+            "slot {slot} has wal_status = lost: events committed after {} may never reach Kafka",
+            s.confirmed_flush_lsn
+                .as_deref()
+                .unwrap_or("its confirmed LSN")
+        ));
+    }
+    None
+}
+
+/// The status as aligned `name  value` lines, one per field, for people.
+pub fn render_text(s: &SlotStatus) -> String {
+    fn opt<T: ToString>(v: &Option<T>) -> String {
+        v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let active = match (s.active, s.active_pid) {
+        (true, Some(pid)) => format!("yes (pid {pid})"),
+        (true, None) => "yes".to_owned(),
+        (false, _) => "no".to_owned(),
+    };
+    let tables = if !s.publication_exists {
+        "(publication does not exist)".to_owned()
+    } else if s.publication_tables.is_empty() {
+        "(none)".to_owned()
+    } else {
+        s.publication_tables.join(", ")
+    };
+    let rows = [
+        ("slot", s.slot.clone()),
+        ("exists", yes_no(s.exists).to_owned()),
+        ("active", active),
+        ("plugin", opt(&s.plugin)),
+        ("slot_type", opt(&s.slot_type)),
+        ("database", opt(&s.database)),
+        ("wal_status", opt(&s.wal_status)),
+        ("confirmed_flush_lsn", opt(&s.confirmed_flush_lsn)),
+        ("restart_lsn", opt(&s.restart_lsn)),
+        ("current_wal_lsn", opt(&s.current_wal_lsn)),
+        ("lag_bytes", opt(&s.lag_bytes)),
+        ("retained_bytes", opt(&s.retained_bytes)),
+        ("safe_wal_size", opt(&s.safe_wal_size)),
+        ("publication", s.publication.clone()),
+        ("publication_tables", tables),
+        ("ok", yes_no(s.ok).to_owned()),
+    ];
+    let mut out = String::new();
+    for (name, value) in rows {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{name:<21}{value}");
+    }
+    if let Some(p) = &s.problem {
+        let _ = writeln!(out, "{:<21}{}", "problem", p.replace('\n', " "));
+    }
+    out
+}
+
+/// The status as one line of JSON, for scripts.
+pub fn render_json(s: &SlotStatus) -> String {
+    // Plain strings, numbers, booleans and options: serialising cannot fail, but a fallback
+    // keeps the output parseable should that ever change.
+    serde_json::to_string(s).unwrap_or_else(|e| {
+        serde_json::json!({ "slot": s.slot, "error": e.to_string() }).to_string()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn absent() -> SlotStatus {
+        SlotStatus {
+            slot: "outbox_relay".into(),
+            exists: false,
+            active: false,
+            active_pid: None,
+            plugin: None,
+            slot_type: None,
+            database: None,
+            wal_status: None,
+            confirmed_flush_lsn: None,
+            restart_lsn: None,
+            current_wal_lsn: Some("0/16B3748".into()),
+            lag_bytes: None,
+            retained_bytes: None,
+            safe_wal_size: None,
+            publication: "outbox_relay".into(),
+            publication_exists: false,
+            publication_tables: Vec::new(),
+            ok: false,
+            problem: None,
+        }
+    }
+
+    fn healthy() -> SlotStatus {
+        SlotStatus {
+            exists: true,
+            active: true,
+            active_pid: Some(4242),
+            plugin: Some("pgoutput".into()),
+            slot_type: Some("logical".into()),
+            database: Some("app".into()),
+            wal_status: Some("reserved".into()),
+            confirmed_flush_lsn: Some("0/16B3700".into()),
+            restart_lsn: Some("0/16B3000".into()),
+            lag_bytes: Some(0x48),
+            retained_bytes: Some(0x748),
+            ..absent()
+        }
+    }
+
+    #[test]
+    fn problems_are_missing_wrong_plugin_other_database_and_lost() {
+        assert!(problem(&absent(), "app").is_some_and(|p| p.contains("does not exist")));
+        assert_eq!(problem(&healthy(), "app"), None);
+        assert!(problem(&healthy(), "other").is_some_and(|p| p.contains("database app")));
+        let wrong = SlotStatus {
+            plugin: Some("test_decoding".into()),
+            ..healthy()
+        };
+        assert!(problem(&wrong, "app").is_some_and(|p| p.contains("test_decoding")));
+        let lost = SlotStatus {
+            wal_status: Some("lost".into()),
+            ..healthy()
+        };
+        assert!(problem(&lost, "app").is_some_and(|p| p.contains("0/16B3700")));
+    }
+
+    #[test]
+    fn json_has_stable_snake_case_fields() {
+        let v: serde_json::Value = serde_json::from_str(&render_json(&healthy())).unwrap();
+        assert_eq!(v["confirmed_flush_lsn"], "0/16B3700");
+        assert_eq!(v["lag_bytes"], 72);
+        assert_eq!(v["active_pid"], 4242);
+        assert_eq!(v["publication_tables"], serde_json::json!([]));
+        let v: serde_json::Value = serde_json::from_str(&render_json(&absent())).unwrap();
+        assert!(v["lag_bytes"].is_null() && v["confirmed_flush_lsn"].is_null());
+        assert!(!render_json(&absent()).contains('\n'));
+    }
+
+    #[test]
+    fn text_has_one_aligned_line_per_field() {
+        let text = render_text(&healthy());
+        assert!(
+            text.contains("active               yes (pid 4242)\n"),
+            "{text}"
+        );
+        assert!(text.contains("lag_bytes            72\n"), "{text}");
+        assert!(render_text(&absent()).contains("confirmed_flush_lsn  -\n"));
+    }
+}
