@@ -43,6 +43,16 @@ pub enum MappingError {
         /// The column.
         column: String,
     },
+    /// A row has fewer columns than its Relation message announced.
+    #[error("a row of {table} has {got} columns, its Relation message announced {expected}")]
+    ShortRow {
+        /// The table.
+        table: String,
+        /// Columns announced.
+        expected: usize,
+        /// Columns present.
+        got: usize,
+    },
     /// An Insert arrived for a relation id no Relation message described.
     #[error("insert for unknown relation id {0}: the server sent no Relation message for it")]
     UnknownRelation(u32),
@@ -69,6 +79,8 @@ struct Plan {
     /// Index of the `[[outbox]]` entry.
     index: usize,
     table: String,
+    /// Columns the Relation message announced.
+    columns: usize,
     id: Col,
     key: Col,
     kind: Col,
@@ -156,10 +168,18 @@ impl OutboxMapper {
             Some(None) => return Ok(None),
             None => return Err(MappingError::UnknownRelation(relation_id)),
         };
-        let values = tuple.values().collect::<Result<Vec<Value<'a>>, _>>()?;
+        if tuple.len() < plan.columns {
+            return Err(MappingError::ShortRow {
+                table: plan.table.clone(),
+                expected: plan.columns,
+                got: tuple.len(),
+            });
+        }
+        // `decode` validated the whole tuple, so walking it again per column cannot fail;
+        // walking is cheaper than collecting the values into a fresh Vec per row.
         let text = |col: Col| -> Option<&'a [u8]> {
-            match values.get(col.index) {
-                Some(Value::Text(b)) | Some(Value::Binary(b)) => Some(*b),
+            match tuple.values().nth(col.index) {
+                Some(Ok(Value::Text(b))) | Some(Ok(Value::Binary(b))) => Some(b),
                 _ => None,
             }
         };
@@ -292,6 +312,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         .collect::<Result<_, MappingError>>()?;
     Ok(Plan {
         index,
+        columns: rel.columns.len(),
         id: find(&c.id_column, "id_column")?,
         key: find(&c.key_column, "key_column")?,
         kind: find(&c.type_column, "type_column")?,
