@@ -53,6 +53,12 @@ start=$(date +%s.%N)
 RUST_LOG=warn ./target/release/outbox-relay run --config "$WORK_DIR/relay.toml" 2>"$WORK_DIR/relay.log" &
 RELAY=$!
 on_exit "stop_pid $RELAY 5"
+if [ -n "${PERF_OUT:-}" ]; then
+    # Sampling profile of the drain (perf's software clock works where hardware counters don't).
+    perf record -q -F 999 -g -p "$RELAY" -o "$PERF_OUT" 2>/dev/null &
+    PERF=$!
+    on_exit "kill -INT $PERF 2>/dev/null; wait $PERF 2>/dev/null"
+fi
 until [ "$(pg_psql -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'outbox_relay'")" = t ]; do
     kill -0 $RELAY 2>/dev/null || { cat "$WORK_DIR/relay.log" >&2; die "relay exited"; }
     sleep 0.05

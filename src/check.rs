@@ -21,6 +21,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig};
 use crate::pgconn::PgEndpoint;
 use crate::replication::{ReplicationConnection, ReplicationError};
+use crate::setup::pg_message;
 use crate::setup::{self, SetupError};
 
 /// How long to wait for PostgreSQL to accept a connection before calling it unreachable.
@@ -167,25 +168,6 @@ pub fn describe_target(config: &tokio_postgres::Config) -> String {
     let user = config.get_user().unwrap_or("?");
     let db = config.get_dbname().unwrap_or(user);
     format!("{user}@{hosts}/{db}")
-}
-
-/// The server's own message and SQLSTATE when there is one, else the client's error chain.
-pub fn pg_message(e: &tokio_postgres::Error) -> String {
-    // tokio-postgres' Display says only "db error" for server errors; show the server's words.
-    if let Some(db) = e.as_db_error() {
-        return format!("{} ({})", db.message(), db.code().code());
-    }
-    // Client-side errors keep the useful part ("Connection refused") in their sources.
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// What to do about a failed connection, by SQLSTATE (or the lack of one).

@@ -13,6 +13,7 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::config::ChannelBinding;
 
 use crate::lsn::Lsn;
 use crate::pgconn::{PgEndpoint, Socket};
@@ -73,6 +74,16 @@ pub struct ReplicationConnection {
     wbuf: BytesMut,
 }
 
+/// What SCRAM channel binding can use on this connection, and what the URL asks of it.
+struct ChannelBindingData {
+    /// Whether the socket is TLS.
+    tls: bool,
+    /// `tls-server-end-point` data of the TLS session, if any.
+    end_point: Option<Vec<u8>>,
+    /// The URL's `channel_binding` (`prefer` unless set).
+    policy: ChannelBinding,
+}
+
 /// What the walsender sent inside CopyBoth.
 #[derive(Debug)]
 pub enum ReplicationEvent {
@@ -113,9 +124,9 @@ impl ReplicationConnection {
             .get_user()
             .ok_or_else(|| ReplicationError::Config("the URL names no user".into()))?;
         let dbname = config.get_dbname().unwrap_or(user);
-        let socket = endpoint.open_socket().await?;
+        let opened = endpoint.open_socket().await?;
         let mut conn = ReplicationConnection {
-            socket,
+            socket: opened.socket,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(1024),
         };
@@ -130,12 +141,23 @@ impl ReplicationConnection {
             &mut conn.wbuf,
         )?;
         conn.flush().await?;
-        conn.authenticate(user, config.get_password()).await?;
+        let binding = ChannelBindingData {
+            tls: opened.tls,
+            end_point: opened.tls_server_end_point,
+            policy: config.get_channel_binding(),
+        };
+        conn.authenticate(user, config.get_password(), &binding)
+            .await?;
         conn.wait_ready().await?;
         Ok(conn)
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<()> {
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+        binding: &ChannelBindingData,
+    ) -> Result<()> {
         let need_password = || {
             password.ok_or_else(|| {
                 ReplicationError::Auth(format!(
@@ -143,14 +165,32 @@ impl ReplicationConnection {
                 ))
             })
         };
+        // channel_binding=require: refuse before a password leaves on an unbound session.
+        let unbound = |how: &str| {
+            if binding.policy == ChannelBinding::Require {
+                Err(ReplicationError::Auth(format!(
+                    "channel_binding=require, but the server authenticates {how}{}: use sslmode=require (or stricter) with scram-sha-256 in pg_hba.conf, or drop channel_binding=require",
+                    if binding.tls { "" } else { " and the connection is not TLS" }
+                )))
+            } else {
+                Ok(())
+            }
+        };
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
             match self.expect_other().await? {
-                backend::Message::AuthenticationOk => return Ok(()),
+                backend::Message::AuthenticationOk => {
+                    if scram.is_none() {
+                        unbound("without SCRAM (trust)")?;
+                    }
+                    return Ok(());
+                }
                 backend::Message::AuthenticationCleartextPassword => {
+                    unbound("with a cleartext password")?;
                     frontend::password_message(need_password()?, &mut self.wbuf)?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
+                    unbound("with md5")?;
                     let hash = md5_hash(user.as_bytes(), need_password()?, body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
                 }
@@ -160,17 +200,38 @@ impl ReplicationConnection {
                     while let Some(m) = mechanisms.next()? {
                         offered.push(m.to_owned());
                     }
-                    if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
-                        return Err(ReplicationError::Auth(format!(
-                            "the server offers only {offered:?}; SCRAM-SHA-256 is supported"
-                        )));
+                    let has_plus = offered.iter().any(|m| m == sasl::SCRAM_SHA_256_PLUS);
+                    let has_scram = offered.iter().any(|m| m == sasl::SCRAM_SHA_256);
+                    let end_point = binding
+                        .end_point
+                        .as_ref()
+                        .filter(|_| binding.policy != ChannelBinding::Disable);
+                    let (channel_binding, mechanism) = match (has_plus, end_point) {
+                        // Bind SCRAM to this TLS session: a man in the middle holding another
+                        // certificate cannot relay the exchange.
+                        (true, Some(hash)) => (
+                            sasl::ChannelBinding::tls_server_end_point(hash.clone()),
+                            sasl::SCRAM_SHA_256_PLUS,
+                        ),
+                        // TLS, but no -PLUS on offer: say we could bind ("y"), so a server
+                        // that does support it detects a downgrade.
+                        (false, Some(_)) if has_scram => {
+                            (sasl::ChannelBinding::unrequested(), sasl::SCRAM_SHA_256)
+                        }
+                        _ if has_scram => {
+                            (sasl::ChannelBinding::unsupported(), sasl::SCRAM_SHA_256)
+                        }
+                        _ => {
+                            return Err(ReplicationError::Auth(format!(
+                                "the server offers only {offered:?}; SCRAM-SHA-256 (optionally -PLUS) is supported"
+                            )))
+                        }
+                    };
+                    if mechanism != sasl::SCRAM_SHA_256_PLUS {
+                        unbound("without channel binding")?;
                     }
-                    // Channel binding needs TLS; without it the server accepts plain SCRAM.
-                    let s = sasl::ScramSha256::new(
-                        need_password()?,
-                        sasl::ChannelBinding::unsupported(),
-                    );
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    let s = sasl::ScramSha256::new(need_password()?, channel_binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
                     scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {

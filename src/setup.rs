@@ -84,10 +84,12 @@ pub struct SlotState {
 
 impl From<tokio_postgres::Error> for SetupError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // A server-side error (bad password, missing database) will not fix itself; a
-        // socket-level one may.
-        if e.as_db_error().is_none() {
-            SetupError::Connect(e.to_string())
+        // A TLS configuration problem or a server-side error (bad password, missing
+        // database) will not fix itself; a socket-level one may.
+        if let Some(message) = crate::pgconn::tls_config_error(&e) {
+            SetupError::Postgres(message)
+        } else if e.as_db_error().is_none() {
+            SetupError::Connect(pg_message(&e))
         } else {
             pg(e)
         }
@@ -96,11 +98,26 @@ impl From<tokio_postgres::Error> for SetupError {
 
 /// A tokio-postgres error with the server's own message.
 pub fn pg(e: tokio_postgres::Error) -> SetupError {
-    // tokio-postgres' Display hides the server's message behind "db error"; show it.
-    match e.as_db_error() {
-        Some(db) => SetupError::Postgres(format!("{} ({})", db.message(), db.code().code())),
-        None => SetupError::Postgres(e.to_string()),
+    SetupError::Postgres(pg_message(&e))
+}
+
+/// The error as one line: the server's message and SQLSTATE, or the client-side cause chain.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    // tokio-postgres' Display says only "db error" for server errors; show the server's words.
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
     }
+    // Client-side errors keep the useful part ("Connection refused") in their sources.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Whether `wal_level` is `logical`.

@@ -1217,3 +1217,904 @@ pub fn check_delivery(recs: &[Rec], expected: &[Event], partitions: i32) -> Deli
     }
     d
 }
+
+// ---------------------------------------------------------------------------------------------
+// Server settings the default start does not give (appended for tests/cli.rs)
+// ---------------------------------------------------------------------------------------------
+
+impl Pg {
+    /// Appends `settings` (postgresql.conf lines; a later line wins over the harness' own) and
+    /// restarts the server on the same port, e.g. `wal_level = replica` for a bad setup.
+    pub fn restart_with(&self, settings: &str) {
+        let data = self.dir.path().join("data");
+        let conf = data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+        text += &format!("\n# appended by Pg::restart_with\n{settings}\n");
+        fs::write(&conf, text).expect("write postgresql.conf");
+        chown_to_postgres(&conf);
+        let mut pg_ctl = pg_command("pg_ctl");
+        pg_ctl
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"]);
+        run_checked(pg_ctl, "pg_ctl restart");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifecycle helpers (appended for tests/lifecycle.rs): server restarts, broker loss, signals,
+// the relay's HTTP endpoint and its Prometheus text
+// ---------------------------------------------------------------------------------------------
+
+impl Pg {
+    /// Runs `pg_ctl <args>` on this cluster on the blocking pool (a restart takes seconds and
+    /// the tests' runtime has one thread); panics with the server log if it fails.
+    async fn pg_ctl(&self, args: &[&str], what: &str) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("postgres.log");
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let what = what.to_owned();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut cmd = pg_command("pg_ctl");
+            cmd.arg("-D").arg(&data).arg("-l").arg(&log).args(&args);
+            let out = cmd.output().expect("run pg_ctl");
+            (out, tail(&log, 30))
+        })
+        .await
+        .expect("pg_ctl task");
+        let (out, log) = out;
+        assert!(
+            out.status.success(),
+            "{what} failed ({}):\n{}\n{}\n--- server log ---\n{log}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl restart -m <mode>` (`fast`, `immediate`, `smart`) on the same port; waits until
+    /// the server accepts connections again (after crash recovery for `immediate`).
+    pub async fn restart(&self, mode: &str) {
+        self.pg_ctl(
+            &["-m", mode, "-w", "-t", "60", "restart"],
+            &format!("pg_ctl restart -m {mode}"),
+        )
+        .await;
+    }
+
+    /// `pg_ctl stop -m <mode>`: the server is down until [`Pg::start_again`].
+    pub async fn stop(&self, mode: &str) {
+        self.pg_ctl(
+            &["-m", mode, "-w", "-t", "60", "stop"],
+            &format!("pg_ctl stop -m {mode}"),
+        )
+        .await;
+    }
+
+    /// Starts the server stopped by [`Pg::stop`] again, on the same port.
+    pub async fn start_again(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "start"], "pg_ctl start")
+            .await;
+    }
+
+    /// The pid of the walsender streaming from `slot`, if one is.
+    pub async fn slot_active_pid(&self, slot: &str) -> Option<i32> {
+        self.client()
+            .await
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("query pg_replication_slots")
+            .and_then(|r| r.get::<_, Option<i32>>(0))
+    }
+}
+
+impl Broker {
+    /// `kill -9` of the broker: it vanishes without closing anything cleanly. Idempotent.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Relay {
+    /// Like [`Relay::start`], with extra environment variables for the relay process (e.g.
+    /// `RUST_LOG`); they override the defaults.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Relay {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-run-")
+            .tempdir()
+            .expect("create temp dir for the relay");
+        let config_path = dir.path().join("relay.toml");
+        fs::write(&config_path, config).expect("write relay.toml");
+        let stderr = File::create(dir.path().join("stderr.log")).expect("create stderr.log");
+        let stdout = File::create(dir.path().join("stdout.log")).expect("create stdout.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the outbox-relay binary");
+        Relay {
+            child,
+            dir,
+            exited: None,
+            stderr_shown: false,
+        }
+    }
+
+    /// Sends SIGTERM (a graceful stop request); does not wait. Use [`Relay::wait_exit`].
+    pub fn sigterm(&mut self) {
+        if self.try_exit().is_some() {
+            return;
+        }
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+    }
+}
+
+/// One plain HTTP/1.1 GET to `127.0.0.1:port` over a std `TcpStream` (short timeouts, so a
+/// hung server cannot block the single-threaded test runtime for long): `(status, body)`.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no end of headers in {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// A parsed `/metrics` page.
+#[derive(Clone, Debug, Default)]
+pub struct Scrape {
+    pub samples: Vec<Sample>,
+    /// The raw text, for messages.
+    pub text: String,
+}
+
+impl Scrape {
+    /// Parses the text format (comments skipped; label values without escapes beyond `\"`
+    /// and `\\`, which is all the relay's labels need).
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().unwrap_or(f64::NAN),
+            };
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_owned(), Vec::new()),
+                Some((name, rest)) => {
+                    let inner = rest.strip_suffix('}').unwrap_or(rest);
+                    (name.to_owned(), parse_labels(inner))
+                }
+            };
+            samples.push(Sample {
+                name,
+                labels,
+                value,
+            });
+        }
+        Scrape {
+            samples,
+            text: text.to_owned(),
+        }
+    }
+
+    /// Samples named `name` whose labels include all of `labels`.
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        })
+    }
+
+    /// The value of the first sample named `name` with (at least) `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.matching(name, labels).next().map(|s| s.value)
+    }
+
+    /// The sum over every sample named `name` with (at least) `labels`; 0 if none.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+}
+
+fn parse_labels(inner: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = inner;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim().trim_start_matches(',').trim().to_owned();
+        let after = &rest[eq + 1..];
+        let Some(after) = after.strip_prefix('"') else {
+            break;
+        };
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(match n {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                other => value.push(other),
+            }
+        }
+        out.push((key, value));
+        rest = &after[end..];
+    }
+    out
+}
+
+/// GETs `/metrics` from the relay's endpoint on `port` and parses it.
+pub fn scrape(port: u16) -> std::io::Result<Scrape> {
+    let (status, body) = http_get(port, "/metrics")?;
+    if status != 200 {
+        return Err(std::io::Error::other(format!(
+            "/metrics answered {status}: {body}"
+        )));
+    }
+    Ok(Scrape::parse(&body))
+}
+
+/// Like [`insert_outbox`], but returns the error instead of panicking: for writers that must
+/// survive the server going away under them.
+pub async fn try_insert_outbox(
+    client: &impl tokio_postgres::GenericClient,
+    rows: &[NewEvent],
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let types: Vec<&str> = rows.iter().map(|r| r.aggregatetype.as_str()).collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    let event_types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let payloads: Vec<Option<&str>> = rows.iter().map(|r| r.payload.as_deref()).collect();
+    let returned = client
+        .query(
+            "WITH input AS MATERIALIZED (
+                 SELECT gen_random_uuid() AS id, aggregatetype, aggregateid, type,
+                        payload::jsonb AS payload, n
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                     WITH ORDINALITY AS t(aggregatetype, aggregateid, type, payload, n)
+             ), ins AS (
+                 INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, payload)
+                 SELECT id, aggregatetype, aggregateid, type, payload FROM input ORDER BY n
+                 RETURNING id
+             )
+             SELECT input.id::text, input.payload::text
+             FROM input JOIN ins USING (id) ORDER BY input.n",
+            &[&types, &keys, &event_types, &payloads],
+        )
+        .await?;
+    assert_eq!(returned.len(), rows.len(), "rows inserted");
+    Ok(rows
+        .iter()
+        .zip(returned)
+        .map(|(new, row)| Event {
+            id: row.get(0),
+            aggregatetype: new.aggregatetype.clone(),
+            key: new.key.clone(),
+            event_type: new.event_type.clone(),
+            seq: new.seq,
+            payload: row.get(1),
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS helpers (appended for tests/tls.rs): a test CA, PostgreSQL with ssl = on, and a TLS
+// front for Tansu (whose own --cert/--key do not work in 0.6.0; see tests/tls.rs)
+// ---------------------------------------------------------------------------------------------
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A throwaway CA and a server certificate it signed, as PEM text and files.
+pub struct TestPki {
+    dir: TempDir,
+    /// The CA certificate (PEM), for `sslrootcert` / `ssl.ca.location`.
+    pub ca_pem: String,
+    /// The server certificate (PEM).
+    pub cert_pem: String,
+    /// The server's private key (PEM).
+    pub key_pem: String,
+}
+
+impl TestPki {
+    /// A CA (ECDSA P-256) and a server certificate for `names` (DNS names and IP addresses).
+    pub fn new(names: &[&str]) -> TestPki {
+        TestPki::with_ca_algorithm(names, &rcgen::PKCS_ECDSA_P256_SHA256)
+    }
+
+    /// Like [`TestPki::new`] with a CA key of `algorithm`, which also decides how the server
+    /// certificate is signed (and so the hash SCRAM channel binding uses).
+    pub fn with_ca_algorithm(
+        names: &[&str],
+        algorithm: &'static rcgen::SignatureAlgorithm,
+    ) -> TestPki {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pki-")
+            .tempdir()
+            .expect("create temp dir for certificates");
+        let ca_key = rcgen::KeyPair::generate_for(algorithm).expect("generate CA key");
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "outbox-relay test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign CA");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("generate server key");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("server parameters");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "outbox-relay test server");
+        let cert = params.signed_by(&key, &issuer).expect("sign server cert");
+        let pki = TestPki {
+            dir,
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        fs::write(pki.ca_path(), &pki.ca_pem).expect("write ca.pem");
+        pki
+    }
+
+    /// The CA certificate's file.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+impl Pg {
+    /// Turns TLS on with `pki`'s server certificate, puts `hba_lines` in front of the default
+    /// trust rules (first match wins) and reloads; both settings take effect without restart.
+    pub async fn enable_tls(&self, pki: &TestPki, hba_lines: &[&str]) {
+        let data = self.dir.path().join("data");
+        fs::write(data.join("server.crt"), &pki.cert_pem).expect("write server.crt");
+        let key = data.join("server.key");
+        fs::write(&key, &pki.key_pem).expect("write server.key");
+        // PostgreSQL refuses a key that others can read.
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod server.key");
+        let conf = data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+        text += "\n# appended by Pg::enable_tls\nssl = on\nssl_cert_file = 'server.crt'\n\
+                 ssl_key_file = 'server.key'\nlog_connections = on\n";
+        fs::write(&conf, text).expect("write postgresql.conf");
+        let mut hba = String::from("# TLS rules of Pg::enable_tls\n");
+        for line in hba_lines {
+            hba += line;
+            hba += "\n";
+        }
+        fs::write(data.join("pg_hba.conf"), hba + &hba_text(&[])).expect("write pg_hba.conf");
+        chown_to_postgres(&data);
+        self.sql("SELECT pg_reload_conf()").await;
+        let on = wait_until(Duration::from_secs(10), || async move {
+            let row = self
+                .client()
+                .await
+                .query_one("SELECT current_setting('ssl')", &[])
+                .await
+                .expect("SHOW ssl");
+            row.get::<_, String>(0) == "on"
+        })
+        .await;
+        assert!(on, "ssl did not turn on after reload:\n{}", self.log());
+        // The postmaster loads certificates and rules on the reload; give it a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A TLS-terminating front for a Kafka broker on loopback: connections that open with a TLS
+/// record are decrypted with the test certificate, anything else is passed through, and
+/// both go to the broker's plaintext port. It runs on its own thread, so tests that block
+/// their runtime do not stall it. Stopped on drop.
+pub struct TlsFront {
+    port: u16,
+    sessions: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsFront {
+    /// Listens on a free loopback port and forwards to 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16, pki: &TestPki) -> TlsFront {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("parse server certificate PEM");
+        let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).expect("parse key PEM");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate and key");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the TLS front");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let port = listener.local_addr().expect("local addr").port();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let counted = sessions.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for the TLS front");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let serve = async {
+                    loop {
+                        let Ok((client, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        tokio::spawn(front_connection(
+                            client,
+                            upstream,
+                            acceptor.clone(),
+                            counted.clone(),
+                        ));
+                    }
+                };
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = serve => {}
+                }
+            });
+        });
+        TlsFront {
+            port,
+            sessions,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// The front's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many TLS handshakes completed so far.
+    pub fn tls_sessions(&self) -> usize {
+        self.sessions.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn front_connection(
+    client: tokio::net::TcpStream,
+    upstream: u16,
+    acceptor: tokio_rustls::TlsAcceptor,
+    sessions: Arc<AtomicUsize>,
+) {
+    // A Kafka frame starts with its length (first byte 0 below 16 MiB), TLS with 0x16.
+    let mut first = [0u8; 1];
+    if !matches!(client.peek(&mut first).await, Ok(1)) {
+        return;
+    }
+    let Ok(mut broker) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    if first[0] == 0x16 {
+        let Ok(mut tls) = acceptor.accept(client).await else {
+            return;
+        };
+        sessions.fetch_add(1, Ordering::SeqCst);
+        let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+    } else {
+        let mut client = client;
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+    }
+}
+
+impl Broker {
+    /// Starts Tansu behind a [`TlsFront`] that it advertises, so clients reach it over TLS
+    /// (or plaintext) through the front. `authentication` makes Tansu require SASL (SCRAM
+    /// only, users in its in-memory store), which locks the harness' own clients out: then
+    /// only the port is awaited and the broker can only be used to watch clients fail.
+    pub fn start_behind_tls(pki: &TestPki, authentication: bool) -> (Broker, TlsFront) {
+        let tansu = tansu_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-kafka-")
+            .tempdir()
+            .expect("create temp dir for Tansu");
+        let log_path = dir.path().join("tansu.log");
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let front = TlsFront::start(port, pki);
+            let log = File::create(&log_path).expect("create tansu.log");
+            let mut cmd = Command::new(&tansu);
+            cmd.arg("broker")
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://127.0.0.1:{}", front.port()))
+                .arg("--storage-engine")
+                .arg("memory://tansu/");
+            if authentication {
+                cmd.arg("--authentication");
+            }
+            let mut child = cmd
+                .env_remove("CLUSTER_ID")
+                .env_remove("SCHEMA_REGISTRY")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
+            let bootstrap = format!("127.0.0.1:{}", front.port());
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .expect("create Kafka admin client");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_err = format!("tansu exited ({status}):\n{}", tail(&log_path, 30));
+                    break;
+                }
+                let ready = if authentication {
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                } else {
+                    admin
+                        .inner()
+                        .fetch_metadata(None, Duration::from_millis(500))
+                        .is_ok_and(|m| !m.brokers().is_empty())
+                };
+                if ready {
+                    let broker = Broker {
+                        child,
+                        port: front.port(),
+                        dir,
+                        admin,
+                    };
+                    return (broker, front);
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = format!(
+                        "tansu did not answer metadata requests within 30 s:\n{}",
+                        tail(&log_path, 30)
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("Kafka broker (tansu) behind the TLS front did not start: {last_err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broker restart (appended for tests/lifecycle.rs)
+// ---------------------------------------------------------------------------------------------
+
+impl Broker {
+    /// After [`Broker::kill`]: a new Tansu on the same port (so clients reconnect to the
+    /// address they know), with empty storage: topics must be created again. Waits until it
+    /// answers metadata requests. Note: a producer that knew the old broker keeps getting
+    /// UNKNOWN_PRODUCER_ID from the new one (Tansu 0.6 in-memory), so to test Kafka coming
+    /// back use [`Broker::start_behind_proxy`] and cut/restore the proxy instead.
+    pub fn start_again(&mut self) {
+        let log_path = self.dir.path().join("tansu-again.log");
+        let log = File::create(&log_path).expect("create tansu-again.log");
+        let port = self.port;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut child = Command::new(tansu_binary())
+                .arg("broker")
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--storage-engine")
+                .arg("memory://tansu/")
+                .env_remove("CLUSTER_ID")
+                .env_remove("SCHEMA_REGISTRY")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log.try_clone().expect("clone log handle"))
+                .spawn()
+                .expect("start tansu again");
+            // The port may still be held for a moment after the kill: retry until it binds.
+            let up = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false;
+                }
+                let ready = self
+                    .admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_millis(500))
+                    .is_ok_and(|m| !m.brokers().is_empty());
+                if ready {
+                    break true;
+                }
+                if Instant::now() >= deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            if up {
+                self.child = child;
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not come back on port {port}:\n{}",
+                tail(&log_path, 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A broker behind a TCP proxy that can be cut and restored (appended for tests/lifecycle.rs):
+// Kafka unreachable without losing the broker's state, as in a network partition
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback TCP forwarder on its own threads. While cut, it closes every open connection
+/// and every new one at once (the client sees the broker go away); restored, it forwards
+/// again. Stopped on drop.
+pub struct CutProxy {
+    port: u16,
+    state: std::sync::Arc<CutState>,
+}
+
+#[derive(Default)]
+struct CutState {
+    cut: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl CutProxy {
+    /// Listens on a free loopback port and forwards to 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16) -> CutProxy {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let state = std::sync::Arc::new(CutState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(Relaxed) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if st.cut.load(Relaxed) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut open = st.open.lock().unwrap_or_else(|e| e.into_inner());
+                    open.extend(client.try_clone().ok());
+                    open.extend(server.try_clone().ok());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        CutProxy { port, state }
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes every connection and refuses new ones until [`CutProxy::restore`].
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut open = self.state.open.lock().unwrap_or_else(|e| e.into_inner());
+        for s in open.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+    }
+}
+
+impl Broker {
+    /// Starts Tansu advertising a [`CutProxy`] in front of it, so every client (the relay
+    /// and the harness' own) reaches it through the proxy; `bootstrap()` is the proxy.
+    pub fn start_behind_proxy() -> (Broker, CutProxy) {
+        let tansu = tansu_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-kafka-")
+            .tempdir()
+            .expect("create temp dir for Tansu");
+        let log_path = dir.path().join("tansu.log");
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let proxy = CutProxy::start(port);
+            let log = File::create(&log_path).expect("create tansu.log");
+            let mut child = Command::new(&tansu)
+                .arg("broker")
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://127.0.0.1:{}", proxy.port()))
+                .arg("--storage-engine")
+                .arg("memory://tansu/")
+                .env_remove("CLUSTER_ID")
+                .env_remove("SCHEMA_REGISTRY")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
+            let bootstrap = format!("127.0.0.1:{}", proxy.port());
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .expect("create Kafka admin client");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_err = format!("tansu exited ({status}):\n{}", tail(&log_path, 30));
+                    break;
+                }
+                let ready = admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_millis(500))
+                    .is_ok_and(|m| !m.brokers().is_empty());
+                if ready {
+                    let port = proxy.port();
+                    return (
+                        Broker {
+                            child,
+                            port,
+                            dir,
+                            admin,
+                        },
+                        proxy,
+                    );
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = format!(
+                        "tansu did not answer metadata requests within 30 s:\n{}",
+                        tail(&log_path, 30)
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("Kafka broker (tansu) behind a proxy did not start: {last_err}");
+    }
+}

@@ -1,0 +1,593 @@
+//! TLS towards PostgreSQL (both the SQL and the replication connection, every sslmode,
+//! SCRAM-SHA-256-PLUS channel binding) and towards Kafka (TLS and SASL through
+//! `[kafka.properties]`), on real servers with certificates made by the test.
+//!
+//! Tansu 0.6.0 cannot serve TLS itself (see `tansu_serves_tls_itself`), so Kafka TLS is
+//! terminated by a small front in the harness (`common::TlsFront`) that Tansu advertises.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    basic_config, check_delivery, insert_outbox, settle, Broker, Event, Patience, Pg, Relay, Seqs,
+    TestPki, OUTBOX_DDL, SLOT,
+};
+use outbox_relay::config::Config;
+use outbox_relay::pgconn::{tls_config_error, OpenError, PgEndpoint, SslMode};
+use outbox_relay::replication::{ReplicationConnection, ReplicationError};
+
+const PARTITIONS: i32 = 3;
+const TOPIC: &str = "outbox.event.order";
+const ROLE: &str = "tls_relay";
+const PASSWORD: &str = "Tls-Pass-42";
+
+/// Generous bounds: the machine is small and shared; these are not performance limits.
+const STARTUP: Duration = Duration::from_secs(60);
+const PATIENCE: Patience = Patience {
+    delivery: Duration::from_secs(120),
+    confirm: Duration::from_secs(10),
+};
+/// How long a misconfigured relay may take to give up.
+const EXIT: Duration = Duration::from_secs(30);
+
+/// pg_hba.conf lines: the relay's role must come over TLS and prove its password with SCRAM
+/// (a `replication=database` connection matches the `all` database lines).
+const TLS_ONLY: &[&str] = &[
+    "hostssl all tls_relay 127.0.0.1/32 scram-sha-256",
+    "hostnossl all tls_relay 127.0.0.1/32 reject",
+];
+
+/// A server with TLS on, the outbox table owned by a SCRAM role that may only use TLS.
+async fn tls_pg(pki: &TestPki) -> Pg {
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    pg.sql(&format!(
+        "SET password_encryption = 'scram-sha-256';
+         CREATE ROLE {ROLE} LOGIN REPLICATION PASSWORD '{PASSWORD}';
+         ALTER TABLE public.outbox OWNER TO {ROLE};
+         GRANT CREATE ON DATABASE postgres TO {ROLE};"
+    ))
+    .await;
+    pg.enable_tls(pki, TLS_ONLY).await;
+    pg
+}
+
+/// A URL for the TLS role at `host` with extra query parameters.
+fn url(pg: &Pg, host: &str, query: &str) -> String {
+    format!(
+        "postgres://{ROLE}:{PASSWORD}@{host}:{}/postgres?{query}",
+        pg.port()
+    )
+}
+
+fn endpoint(url: &str) -> PgEndpoint {
+    let toml = basic_config(url, "127.0.0.1:9");
+    let config = Config::parse(&toml, "test.toml", |_| None).expect("test config parses");
+    PgEndpoint::new(&config.postgres).expect("endpoint")
+}
+
+/// What a connection attempt showed: `Ok(ssl)` from `pg_stat_ssl`, or the error and whether
+/// the relay would treat it as a configuration problem (no retry).
+type Outcome = Result<bool, (String, bool)>;
+
+/// Opens a SQL connection the way the relay does and asks the server whether it is TLS.
+async fn sql_outcome(endpoint: &PgEndpoint) -> Outcome {
+    let client = match endpoint.connect_sql().await {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(match tls_config_error(&e) {
+                Some(message) => (message, true),
+                // tokio-postgres' Display hides the server's words.
+                None => (
+                    e.as_db_error()
+                        .map_or_else(|| e.to_string(), |db| db.message().to_owned()),
+                    false,
+                ),
+            });
+        }
+    };
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| (e.to_string(), false))?;
+    Ok(row.get(0))
+}
+
+/// Opens a replication connection the way the relay does and asks whether it is TLS.
+async fn replication_outcome(endpoint: &PgEndpoint) -> Outcome {
+    let mut conn = ReplicationConnection::connect(endpoint)
+        .await
+        .map_err(|e| (e.to_string(), matches!(e, ReplicationError::Config(_))))?;
+    // replication=database connections run SQL too.
+    let rows = conn
+        .simple_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .await
+        .map_err(|e| (e.to_string(), false))?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first())
+        .cloned()
+        .flatten()
+        .as_deref()
+        == Some("t"))
+}
+
+/// Both connections must be TLS.
+async fn assert_tls(what: &str, url: &str) {
+    let ep = endpoint(url);
+    assert_eq!(sql_outcome(&ep).await, Ok(true), "{what}: SQL connection");
+    assert_eq!(
+        replication_outcome(&ep).await,
+        Ok(true),
+        "{what}: replication connection"
+    );
+}
+
+/// Both connections must fail as a configuration problem, with every `wanted` in the
+/// message, on one line.
+async fn assert_refused(what: &str, url: &str, wanted: &[&str]) {
+    let ep = endpoint(url);
+    for (kind, outcome) in [
+        ("SQL", sql_outcome(&ep).await),
+        ("replication", replication_outcome(&ep).await),
+    ] {
+        let Err((message, permanent)) = outcome else {
+            panic!("{what}: the {kind} connection succeeded");
+        };
+        for w in wanted {
+            assert!(
+                message.contains(w),
+                "{what}: {kind} error lacks {w:?}: {message}"
+            );
+        }
+        assert!(permanent, "{what}: {kind} error is not final: {message}");
+        assert!(!message.contains('\n'), "{what}: {kind}: {message}");
+        assert!(
+            !message.contains(PASSWORD),
+            "{what}: password leaked: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_sslmode_behaves_as_in_libpq_on_both_connections() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let other = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = tls_pg(&pki).await;
+    let ca = pki.ca_path().display().to_string();
+    let other_ca = other.ca_path().display().to_string();
+
+    // verify-full by name and by IP address, with SCRAM bound to the TLS session: with
+    // channel_binding=require both clients refuse anything but SCRAM-SHA-256-PLUS.
+    assert_tls(
+        "verify-full, localhost",
+        &url(
+            &pg,
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={ca}&channel_binding=require"),
+        ),
+    )
+    .await;
+    assert_tls(
+        "verify-full, 127.0.0.1",
+        &url(
+            &pg,
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={ca}&channel_binding=require"),
+        ),
+    )
+    .await;
+    // The key=value form.
+    assert_tls(
+        "key=value",
+        &format!(
+            "host=localhost port={} user={ROLE} password={PASSWORD} dbname=postgres sslmode=verify-full sslrootcert='{ca}'",
+            pg.port()
+        ),
+    )
+    .await;
+    // A name the certificate does not carry: verify-full refuses, verify-ca accepts.
+    let wrong_name = |mode: &str, root: &str| {
+        url(
+            &pg,
+            "db.invalid",
+            &format!("hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={root}"),
+        )
+    };
+    assert_refused(
+        "verify-full, wrong name",
+        &wrong_name("verify-full", &ca),
+        &[
+            "server certificate for localhost, 127.0.0.1 is not valid for host db.invalid",
+            "sslmode=verify-ca",
+        ],
+    )
+    .await;
+    assert_tls("verify-ca, wrong name", &wrong_name("verify-ca", &ca)).await;
+    // Another CA: verify-ca refuses; so does require once sslrootcert is given (libpq).
+    for mode in ["verify-ca", "require"] {
+        assert_refused(
+            &format!("{mode}, other CA"),
+            &url(
+                &pg,
+                "localhost",
+                &format!("sslmode={mode}&sslrootcert={other_ca}"),
+            ),
+            &["is not signed by a CA in sslrootcert", "set sslrootcert"],
+        )
+        .await;
+    }
+    // require without sslrootcert and prefer encrypt without checking anything.
+    assert_tls("require", &url(&pg, "localhost", "sslmode=require")).await;
+    assert_tls(
+        "prefer (default)",
+        &url(&pg, "localhost", "application_name=x"),
+    )
+    .await;
+    // disable: no TLS, so pg_hba.conf's hostnossl line rejects the role.
+    let ep = endpoint(&url(&pg, "localhost", "sslmode=disable"));
+    assert_eq!(ep.ssl_mode(), SslMode::Disable);
+    let sql = sql_outcome(&ep).await;
+    assert!(
+        matches!(&sql, Err((m, false)) if m.contains("no encryption")),
+        "{sql:?}"
+    );
+    let repl = replication_outcome(&ep).await;
+    assert!(
+        matches!(&repl, Err((m, false)) if m.contains("no encryption")),
+        "{repl:?}"
+    );
+
+    // channel_binding=require refuses a session SCRAM-SHA-256-PLUS did not authenticate
+    // (here: trust over plain TCP) before anything else happens on it.
+    let ep = endpoint(&format!(
+        "{}?sslmode=disable&channel_binding=require",
+        pg.url()
+    ));
+    let repl = replication_outcome(&ep).await;
+    assert!(
+        matches!(&repl, Err((m, _)) if m.contains("channel_binding=require, but the server authenticates without SCRAM")),
+        "{repl:?}"
+    );
+    assert!(
+        sql_outcome(&ep).await.is_err(),
+        "tokio-postgres ignored channel_binding=require"
+    );
+
+    // A certificate signed with ECDSA-SHA384: channel binding must hash it with SHA-384, as
+    // the server does, or SCRAM-SHA-256-PLUS fails.
+    let p384 = TestPki::with_ca_algorithm(&["localhost"], &rcgen::PKCS_ECDSA_P384_SHA384);
+    pg.enable_tls(&p384, TLS_ONLY).await;
+    assert_tls(
+        "SHA-384-signed certificate",
+        &url(
+            &pg,
+            "localhost",
+            &format!(
+                "sslmode=verify-full&sslrootcert={}&channel_binding=require",
+                p384.ca_path().display()
+            ),
+        ),
+    )
+    .await;
+}
+
+/// Waits for the relay to exit on its own; returns its last stderr line.
+async fn assert_exits_with(relay: &mut Relay, wanted: &[&str]) -> String {
+    let status = relay.wait_exit(EXIT).await;
+    let stderr = relay.stderr();
+    let Some(status) = status else {
+        panic!("the relay is still running after {EXIT:?}; stderr:\n{stderr}");
+    };
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    let last = stderr.lines().last().unwrap_or_default().to_owned();
+    for w in wanted {
+        assert!(last.contains(w), "last line lacks {w:?}: {last}\n{stderr}");
+    }
+    assert!(!stderr.contains(PASSWORD), "password leaked:\n{stderr}");
+    // What the operator sees, for the record (shown with --nocapture).
+    eprintln!("relay stopped with: {last}");
+    last
+}
+
+#[tokio::test]
+async fn relays_end_to_end_over_verified_tls() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = tls_pg(&pki).await;
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, PARTITIONS).await;
+    let pg_url = url(
+        &pg,
+        "localhost",
+        &format!(
+            "sslmode=verify-full&sslrootcert={}&channel_binding=require&application_name=outbox-relay",
+            pki.ca_path().display()
+        ),
+    );
+    let mut relay = Relay::start(&basic_config(&pg_url, &broker.bootstrap()));
+    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+
+    let client = pg.client().await;
+    let mut seqs = Seqs::default();
+    let mut expected: Vec<Event> = Vec::new();
+    for i in 0..12 {
+        let key = format!("order-{}", i % 3);
+        expected
+            .extend(insert_outbox(&client, &[seqs.event("order", &key, "Placed", "tls")]).await);
+    }
+    let target = pg.current_wal_lsn().await;
+    let (recs, confirmed) = settle(
+        &pg,
+        &broker,
+        &mut relay,
+        &[TOPIC],
+        expected.len(),
+        target,
+        PATIENCE,
+    )
+    .await;
+    check_delivery(&recs, &expected, PARTITIONS).assert_ok("over TLS");
+    confirmed.expect("slot confirmed");
+
+    // Every connection of the relay (the walsender and the SQL monitor) is TLS.
+    let rows = client
+        .query(
+            "SELECT a.backend_type, s.ssl, s.version FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'outbox-relay'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    let seen: Vec<(String, bool, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        seen.iter().any(|(kind, _, _)| kind == "walsender"),
+        "no walsender: {seen:?}"
+    );
+    assert!(seen.iter().all(|(_, ssl, _)| *ssl), "not all TLS: {seen:?}");
+    assert!(!relay.stderr().contains(PASSWORD), "password leaked");
+}
+
+#[tokio::test]
+async fn relay_stops_when_the_certificate_does_not_name_the_host() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = tls_pg(&pki).await;
+    let pg_url = url(
+        &pg,
+        "db.invalid",
+        &format!(
+            "hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}",
+            pki.ca_path().display()
+        ),
+    );
+    // No broker is needed: the relay stops before it creates the producer.
+    let mut relay = Relay::start(&basic_config(&pg_url, "127.0.0.1:9"));
+    assert_exits_with(
+        &mut relay,
+        &[
+            "server certificate for localhost, 127.0.0.1 is not valid for host db.invalid",
+            "sslmode=verify-ca",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sslmode_require_fails_clearly_against_a_server_without_tls() {
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    let pg_url = format!("{}?sslmode=require", pg.url());
+    let ep = endpoint(&pg_url);
+    match ep.open_socket().await {
+        Err(OpenError::Tls(m)) => assert!(
+            m.contains("does not accept TLS connections")
+                && m.contains("set ssl = on on the server or use sslmode=prefer"),
+            "{m}"
+        ),
+        Err(e) => panic!("not a configuration error: {e}"),
+        Ok(_) => panic!("connected without TLS under sslmode=require"),
+    }
+    let sql = sql_outcome(&ep).await;
+    assert!(
+        matches!(&sql, Err((m, true)) if m.contains("does not accept TLS connections")),
+        "{sql:?}"
+    );
+    // prefer falls back to plain.
+    assert_eq!(
+        sql_outcome(&endpoint(&format!("{}?sslmode=prefer", pg.url()))).await,
+        Ok(false)
+    );
+
+    let mut relay = Relay::start(&basic_config(&pg_url, "127.0.0.1:9"));
+    assert_exits_with(
+        &mut relay,
+        &["does not accept TLS connections", "sslmode=prefer"],
+    )
+    .await;
+}
+
+/// `[kafka.properties]` lines for TLS towards the broker, verifying it against `ca`.
+fn kafka_tls(ca: &std::path::Path) -> String {
+    format!(
+        "\n[kafka.properties]\n\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{}\"\n",
+        ca.display()
+    )
+}
+
+#[tokio::test]
+async fn relays_to_kafka_over_tls() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    let (broker, front) = Broker::start_behind_tls(&pki, false);
+    broker.create_topic(TOPIC, PARTITIONS).await;
+    let before = front.tls_sessions();
+    let config = basic_config(&pg.url(), &broker.bootstrap()) + &kafka_tls(&pki.ca_path());
+    let mut relay = Relay::start(&config);
+    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+
+    let client = pg.client().await;
+    let mut seqs = Seqs::default();
+    let mut expected = Vec::new();
+    for i in 0..12 {
+        let key = format!("order-{}", i % 4);
+        expected
+            .extend(insert_outbox(&client, &[seqs.event("order", &key, "Placed", "ktls")]).await);
+    }
+    let target = pg.current_wal_lsn().await;
+    let (recs, confirmed) = settle(
+        &pg,
+        &broker,
+        &mut relay,
+        &[TOPIC],
+        expected.len(),
+        target,
+        PATIENCE,
+    )
+    .await;
+    check_delivery(&recs, &expected, PARTITIONS).assert_ok("Kafka over TLS");
+    confirmed.expect("slot confirmed");
+    // The harness reads in plaintext; only the relay speaks TLS to the front.
+    assert!(
+        front.tls_sessions() > before,
+        "the relay never completed a TLS handshake with the broker"
+    );
+}
+
+#[tokio::test]
+async fn kafka_tls_refuses_a_broker_certificate_from_another_ca() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let other = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    let (broker, front) = Broker::start_behind_tls(&pki, false);
+    let config = basic_config(&pg.url(), &broker.bootstrap()) + &kafka_tls(&other.ca_path());
+    let mut relay = Relay::start(&config);
+    let refused = common::wait_until(EXIT, || {
+        let stderr = relay.stderr();
+        async move { stderr.contains("certificate verify failed") }
+    })
+    .await;
+    relay.assert_running();
+    assert!(
+        refused,
+        "no certificate verification failure logged:\n{}",
+        relay.stderr()
+    );
+    assert_eq!(front.tls_sessions(), 0, "a TLS session was established");
+}
+
+/// SASL through `[kafka.properties]`, over TLS. Tansu 0.6.0 cannot take a successful SASL
+/// login here: it offers only SCRAM (its rsasl is built without PLAIN), keeps SCRAM users in
+/// its store, and with `--authentication` refuses the request that creates one from an
+/// unauthenticated client, while the in-memory store is empty at every start. So this shows
+/// that the relay's settings drive a SCRAM exchange with the broker over TLS and that a
+/// refused login is reported without the password; delivery with SASL needs a real broker.
+#[tokio::test]
+async fn kafka_sasl_scram_runs_over_tls_from_kafka_properties() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    let (broker, front) = Broker::start_behind_tls(&pki, true);
+    let secret = "Kafka-Secret-7";
+    let config = format!(
+        "{}\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"ssl.ca.location\" = \"{}\"\n\
+         \"sasl.mechanism\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"relay\"\n\"sasl.password\" = \"{secret}\"\n",
+        basic_config(&pg.url(), &broker.bootstrap()),
+        pki.ca_path().display()
+    );
+    let relay = Relay::start(&config);
+    let refused = common::wait_until(EXIT, || {
+        let stderr = relay.stderr();
+        async move { stderr.contains("SASL authentication error") }
+    })
+    .await;
+    let stderr = relay.stderr();
+    assert!(refused, "no SASL authentication failure logged:\n{stderr}");
+    assert!(
+        front.tls_sessions() > 0,
+        "the SASL exchange did not run over TLS"
+    );
+    assert!(
+        !stderr.contains(secret),
+        "the SASL password leaked:\n{stderr}"
+    );
+    // What the operator sees, for the record.
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("SASL"))
+        .unwrap_or_default();
+    eprintln!("relay reported: {line}");
+}
+
+#[test]
+fn librdkafka_has_tls_and_every_sasl_mechanism_but_gssapi() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::BaseProducer;
+    // librdkafka refuses these settings at creation when built without OpenSSL.
+    for (protocol, mechanism) in [
+        ("ssl", None),
+        ("sasl_ssl", Some("PLAIN")),
+        ("sasl_ssl", Some("SCRAM-SHA-256")),
+        ("sasl_ssl", Some("SCRAM-SHA-512")),
+        ("sasl_plaintext", Some("SCRAM-SHA-512")),
+    ] {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("security.protocol", protocol)
+            .set("sasl.username", "u")
+            .set("sasl.password", "p");
+        if let Some(m) = mechanism {
+            config.set("sasl.mechanism", m);
+        }
+        if let Err(e) = config.create::<BaseProducer>() {
+            panic!("{protocol} {mechanism:?}: {e}");
+        }
+    }
+}
+
+/// Tansu's own TLS listener, which the brief asked to use. In Tansu 0.6.0 it cannot work:
+/// `--cert` and `--key` are declared in one clap group, so giving both is a usage error;
+/// with only one, no TLS config is built; and the broker creates its `TlsAcceptor` as an
+/// unused `_acceptor` and serves every connection as plaintext (the listener URL's scheme is
+/// ignored: only host and port are read). Hence `common::TlsFront`.
+#[test]
+#[ignore = "Tansu 0.6.0 has no working TLS listener: --cert and --key conflict (one clap group) and the TlsAcceptor is never used"]
+fn tansu_serves_tls_itself() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).expect("write cert");
+    std::fs::write(&key, &pki.key_pem).expect("write key");
+    let port = common::free_port();
+    let mut child =
+        std::process::Command::new(std::env::var_os("TANSU").unwrap_or_else(|| "tansu".into()))
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+            ])
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start tansu");
+    std::thread::sleep(Duration::from_secs(3));
+    let exited = child.try_wait().expect("try_wait");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "tansu refused --cert with --key");
+}
