@@ -239,7 +239,7 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
 
     let role = check_role(report, &client).await;
     // Unknown attributes (the query failed): try, the connection attempt says more.
-    if role.as_ref().map_or(true, |r| r.can_replicate) {
+    if role.as_ref().is_none_or(|r| r.can_replicate) {
         check_replication_connection(report, endpoint, &target).await;
     } else {
         report.skip("replication connection: the role lacks REPLICATION (see above)".into());
