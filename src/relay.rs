@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
 use crate::ack::{AckTracker, Progress, TxnId};
-use crate::config::Config;
+use crate::config::{Config, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::OutboxMapper;
@@ -153,7 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                 }
                 let wait = backoff.next();
                 tracing::warn!("{e:#}; reconnecting in {wait:?}");
-                health.set_not_streaming(format!("reconnecting to PostgreSQL: {e}"));
+                health.set_not_streaming(format!("reconnecting to PostgreSQL: {e:#}"));
                 if pipeline.drain(shutdown.as_mut()).await
                     || sleep_or_shutdown(wait, shutdown.as_mut()).await
                 {
@@ -309,19 +309,20 @@ impl Status {
 }
 
 /// Sorts a replication error into what the lifecycle does about it.
-fn classify(e: ReplicationError, slot: &str, during: &str) -> SessionEnd {
+fn classify(e: ReplicationError, pg: &PostgresConfig, during: &str) -> SessionEnd {
+    let (slot, publication) = (&pg.slot, &pg.publication);
     match e.sqlstate() {
         // object_in_use: another walsender has the slot.
         Some("55006") => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
         // undefined_object: the slot is gone (dropped, or lost in a failover).
         Some("42704") => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
-             re-publish outbox rows committed since the newest event in Kafka, then restart the relay to create a fresh slot"
+             re-publish outbox rows committed since the newest event in Kafka, run COMMENT ON PUBLICATION {publication} IS NULL, then restart the relay to create a fresh slot"
         )),
         // object_not_in_prerequisite_state: the slot was invalidated (wal_status = lost).
         Some("55000") => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} can no longer be read ({e}): WAL it needed was removed, so events may have been lost; \
-             re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')) and restart"
+             re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart"
         )),
         Some(code) if code.starts_with("28") => {
             SessionEnd::Fatal(anyhow::Error::new(e).context(format!("{during}: PostgreSQL refused the credentials")))
@@ -349,7 +350,7 @@ impl Pipeline<'_> {
                     "cannot open a replication connection to {}",
                     self.endpoint.display_url()
                 );
-                return classify(e, slot, &during);
+                return classify(e, &self.config.postgres, &during);
             }
         };
         let start = conn
@@ -360,7 +361,7 @@ impl Pipeline<'_> {
             Err(e) => {
                 return classify(
                     e,
-                    slot,
+                    &self.config.postgres,
                     &format!("cannot start replication from slot {slot}"),
                 )
             }
@@ -411,20 +412,35 @@ impl Pipeline<'_> {
         stream: &mut ReplicationStream,
         mut shutdown: Shutdown<'_>,
     ) -> SessionEnd {
-        let slot = self.config.postgres.slot.clone();
         let mut tick = tokio::time::interval(CONFIRM_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_log = Instant::now();
         let mut logged = self.status.reported;
+        // Set on shutdown while a transaction is open: finish reading it (its records are
+        // already on their way) so that a restart does not send them again.
+        let mut stopping: Option<tokio::time::Instant> = None;
+        let mut shutdown_done = false;
         loop {
-            let step: Result<(), SessionEnd> = tokio::select! {
-                biased;
-                _ = &mut shutdown => {
+            if let Some(deadline) = stopping {
+                if self.txn.is_none() || tokio::time::Instant::now() >= deadline {
                     return match self.stop(stream).await {
                         Ok(()) => SessionEnd::Stopped,
                         Err(e) => SessionEnd::Fatal(e),
                     };
                 }
+            }
+            let step: Result<(), SessionEnd> = tokio::select! {
+                biased;
+                _ = &mut shutdown, if !shutdown_done => {
+                    shutdown_done = true;
+                    let grace = Duration::from_secs(self.config.relay.shutdown_timeout_secs);
+                    if self.txn.is_some() {
+                        tracing::info!("stopping: reading to the end of the open transaction first");
+                    }
+                    stopping = Some(tokio::time::Instant::now() + grace / 2);
+                    Ok(())
+                }
+                _ = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now)), if stopping.is_some() => Ok(()),
                 _ = self.progress.changed() => failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal),
                 _ = tick.tick() => {
                     // The server sends one keepalive when it catches up; if records were still
@@ -440,11 +456,11 @@ impl Pipeline<'_> {
                     self.status
                         .send(stream, &self.progress, false)
                         .await
-                        .map_err(|e| classify(e, &slot, "sending a status update failed"))
+                        .map_err(|e| classify(e, &self.config.postgres, "sending a status update failed"))
                 }
                 event = stream.next_event() => match event {
                     Ok(event) => self.handle(stream, event).await,
-                    Err(e) => Err(classify(e, &slot, "replication stream failed")),
+                    Err(e) => Err(classify(e, &self.config.postgres, "replication stream failed")),
                 },
             };
             if let Err(end) = step {
@@ -471,7 +487,6 @@ impl Pipeline<'_> {
         stream: &mut ReplicationStream,
         event: ReplicationEvent,
     ) -> Result<(), SessionEnd> {
-        let slot = &self.config.postgres.slot;
         match event {
             ReplicationEvent::Keepalive {
                 wal_end,
@@ -486,7 +501,9 @@ impl Pipeline<'_> {
                     self.status
                         .send(stream, &self.progress, true)
                         .await
-                        .map_err(|e| classify(e, slot, "answering a keepalive failed"))?;
+                        .map_err(|e| {
+                            classify(e, &self.config.postgres, "answering a keepalive failed")
+                        })?;
                 }
             }
             ReplicationEvent::XLogData {
@@ -548,7 +565,7 @@ impl Pipeline<'_> {
                                 .map_err(|e| {
                                     classify(
                                         e,
-                                        &self.config.postgres.slot,
+                                        &self.config.postgres,
                                         "sending a status update failed",
                                     )
                                 })?;

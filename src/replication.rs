@@ -426,7 +426,13 @@ impl ReplicationStream {
                     return Err(server_error(&body)?)
                 }
                 Frame::Other(backend::Message::NoticeResponse(_)) => {}
-                Frame::Other(backend::Message::CopyDone) => {
+                // A fast shutdown ends the stream with CopyDone or CommandComplete; either way
+                // the server is going away and a reconnect is the answer.
+                Frame::Other(
+                    backend::Message::CopyDone
+                    | backend::Message::CommandComplete(_)
+                    | backend::Message::ReadyForQuery(_),
+                ) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "PostgreSQL ended the replication stream",

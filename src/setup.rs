@@ -352,7 +352,7 @@ async fn ensure_slot(
     if wal_status.as_deref() == Some("lost") {
         return Err(slot_err(format!(
             "has wal_status = lost: WAL it needed was removed, so events committed after {} may never reach Kafka; \
-             recover by re-publishing outbox rows committed since then, then drop the slot (SELECT pg_drop_replication_slot('{slot}')) and restart the relay",
+             recover by re-publishing outbox rows committed since then, then drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart the relay",
             confirmed.as_deref().unwrap_or("its last confirmed LSN")
         )));
     }
