@@ -48,7 +48,11 @@ async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) -> Vec<Event> {
         let rows: Vec<_> = (0..rng.range(1, 50))
             .map(|_| {
                 let k = rng.range(0, 11);
-                let aggregate = if k.is_multiple_of(2) { "order" } else { "customer" };
+                let aggregate = if k.is_multiple_of(2) {
+                    "order"
+                } else {
+                    "customer"
+                };
                 seqs.event(
                     aggregate,
                     &format!("{aggregate}-{k}"),
