@@ -459,7 +459,7 @@ impl Pipeline<'_> {
                         .map_err(|e| classify(e, &self.config.postgres, "sending a status update failed"))
                 }
                 event = stream.next_event() => match event {
-                    Ok(event) => self.handle(stream, event).await,
+                    Ok(event) => self.handle_burst(stream, event, stopping.is_some()).await,
                     Err(e) => Err(classify(e, &self.config.postgres, "replication stream failed")),
                 },
             };
@@ -467,6 +467,35 @@ impl Pipeline<'_> {
                 return end;
             }
         }
+    }
+
+    /// Handles `first` and then whatever else is already buffered, up to a bound so timers
+    /// and shutdown still get their turn; while stopping, only up to the open transaction's end.
+    async fn handle_burst(
+        &mut self,
+        stream: &mut ReplicationStream,
+        first: ReplicationEvent,
+        stopping: bool,
+    ) -> Result<(), SessionEnd> {
+        const BURST: usize = 1024;
+        self.handle(stream, first).await?;
+        for _ in 1..BURST {
+            if stopping && self.txn.is_none() {
+                break;
+            }
+            match stream.next_buffered() {
+                Ok(Some(event)) => self.handle(stream, event).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(classify(
+                        e,
+                        &self.config.postgres,
+                        "replication stream failed",
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn update_metrics(&self) {

@@ -416,36 +416,22 @@ impl ReplicationStream {
     /// The next XLogData or keepalive. Cancel-safe.
     pub async fn next_event(&mut self) -> Result<ReplicationEvent> {
         loop {
-            match self.conn.next_frame().await? {
-                Frame::CopyData(data) => {
-                    if let Some(event) = parse_copy_data(data)? {
-                        return Ok(event);
-                    }
-                }
-                Frame::Other(backend::Message::ErrorResponse(body)) => {
-                    return Err(server_error(&body)?)
-                }
-                Frame::Other(backend::Message::NoticeResponse(_)) => {}
-                // A fast shutdown ends the stream with CopyDone or CommandComplete; either way
-                // the server is going away and a reconnect is the answer.
-                Frame::Other(
-                    backend::Message::CopyDone
-                    | backend::Message::CommandComplete(_)
-                    | backend::Message::ReadyForQuery(_),
-                ) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "PostgreSQL ended the replication stream",
-                    )
-                    .into())
-                }
-                _ => {
-                    return Err(ReplicationError::Protocol(
-                        "unexpected message during replication".into(),
-                    ))
-                }
+            let frame = self.conn.next_frame().await?;
+            if let Some(event) = event_of(frame)? {
+                return Ok(event);
             }
         }
+    }
+
+    /// The next event if a whole one is already buffered: lets the caller handle a burst
+    /// without a trip through its `select!` per record.
+    pub fn next_buffered(&mut self) -> Result<Option<ReplicationEvent>> {
+        while let Some(frame) = self.conn.split_frame()? {
+            if let Some(event) = event_of(frame)? {
+                return Ok(Some(event));
+            }
+        }
+        Ok(None)
     }
 
     /// Sends a standby status update: `received` as written, `confirmed` as flushed and applied.
@@ -468,6 +454,29 @@ impl ReplicationStream {
         frontend::terminate(&mut self.conn.wbuf);
         self.conn.flush().await?;
         Ok(())
+    }
+}
+
+/// What a frame means during streaming: an event, nothing (a notice), or the stream's end.
+fn event_of(frame: Frame) -> Result<Option<ReplicationEvent>> {
+    match frame {
+        Frame::CopyData(data) => parse_copy_data(data),
+        Frame::Other(backend::Message::ErrorResponse(body)) => Err(server_error(&body)?),
+        Frame::Other(backend::Message::NoticeResponse(_)) => Ok(None),
+        // A fast shutdown ends the stream with CopyDone or CommandComplete; either way the
+        // server is going away and a reconnect is the answer.
+        Frame::Other(
+            backend::Message::CopyDone
+            | backend::Message::CommandComplete(_)
+            | backend::Message::ReadyForQuery(_),
+        ) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "PostgreSQL ended the replication stream",
+        )
+        .into()),
+        _ => Err(ReplicationError::Protocol(
+            "unexpected message during replication".into(),
+        )),
     }
 }
 
