@@ -509,6 +509,17 @@ pub struct Broker {
 impl Broker {
     /// Starts the broker and waits until it answers metadata requests.
     pub fn start() -> Broker {
+        Self::launch("", false, |port| (port, ())).0
+    }
+
+    /// Starts Tansu on a free port, advertising the port that `front` puts before it (the
+    /// listener itself when there is none), and waits until it answers; retries a few ports.
+    /// With `authentication` the harness' clients are locked out, so only the port is awaited.
+    fn launch<T>(
+        what: &str,
+        authentication: bool,
+        mut front: impl FnMut(u16) -> (u16, T),
+    ) -> (Broker, T) {
         let tansu = tansu_binary();
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-kafka-")
@@ -518,15 +529,20 @@ impl Broker {
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port();
+            let (advertised, extra) = front(port);
             let log = File::create(&log_path).expect("create tansu.log");
-            let mut child = Command::new(&tansu)
-                .arg("broker")
+            let mut cmd = Command::new(&tansu);
+            cmd.arg("broker")
                 .arg("--listener-url")
                 .arg(format!("tcp://127.0.0.1:{port}"))
                 .arg("--advertised-listener-url")
-                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg(format!("tcp://127.0.0.1:{advertised}"))
                 .arg("--storage-engine")
-                .arg("memory://tansu/")
+                .arg("memory://tansu/");
+            if authentication {
+                cmd.arg("--authentication");
+            }
+            let mut child = cmd
                 // Tansu also reads these from the environment; don't let the caller's leak in.
                 .env_remove("CLUSTER_ID")
                 .env_remove("SCHEMA_REGISTRY")
@@ -538,7 +554,7 @@ impl Broker {
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
 
-            let bootstrap = format!("127.0.0.1:{port}");
+            let bootstrap = format!("127.0.0.1:{advertised}");
             let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
                 .set("bootstrap.servers", &bootstrap)
                 .create()
@@ -549,17 +565,22 @@ impl Broker {
                     last_err = format!("tansu exited ({status}):\n{}", tail(&log_path, 30));
                     break;
                 }
-                let ready = admin
-                    .inner()
-                    .fetch_metadata(None, Duration::from_millis(500))
-                    .is_ok_and(|m| !m.brokers().is_empty());
+                let ready = if authentication {
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                } else {
+                    admin
+                        .inner()
+                        .fetch_metadata(None, Duration::from_millis(500))
+                        .is_ok_and(|m| !m.brokers().is_empty())
+                };
                 if ready {
-                    return Broker {
+                    let broker = Broker {
                         child,
-                        port,
+                        port: advertised,
                         dir,
                         admin,
                     };
+                    return (broker, extra);
                 }
                 if Instant::now() >= deadline {
                     let _ = child.kill();
@@ -573,7 +594,7 @@ impl Broker {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        panic!("Kafka broker (tansu) did not start: {last_err}");
+        panic!("Kafka broker (tansu){what} did not start: {last_err}");
     }
 
     /// `host:port` for `bootstrap.servers`.
@@ -1794,79 +1815,10 @@ impl Broker {
     /// only, users in its in-memory store), which locks the harness' own clients out: then
     /// only the port is awaited and the broker can only be used to watch clients fail.
     pub fn start_behind_tls(pki: &TestPki, authentication: bool) -> (Broker, TlsFront) {
-        let tansu = tansu_binary();
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-kafka-")
-            .tempdir()
-            .expect("create temp dir for Tansu");
-        let log_path = dir.path().join("tansu.log");
-        let mut last_err = String::new();
-        for _ in 0..5 {
-            let port = free_port();
+        Self::launch(" behind the TLS front", authentication, |port| {
             let front = TlsFront::start(port, pki);
-            let log = File::create(&log_path).expect("create tansu.log");
-            let mut cmd = Command::new(&tansu);
-            cmd.arg("broker")
-                .arg("--listener-url")
-                .arg(format!("tcp://127.0.0.1:{port}"))
-                .arg("--advertised-listener-url")
-                .arg(format!("tcp://127.0.0.1:{}", front.port()))
-                .arg("--storage-engine")
-                .arg("memory://tansu/");
-            if authentication {
-                cmd.arg("--authentication");
-            }
-            let mut child = cmd
-                .env_remove("CLUSTER_ID")
-                .env_remove("SCHEMA_REGISTRY")
-                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone log handle"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
-            let bootstrap = format!("127.0.0.1:{}", front.port());
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .create()
-                .expect("create Kafka admin client");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    last_err = format!("tansu exited ({status}):\n{}", tail(&log_path, 30));
-                    break;
-                }
-                let ready = if authentication {
-                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                } else {
-                    admin
-                        .inner()
-                        .fetch_metadata(None, Duration::from_millis(500))
-                        .is_ok_and(|m| !m.brokers().is_empty())
-                };
-                if ready {
-                    let broker = Broker {
-                        child,
-                        port: front.port(),
-                        dir,
-                        admin,
-                    };
-                    return (broker, front);
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = format!(
-                        "tansu did not answer metadata requests within 30 s:\n{}",
-                        tail(&log_path, 30)
-                    );
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        panic!("Kafka broker (tansu) behind the TLS front did not start: {last_err}");
+            (front.port(), front)
+        })
     }
 }
 
@@ -2048,73 +2000,9 @@ impl Broker {
     /// Starts Tansu advertising a [`CutProxy`] in front of it, so every client (the relay
     /// and the harness' own) reaches it through the proxy; `bootstrap()` is the proxy.
     pub fn start_behind_proxy() -> (Broker, CutProxy) {
-        let tansu = tansu_binary();
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-kafka-")
-            .tempdir()
-            .expect("create temp dir for Tansu");
-        let log_path = dir.path().join("tansu.log");
-        let mut last_err = String::new();
-        for _ in 0..5 {
-            let port = free_port();
+        Self::launch(" behind a proxy", false, |port| {
             let proxy = CutProxy::start(port);
-            let log = File::create(&log_path).expect("create tansu.log");
-            let mut child = Command::new(&tansu)
-                .arg("broker")
-                .arg("--listener-url")
-                .arg(format!("tcp://127.0.0.1:{port}"))
-                .arg("--advertised-listener-url")
-                .arg(format!("tcp://127.0.0.1:{}", proxy.port()))
-                .arg("--storage-engine")
-                .arg("memory://tansu/")
-                .env_remove("CLUSTER_ID")
-                .env_remove("SCHEMA_REGISTRY")
-                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone log handle"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
-            let bootstrap = format!("127.0.0.1:{}", proxy.port());
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .create()
-                .expect("create Kafka admin client");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    last_err = format!("tansu exited ({status}):\n{}", tail(&log_path, 30));
-                    break;
-                }
-                let ready = admin
-                    .inner()
-                    .fetch_metadata(None, Duration::from_millis(500))
-                    .is_ok_and(|m| !m.brokers().is_empty());
-                if ready {
-                    let port = proxy.port();
-                    return (
-                        Broker {
-                            child,
-                            port,
-                            dir,
-                            admin,
-                        },
-                        proxy,
-                    );
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = format!(
-                        "tansu did not answer metadata requests within 30 s:\n{}",
-                        tail(&log_path, 30)
-                    );
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        panic!("Kafka broker (tansu) behind a proxy did not start: {last_err}");
+            (proxy.port(), proxy)
+        })
     }
 }
