@@ -47,3 +47,11 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Optional: let the relay record "I created slot X" as a comment on the publication, so that
+-- a slot lost in a failover (slots are not replicated, catalogs are) is detected at start
+-- instead of a fresh slot being created silently. Commenting needs the publication's owner,
+-- and owning it needs CREATE on the database; the relay still cannot add tables it does not
+-- own. Without this the relay logs a warning and only runtime slot loss is detected.
+-- GRANT CREATE ON DATABASE app TO outbox_relay;
+-- ALTER PUBLICATION outbox_relay OWNER TO outbox_relay;
