@@ -1,0 +1,595 @@
+#!/usr/bin/env bash
+# outbox-relay benchmark: one command, Markdown tables on stdout (progress on stderr).
+#
+#   benches/bench.sh                 full run on a throwaway PostgreSQL 15 + Tansu (~15 min)
+#   benches/bench.sh --quick         small sizes, a smoke test (~2 min after the build)
+#   benches/bench.sh --pg-url postgres://me@db:5432/app --brokers kafka:9092
+#                                    against your own server and/or broker
+#
+# What it measures, side by side on the same server, broker and backlog (slot and publication
+# created first, then N events in transactions of --txn, JSON payloads of --payload bytes,
+# 64 keys, 2 topics x 8 partitions):
+#   drain    the decode limit (pg_recvlogical on a copy of the slot, to /dev/null, --endpos =
+#            the last commit), outbox-relay (process start until confirmed_flush_lsn passes the
+#            last commit) and a polling publisher (examples/bench_poller.rs: SELECT ... FOR
+#            UPDATE SKIP LOCKED / produce / wait for acks / DELETE, on a copy of the rows)
+#   quota    outbox-relay on the same backlog under a CPU quota (cgroup; --quota-pct of a core)
+#   latency  single-event transactions at fixed rates (examples/bench_load.rs): commit-to-ack
+#            from the relay's histogram, commit-to-consumer from a consumer
+#   memory   one transaction of --mem-events events, with the broker keeping up and with the
+#            broker frozen (SIGSTOP) for --freeze-secs right after the commit
+#   scaling  payload sizes, number of outbox tables, backlog sizes
+#
+# On your own setup it works in a schema, publication, slots and topics of its own, all named
+# outbox_bench / outbox-bench.*, and drops the schema, publication and slots when done (the
+# topics stay). The role needs CREATE on the database, REPLICATION, and pg_recvlogical.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+usage() {
+    cat <<'EOF'
+Usage: benches/bench.sh [options]
+
+  --quick                 small sizes (smoke test, ~2 minutes)
+  -n, --events N          backlog size for the drain comparison (default 1000000)
+  --txn N                 events per transaction in backlogs (default 10000)
+  --payload BYTES         JSON payload size (default 230)
+  --repeat R              repeat each drain measurement R times, report the median (default 1)
+  --poll-batch N          rows per polling-publisher transaction (default 1000)
+  --rates R1,R2           latency: transactions per second (default 1000,10000)
+  --load-secs S           latency: seconds per rate (default 30)
+  --mem-events N          memory: events in the one big transaction (default 1000000)
+  --freeze-secs S         memory: how long the broker is frozen (default 5)
+  --scale-events N        scaling: events per payload/table run (default 200000)
+  --scale-payloads LIST   scaling: payload sizes (default 100,1000,10000)
+  --scale-tables LIST     scaling: outbox table counts, at most 16 (default 1,4,16)
+  --scale-backlogs LIST   scaling: backlog sizes (default 100000,1000000)
+  --quota-pct P           quota: CPU limit in % of one core (default 25)
+  --sections LIST         any of drain,quota,latency,memory,scaling (default: all)
+  --pg-url URL            use this PostgreSQL (wal_level=logical) instead of a throwaway one
+  --brokers HOST:PORT     use this Kafka instead of a throwaway Tansu
+  --relay-bin PATH        relay binary to measure (default: target/release/outbox-relay, built)
+  --no-build              don't run cargo build (binaries must exist)
+  --perf FILE             also profile one extra relay drain with perf into FILE and print
+                          the top symbols (perf report --no-children --sort dso,sym)
+  --results FILE          keep the raw results (JSON lines) in FILE
+  -h, --help              this text
+EOF
+}
+
+N=1000000
+TXN=10000
+PAYLOAD=230
+KEYS=64
+PARTITIONS=8
+REPEAT=1
+POLL_BATCH=1000
+RATES=1000,10000
+LOAD_SECS=30
+MEM_EVENTS=1000000
+FREEZE_SECS=5
+SCALE_N=200000
+SCALE_PAYLOADS=100,1000,10000
+SCALE_TABLES=1,4,16
+SCALE_BACKLOGS=100000,1000000
+QUOTA_PCT=25
+SECTIONS=drain,quota,latency,memory,scaling
+PG_URL_ARG=
+BROKERS_ARG=
+RELAY_BIN=
+BUILD=1
+PERF_OUT=
+RESULTS_ARG=
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --quick)
+        N=100000 LOAD_SECS=5 MEM_EVENTS=200000 SCALE_N=20000 SCALE_BACKLOGS=20000,100000
+        ;;
+    -n | --events) N=$2 && shift ;;
+    --txn) TXN=$2 && shift ;;
+    --payload) PAYLOAD=$2 && shift ;;
+    --repeat) REPEAT=$2 && shift ;;
+    --poll-batch) POLL_BATCH=$2 && shift ;;
+    --rates) RATES=$2 && shift ;;
+    --load-secs) LOAD_SECS=$2 && shift ;;
+    --mem-events) MEM_EVENTS=$2 && shift ;;
+    --freeze-secs) FREEZE_SECS=$2 && shift ;;
+    --scale-events) SCALE_N=$2 && shift ;;
+    --scale-payloads) SCALE_PAYLOADS=$2 && shift ;;
+    --scale-tables) SCALE_TABLES=$2 && shift ;;
+    --scale-backlogs) SCALE_BACKLOGS=$2 && shift ;;
+    --quota-pct) QUOTA_PCT=$2 && shift ;;
+    --sections) SECTIONS=$2 && shift ;;
+    --pg-url) PG_URL_ARG=$2 && shift ;;
+    --brokers) BROKERS_ARG=$2 && shift ;;
+    --relay-bin) RELAY_BIN=$2 && shift ;;
+    --no-build) BUILD= ;;
+    --perf) PERF_OUT=$2 && shift ;;
+    --results) RESULTS_ARG=$2 && shift ;;
+    -h | --help) usage && exit 0 ;;
+    *) usage >&2 && die "unknown option: $1" ;;
+    esac
+    shift
+done
+for v in N TXN PAYLOAD REPEAT POLL_BATCH LOAD_SECS MEM_EVENTS SCALE_N QUOTA_PCT; do
+    [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v must be a number, not '${!v}'"
+done
+has_section() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+
+# Names of everything the benchmark creates; on your own setup nothing else is touched.
+SCHEMA=outbox_bench
+PUB=outbox_bench
+SLOT=outbox_bench           # the relay's slot
+BASE_SLOT=outbox_bench_base # pristine copy of the slot as it was before the backlog
+COPY_SLOT=outbox_bench_copy # what pg_recvlogical reads
+TOPIC_PREFIX=outbox-bench.
+TOPICS="${TOPIC_PREFIX}order,${TOPIC_PREFIX}customer"
+MARKER='outbox-relay benchmark scratch schema (benches/bench.sh drops it)'
+
+# ---------------------------------------------------------------------------------------
+# Tools, binaries, servers.
+if [ -z "$PG_URL_ARG" ] || [ -z "$BROKERS_ARG" ]; then
+    ensure_tools
+else
+    if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+fi
+for t in psql pg_recvlogical python3; do
+    command -v "$t" >/dev/null || die "$t not found (PostgreSQL client tools and python3 are needed)"
+done
+make_workdir
+REPORT="python3 benches/report.py"
+RESULTS="$WORK_DIR/results.jsonl"
+: >"$RESULTS"
+TCK=$(getconf CLK_TCK)
+
+EX=target/release/examples
+if [ -n "$BUILD" ]; then
+    say "building the relay and the benchmark programs (release)"
+    cargo build --release --quiet --bin outbox-relay --example create_topics \
+        --example bench_drain --example bench_poller --example bench_load
+fi
+RELAY_BIN=${RELAY_BIN:-target/release/outbox-relay}
+for b in "$RELAY_BIN" $EX/create_topics $EX/bench_drain $EX/bench_poller $EX/bench_load; do
+    [ -x "$b" ] || die "$b not found; build it (or drop --no-build)"
+done
+
+if [ -n "$PG_URL_ARG" ]; then
+    PG_URL=$PG_URL_ARG
+else
+    start_pg "$WORK_DIR/pg" "$(free_port)"
+fi
+OWN_BROKER=
+WATCH=()
+new_broker() {
+    # A fresh in-memory Tansu between sections, so the broker's memory does not keep growing
+    # with every record the benchmark wrote (and it starts each section alike).
+    if [ -n "$BROKERS_ARG" ]; then
+        KAFKA_BROKERS=$BROKERS_ARG
+    else
+        stop_tansu
+        start_tansu "$(free_port)" 2>/dev/null
+        OWN_BROKER=1
+        WATCH=(--watch-pid "$TANSU_PID") # the broker's CPU time is reported too
+    fi
+    $EX/create_topics --brokers "$KAFKA_BROKERS" --partitions "$PARTITIONS" \
+        "${TOPICS%%,*}" "${TOPICS##*,}" >/dev/null
+}
+new_broker
+
+bpsql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d "$PG_URL" "$@"; }
+
+# ---------------------------------------------------------------------------------------
+# The scratch schema: 16 outbox tables, the poller's table, a pool of incompressible filler.
+wait_slot_idle() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ "$(bpsql -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'outbox\_bench%' AND active")" = 0 ] && return 0
+        sleep 0.1
+    done
+    die "a benchmark slot stays active"
+}
+drop_slots() {
+    wait_slot_idle
+    bpsql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name IN ('$SLOT', '$BASE_SLOT', '$COPY_SLOT')" >/dev/null
+}
+cleanup_db() {
+    drop_slots 2>/dev/null || true
+    bpsql -c "DROP PUBLICATION IF EXISTS $PUB" -c "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" \
+        >/dev/null 2>&1 || true
+}
+
+existing=$(bpsql -At -c "SELECT coalesce(obj_description(oid, 'pg_namespace'), '') FROM pg_namespace WHERE nspname = '$SCHEMA'")
+if [ -n "$existing" ] && [ "$existing" != "$MARKER" ]; then
+    die "schema $SCHEMA exists and was not made by this benchmark; refusing to touch it"
+fi
+[ "$(bpsql -At -c "SHOW wal_level")" = logical ] || die "wal_level must be logical"
+on_exit cleanup_db
+drop_slots
+say "creating schema $SCHEMA (outbox tables, filler)"
+{
+    echo "DROP PUBLICATION IF EXISTS $PUB;"
+    echo "DROP SCHEMA IF EXISTS $SCHEMA CASCADE;"
+    echo "CREATE SCHEMA $SCHEMA;"
+    echo "COMMENT ON SCHEMA $SCHEMA IS '$MARKER';"
+    # The shape of migrations/001_outbox.sql.
+    echo "CREATE TABLE $SCHEMA.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+          aggregateid text NOT NULL, type text NOT NULL, payload jsonb);"
+    for t in $(seq 2 16); do
+        echo "CREATE TABLE $SCHEMA.outbox_$t (LIKE $SCHEMA.outbox INCLUDING ALL);"
+    done
+    # 997 random hex strings of 10,560 characters: payload filler PostgreSQL can't compress,
+    # so big payloads cost what real ones do (TOAST, detoasting in the walsender).
+    echo "CREATE TABLE $SCHEMA.filler AS SELECT i, string_agg(md5(random()::text), '') AS s
+          FROM generate_series(0, 996) i, generate_series(1, 330) j GROUP BY i;"
+    echo "CREATE UNIQUE INDEX ON $SCHEMA.filler (i);"
+} | bpsql >/dev/null
+
+table_name() { if [ "$1" = 1 ]; then echo "$SCHEMA.outbox"; else echo "$SCHEMA.outbox_$1"; fi; }
+table_list() {
+    local k=$1 t out=
+    for ((t = 1; t <= k; t++)); do out+="${out:+, }$(table_name "$t")"; done
+    echo "$out"
+}
+
+# rows_sql TABLE FIRST LAST PAYLOAD TABLES T: INSERT of events FIRST..LAST that go to table T
+# of TABLES (every other event to each topic, keys key-0..key-63).
+rows_sql() {
+    local table=$1 first=$2 last=$3 payload=$4 k=$5 t=$6 note
+    note=$((payload > 66 ? payload - 66 : 1))
+    echo "INSERT INTO $table (id, aggregatetype, aggregateid, type, payload)
+        SELECT gen_random_uuid(), CASE WHEN g % 2 = 0 THEN 'order' ELSE 'customer' END,
+               'key-' || (g % $KEYS), 'Created',
+               jsonb_build_object('seq', g, 'customer', 'c-' || (g % 977),
+                   'note', left(f.s, $note), 'total', g * 1.5)
+        FROM generate_series($first::bigint, $last::bigint) g
+        JOIN $SCHEMA.filler f ON f.i = g % 997
+        WHERE (g / 2) % $k = $((t - 1))"
+}
+
+# new_backlog N PAYLOAD TABLES: empty tables, a fresh publication and slot, then N events in
+# transactions of $TXN spread over TABLES tables. Sets TARGET (the WAL position after the last
+# commit), BYTES (payload bytes as published) and PAYLOAD_AVG; keeps a pristine copy of the
+# slot so that every reader starts from the same place.
+new_backlog() {
+    local n=$1 payload=$2 k=$3 t off m
+    drop_slots
+    {
+        echo "TRUNCATE $(table_list 16);"
+        echo "DROP PUBLICATION IF EXISTS $PUB;"
+        echo "CREATE PUBLICATION $PUB FOR TABLE $(table_list "$k") WITH (publish = 'insert');"
+        echo "SELECT pg_create_logical_replication_slot('$SLOT', 'pgoutput');"
+    } | bpsql >/dev/null
+    if [ "$n" -gt 0 ]; then
+        say "writing $n events ($payload-byte payloads, $k table(s), transactions of $TXN)"
+        {
+            for ((off = 0; off < n; off += TXN)); do
+                m=$((n - off < TXN ? n - off : TXN))
+                echo "BEGIN;"
+                for ((t = 1; t <= k; t++)); do
+                    echo "$(rows_sql "$(table_name "$t")" $((off + 1)) $((off + m)) "$payload" "$k" "$t");"
+                done
+                echo "COMMIT;"
+            done
+        } | bpsql >/dev/null
+    fi
+    TARGET=$(bpsql -At -c "SELECT pg_current_wal_lsn()")
+    read -r BYTES PAYLOAD_AVG < <(bpsql -At -F ' ' -c "SELECT coalesce(sum(b), 0), coalesce(avg(b), 0) FROM (
+        $(for ((t = 1; t <= k; t++)); do
+            [ "$t" = 1 ] || echo "UNION ALL"
+            echo "SELECT octet_length(payload::text) AS b FROM $(table_name "$t")"
+        done)) x")
+    bpsql -c "SELECT pg_copy_logical_replication_slot('$SLOT', '$BASE_SLOT')" >/dev/null
+    BL_TABLES=$k
+    BL_FIELDS=("n=$n" "txn=$TXN" "payload=$payload" "payload_avg=$PAYLOAD_AVG" "bytes=$BYTES"
+        "tables=$k" "keys=$KEYS" "partitions=$PARTITIONS")
+}
+
+# Resets slot $1 to the pristine copy.
+reset_slot() {
+    wait_slot_idle
+    bpsql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$1'" \
+        -c "SELECT pg_copy_logical_replication_slot('$BASE_SLOT', '$1')" >/dev/null
+}
+
+# relay_config FILE TABLES [METRICS_ADDR]
+relay_config() {
+    local file=$1 k=$2 listen=${3:-} t
+    {
+        printf '[postgres]\nurl = "%s"\nslot = "%s"\npublication = "%s"\n' "$PG_URL" "$SLOT" "$PUB"
+        for ((t = 1; t <= k; t++)); do
+            printf '[[outbox]]\ntable = "%s"\ntopic = "%s{aggregatetype}"\n' "$(table_name "$t")" "$TOPIC_PREFIX"
+        done
+        printf '[kafka]\nbrokers = "%s"\n' "$KAFKA_BROKERS"
+        [ -z "$listen" ] || printf '[metrics]\nlisten = "%s"\n' "$listen"
+    } >"$file"
+}
+
+# record KEY=VALUE... JSON: append one result.
+record() { $REPORT merge "$@" >>"$RESULTS"; }
+
+RUN=0
+# measure_decode LABEL FIELDS...: pg_recvlogical on a copy of the slot until --endpos.
+measure_decode() {
+    local label=$1 out
+    shift
+    RUN=$((RUN + 1))
+    reset_slot "$COPY_SLOT"
+    say "$label: pg_recvlogical (decode limit)"
+    out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$COPY_SLOT" --clk-tck "$TCK" \
+        --log "$WORK_DIR/recvlogical-$RUN.log" -- \
+        pg_recvlogical -d "$PG_URL" -S "$COPY_SLOT" --start --no-loop --endpos "$TARGET" \
+        -o proto_version=1 -o publication_names="$PUB" -f /dev/null) ||
+        { cat "$WORK_DIR/recvlogical-$RUN.log" >&2; die "pg_recvlogical failed"; }
+    record kind=decode "$@" "${BL_FIELDS[@]}" "$out"
+}
+
+# measure_sql_decode LABEL FIELDS...: the same decoding inside a backend, no client and no
+# network (pg_logical_slot_peek_binary_changes on a copy of the slot): what the server's
+# decoder alone can do, for reference.
+measure_sql_decode() {
+    local label=$1 out
+    shift
+    RUN=$((RUN + 1))
+    reset_slot "$COPY_SLOT"
+    say "$label: decoding in SQL (pg_logical_slot_peek_binary_changes)"
+    out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$COPY_SLOT" --clk-tck "$TCK" \
+        --log "$WORK_DIR/sqldecode-$RUN.log" -- \
+        psql -X -q -At -v ON_ERROR_STOP=1 -d "$PG_URL" -c "SELECT count(*) FROM
+            pg_logical_slot_peek_binary_changes('$COPY_SLOT', '$TARGET', NULL,
+                'proto_version', '1', 'publication_names', '$PUB')") ||
+        { cat "$WORK_DIR/sqldecode-$RUN.log" >&2; die "decoding in SQL failed"; }
+    record kind=sqldecode "$@" "${BL_FIELDS[@]}" "$out"
+}
+
+# measure_relay LABEL [--quota] [--perf FILE] FIELDS...: the relay on the backlog (--quota:
+# started through QUOTA_PREFIX, inside the CPU limit).
+measure_relay() {
+    local label=$1 prefix=() perf=() out cfg
+    shift
+    while true; do
+        case "${1:-}" in
+        --quota) prefix=("${QUOTA_PREFIX[@]}") && shift ;;
+        --perf) perf=(--perf-out "$2") && shift 2 ;;
+        *) break ;;
+        esac
+    done
+    RUN=$((RUN + 1))
+    reset_slot "$SLOT"
+    cfg="$WORK_DIR/relay-$RUN.toml"
+    relay_config "$cfg" "$BL_TABLES"
+    say "$label: outbox-relay${prefix:+ (${prefix[*]})}"
+    out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --target-lsn "$TARGET" \
+        --clk-tck "$TCK" --log "$WORK_DIR/relay-$RUN.log" "${WATCH[@]}" "${perf[@]}" -- \
+        "${prefix[@]}" "$RELAY_BIN" run --config "$cfg") ||
+        { tail -n 20 "$WORK_DIR/relay-$RUN.log" >&2; die "relay run failed"; }
+    record kind=relay "$@" "${BL_FIELDS[@]}" "$out"
+}
+
+# ---------------------------------------------------------------------------------------
+# 1-3. Backlog drain: decode limit, relay, polling publisher.
+if has_section drain || has_section quota || [ -n "$PERF_OUT" ]; then
+    new_backlog "$N" "$PAYLOAD" 1
+fi
+if has_section drain; then
+    # The poller's copy of the rows: same columns plus the ordering column a poller needs.
+    bpsql -c "CREATE TABLE $SCHEMA.outbox_poll (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                  id uuid NOT NULL UNIQUE, aggregatetype text NOT NULL, aggregateid text NOT NULL,
+                  type text NOT NULL, payload jsonb)" >/dev/null
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        measure_decode "drain $rep/$REPEAT" section=drain rep=$rep
+        measure_sql_decode "drain $rep/$REPEAT" section=drain rep=$rep
+        measure_relay "drain $rep/$REPEAT" section=drain rep=$rep
+        say "drain $rep/$REPEAT: copying the rows for the poller"
+        bpsql -c "TRUNCATE $SCHEMA.outbox_poll" \
+            -c "INSERT INTO $SCHEMA.outbox_poll (id, aggregatetype, aggregateid, type, payload)
+                SELECT id, aggregatetype, aggregateid, type, payload FROM $SCHEMA.outbox
+                ORDER BY (payload->>'seq')::bigint" \
+            -c "VACUUM (ANALYZE) $SCHEMA.outbox_poll" >/dev/null
+        say "drain $rep/$REPEAT: polling publisher"
+        RUN=$((RUN + 1))
+            out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --clk-tck "$TCK" \
+            --log "$WORK_DIR/poller-$RUN.log" "${WATCH[@]}" -- \
+            $EX/bench_poller --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" \
+            --table "$SCHEMA.outbox_poll" --batch "$POLL_BATCH" --topic-prefix "$TOPIC_PREFIX" \
+            --clk-tck "$TCK") || { cat "$WORK_DIR/poller-$RUN.log" >&2; die "poller failed"; }
+        poll=$(grep '^{' "$WORK_DIR/poller-$RUN.log" | tail -n 1)
+        [ "$(echo "$poll" | python3 -c 'import json,sys; print(json.load(sys.stdin)["events"])')" = "$N" ] ||
+            die "the poller published $poll, expected $N events"
+        # The harness's numbers (process CPU, RSS) and the poller's own (backend CPU).
+        record kind=poller section=drain rep=$rep poll_batch="$POLL_BATCH" "${BL_FIELDS[@]}" \
+            "$(echo "$poll" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"backend_cpu_s": d["backend_cpu_s"], "batches": d["batches"]}))')" \
+            "$out"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# 7. The relay under a CPU quota, on the same backlog.
+CGROUP=
+quota_prefix() {
+    # cgroup v1 cpu controller, cgroup v2 cpu.max, or systemd-run: false if none works;
+    # sets QUOTA_PREFIX (an array) to the command prefix that starts a process inside the
+    # limit and QUOTA_HOW to what it is.
+    local period=100000 quota=$((QUOTA_PCT * 1000)) d
+    for d in /sys/fs/cgroup/cpu /sys/fs/cgroup/cpu,cpuacct; do
+        if [ -w "$d/cgroup.procs" ] && mkdir "$d/outbox-bench-$$" 2>/dev/null; then
+            CGROUP="$d/outbox-bench-$$"
+            on_exit "rmdir '$CGROUP' 2>/dev/null"
+            echo $period >"$CGROUP/cpu.cfs_period_us"
+            echo $quota >"$CGROUP/cpu.cfs_quota_us"
+            QUOTA_PREFIX=(sh -c "echo \$\$ >$CGROUP/cgroup.procs && exec \"\$@\"" sh)
+            QUOTA_HOW="cgroup v1 cpu.cfs_quota_us=$quota/$period"
+            return 0
+        fi
+    done
+    if [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null &&
+        mkdir "/sys/fs/cgroup/outbox-bench-$$" 2>/dev/null; then
+        CGROUP="/sys/fs/cgroup/outbox-bench-$$"
+        on_exit "rmdir '$CGROUP' 2>/dev/null"
+        echo "$quota $period" >"$CGROUP/cpu.max"
+        QUOTA_PREFIX=(sh -c "echo \$\$ >$CGROUP/cgroup.procs && exec \"\$@\"" sh)
+        QUOTA_HOW="cgroup v2 cpu.max=$quota/$period"
+        return 0
+    fi
+    if command -v systemd-run >/dev/null && systemd-run --scope --quiet -p CPUQuota=1% true 2>/dev/null; then
+        QUOTA_PREFIX=(systemd-run --scope --quiet -p "CPUQuota=${QUOTA_PCT}%")
+        QUOTA_HOW="systemd-run CPUQuota=${QUOTA_PCT}%"
+        return 0
+    fi
+    return 1
+}
+if has_section quota; then
+    if quota_prefix; then
+        measure_relay "quota ${QUOTA_PCT}%" --quota section=quota \
+            quota_pct="$QUOTA_PCT" quota_how="$QUOTA_HOW"
+    else
+        say "quota: no writable cgroup and no systemd-run; skipped"
+        record section=quota skipped="no writable cgroup (v1 cpu or v2 cpu.max) and no systemd-run" n="$N"
+    fi
+fi
+
+if [ -n "$PERF_OUT" ]; then
+    command -v perf >/dev/null || die "--perf: perf not found"
+    measure_relay "perf" --perf "$PERF_OUT" section=perf
+    perf report -i "$PERF_OUT" --no-children --sort dso,sym --stdio -g none --percent-limit 0.5 \
+        2>/dev/null | grep -v '^#' | grep -v '^[[:space:]]*$' | head -n 40 >"$WORK_DIR/perf.txt" || true
+fi
+
+# ---------------------------------------------------------------------------------------
+# 4. Latency under a steady load of single-event transactions.
+RELAY_PID=
+stop_relay() {
+    [ -z "$RELAY_PID" ] || stop_pid "$RELAY_PID" 15
+    RELAY_PID=
+}
+on_exit stop_relay
+# start_relay TABLES: a relay in the background on the current slot, with /metrics.
+start_relay() {
+    local port i
+    port=$(free_port)
+    METRICS_URL="http://127.0.0.1:$port"
+    relay_config "$WORK_DIR/relay-bg.toml" "$1" "127.0.0.1:$port"
+    "$RELAY_BIN" run --config "$WORK_DIR/relay-bg.toml" 2>>"$WORK_DIR/relay-bg.log" &
+    RELAY_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        if $REPORT scrape "$METRICS_URL/readyz" >/dev/null 2>&1; then
+            return 0
+        fi
+        kill -0 "$RELAY_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    tail -n 20 "$WORK_DIR/relay-bg.log" >&2
+    die "the relay did not become ready"
+}
+# CPU ticks (user + system) of process $1, of the whole machine; seconds between two readings.
+proc_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+ticks_s() { if [ -n "$1" ] && [ -n "$2" ]; then python3 -c "print(($2 - $1) / $TCK)"; else echo null; fi; }
+
+if has_section latency; then
+    new_broker
+    new_backlog 0 "$PAYLOAD" 1
+    start_relay 1
+    for rate in ${RATES//,/ }; do
+        say "latency: $rate transactions/s for $LOAD_SECS s"
+        $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-before"
+        before=$($REPORT hist-count "$WORK_DIR/m-before")
+        t0=$(proc_ticks "$RELAY_PID")
+        ws=$(bpsql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$SLOT'")
+        w0=$(proc_ticks "$ws" 2>/dev/null || echo)
+        b0=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
+        m0=$(machine_ticks) s0=$(date +%s.%N)
+        load=$($EX/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
+            --topics "$TOPICS" --rate "$rate" --secs "$LOAD_SECS" 2>"$WORK_DIR/load.log") ||
+            { cat "$WORK_DIR/load.log" >&2; die "bench_load failed"; }
+        committed=$(echo "$load" | python3 -c 'import json,sys; print(json.load(sys.stdin)["committed"])')
+        for ((i = 0; i < 600; i++)); do
+            $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-after"
+            [ "$($REPORT hist-count "$WORK_DIR/m-after")" -ge $((before + committed)) ] && break
+            sleep 0.1
+        done
+        t1=$(proc_ticks "$RELAY_PID")
+        w1=$(proc_ticks "$ws" 2>/dev/null || echo)
+        b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
+        m1=$(machine_ticks) s1=$(date +%s.%N)
+        record section=latency secs="$LOAD_SECS" relay_cpu_s="$(ticks_s "$t0" "$t1")" \
+            walsender_cpu_s="$(ticks_s "$w0" "$w1")" broker_cpu_s="$(ticks_s "$b0" "$b1")" \
+            machine_cpu_s="$(ticks_s "$m0" "$m1")" wall_s="$(python3 -c "print($s1 - $s0)")" \
+            "$load" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")"
+    done
+    stop_relay
+fi
+
+# ---------------------------------------------------------------------------------------
+# 5. Memory: one big transaction, broker keeping up / frozen.
+if has_section memory; then
+    rows_sql "$SCHEMA.outbox" 1 "$MEM_EVENTS" "$PAYLOAD" 1 1 >"$WORK_DIR/big.sql"
+    printf -v trigger 'psql -X -q -v ON_ERROR_STOP=1 -d %q -f %q' "$PG_URL" "$WORK_DIR/big.sql"
+    for scenario in keeping-up frozen; do
+        new_broker
+        new_backlog 0 "$PAYLOAD" 1
+        relay_config "$WORK_DIR/relay-mem.toml" 1
+        freeze=()
+        label="broker keeping up"
+        if [ "$scenario" = frozen ]; then
+            label="broker frozen ${FREEZE_SECS} s after the commit"
+            if [ -z "$OWN_BROKER" ]; then
+                record section=memory scenario="$label" n="$MEM_EVENTS" skipped="not our broker (--brokers)"
+                continue
+            fi
+            freeze=(--freeze-pid "$TANSU_PID" --freeze-secs "$FREEZE_SECS")
+        fi
+        say "memory: one transaction of $MEM_EVENTS events, $label"
+        out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --trigger "$trigger" "${freeze[@]}" \
+            --clk-tck "$TCK" --log "$WORK_DIR/relay-mem-$scenario.log" -- \
+            "$RELAY_BIN" run --config "$WORK_DIR/relay-mem.toml") ||
+            { tail -n 20 "$WORK_DIR/relay-mem-$scenario.log" >&2; die "memory run failed"; }
+        record section=memory scenario="$label" n="$MEM_EVENTS" "$out"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# 6. Scaling: payload size, outbox tables, backlog size.
+if has_section scaling; then
+    for p in ${SCALE_PAYLOADS//,/ }; do
+        new_broker
+        new_backlog "$SCALE_N" "$p" 1
+        measure_decode "payload $p B" section=scaling dim=payload variant="$p"
+        measure_relay "payload $p B" section=scaling dim=payload variant="$p"
+    done
+    for k in ${SCALE_TABLES//,/ }; do
+        if [ "$k" -lt 1 ] || [ "$k" -gt 16 ]; then die "--scale-tables: 1 to 16"; fi
+        new_broker
+        new_backlog "$SCALE_N" "$PAYLOAD" "$k"
+        measure_decode "$k tables" section=scaling dim=tables variant="$k"
+        measure_relay "$k tables" section=scaling dim=tables variant="$k"
+    done
+    for b in ${SCALE_BACKLOGS//,/ }; do
+        new_broker
+        new_backlog "$b" "$PAYLOAD" 1
+        measure_decode "backlog $b" section=scaling dim=backlog variant="$b"
+        measure_relay "backlog $b" section=scaling dim=backlog variant="$b"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+[ -z "$RESULTS_ARG" ] || cp "$RESULTS" "$RESULTS_ARG"
+echo "## outbox-relay benchmark, $(date -u +%Y-%m-%d)"
+echo
+echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))," \
+    "$(awk '/MemTotal/ {printf "%.0f GB", $2 / 1048576}' /proc/meminfo) RAM;" \
+    "PostgreSQL: $(bpsql -At -c 'SHOW server_version');" \
+    "broker: $([ -n "$OWN_BROKER" ] && "$TANSU" --version 2>/dev/null | head -n 1 || echo "$KAFKA_BROKERS")."
+echo
+$REPORT render "$RESULTS"
+if [ -n "$PERF_OUT" ] && [ -s "$WORK_DIR/perf.txt" ]; then
+    echo "### perf: one extra relay drain (perf record -F 999 -g), top symbols"
+    echo
+    echo '```'
+    cat "$WORK_DIR/perf.txt"
+    echo '```'
+fi

@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Helpers for benches/bench.sh (standard library only).
+
+  report.py merge KEY=VALUE... [JSON]   one JSON object: the pairs (numbers parsed) plus JSON
+  report.py scrape URL                  GET URL, print the body (Prometheus /metrics)
+  report.py hist-count FILE             outbox_relay_commit_to_ack_seconds_count in a scrape
+  report.py quantiles BEFORE AFTER      JSON: p50/p99/max (ms) of the commit-to-ack histogram
+                                        between two scrapes, interpolated within buckets
+  report.py render RESULTS.jsonl        the Markdown tables
+"""
+
+import json
+import math
+import sys
+import urllib.request
+
+HIST = "outbox_relay_commit_to_ack_seconds"
+
+
+def parse_value(v):
+    if v == "null":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def cmd_merge(args):
+    out = {}
+    for a in args:
+        if a.startswith("{"):
+            out.update(json.loads(a))
+        else:
+            k, _, v = a.partition("=")
+            out[k] = parse_value(v)
+    print(json.dumps(out))
+
+
+def cmd_scrape(args):
+    with urllib.request.urlopen(args[0], timeout=10) as r:
+        sys.stdout.write(r.read().decode())
+
+
+def buckets(path):
+    """{le: cumulative count} and the total count of the commit-to-ack histogram."""
+    out, count = {}, 0
+    with open(path) as f:
+        for line in f:
+            if line.startswith(HIST + "_bucket"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[math.inf if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(HIST + "_count"):
+                count = float(line.rsplit(" ", 1)[1])
+    return out, count
+
+
+def cmd_hist_count(args):
+    print(int(buckets(args[0])[1]))
+
+
+def quantile(q, cum):
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q."""
+    les = sorted(cum)
+    total = cum[math.inf]
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le in les:
+        if cum[le] >= rank:
+            if le == math.inf:
+                return lower  # beyond the last finite bucket: its bound is all we know
+            return lower + (le - lower) * (rank - below) / max(cum[le] - below, 1e-12)
+        lower, below = le, cum[le]
+    return lower
+
+
+def cmd_quantiles(args):
+    before, _ = buckets(args[0])
+    after, _ = buckets(args[1])
+    cum = {le: after[le] - before.get(le, 0.0) for le in after}
+    total = cum.get(math.inf, 0.0)
+    # The histogram keeps no maximum: the smallest bucket bound holding every observation.
+    finite = [le for le in sorted(cum) if le != math.inf and cum[le] >= total]
+    upper = finite[0] if finite else math.inf
+    print(json.dumps({
+        "ack_count": int(total),
+        "ack_p50_ms": quantile(0.5, cum) * 1000,
+        "ack_p99_ms": quantile(0.99, cum) * 1000,
+        "ack_max_le_ms": upper * 1000 if upper != math.inf else None,
+    }))
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering.
+
+def fmt(v, digits=0, unit=""):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if digits == 0:
+        return f"{v:,.0f}{unit}"
+    return f"{v:,.{digits}f}{unit}"
+
+
+def per100k(cpu, n):
+    return None if cpu is None or not n else cpu * 100000 / n
+
+
+def median_run(runs):
+    """The run with the median duration (the lower middle one for an even count)."""
+    runs = sorted(runs, key=lambda r: r["secs"])
+    return runs[(len(runs) - 1) // 2]
+
+
+def rate(r):
+    return r["n"] / r["secs"] if r and r.get("secs") else None
+
+
+def spread(runs):
+    if len(runs) < 2:
+        return ""
+    rates = sorted(r["n"] / r["secs"] for r in runs)
+    return f"{rates[0]:,.0f}–{rates[-1]:,.0f} ({len(runs)} runs)"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mb(kb):
+    return None if kb is None else kb / 1024
+
+
+def others(r, *own):
+    """Cores busy with anything but the measured processes during the run (other work on the
+    machine, autovacuum, the harness), from /proc/stat."""
+    if r.get("machine_cpu_s") is None or not r.get("wall_s"):
+        return None
+    mine = sum(v for v in own if v is not None)
+    return max(r["machine_cpu_s"] - mine, 0) / r["wall_s"]
+
+
+def render_drain(res, out):
+    drain = [r for r in res if r["section"] == "drain"]
+    if not drain:
+        return
+    first = drain[0]
+    batch = next((r["poll_batch"] for r in drain if "poll_batch" in r), "?")
+    by = {}
+    for r in drain:
+        by.setdefault(r["kind"], []).append(r)
+    dec = median_run(by["decode"]) if "decode" in by else None
+    dec_rate = rate(dec)
+    names = {
+        "sqldecode": "decoding alone, in a backend (`pg_logical_slot_peek_binary_changes`)",
+        "decode": "`pg_recvlogical` (decode limit)",
+        "relay": "**outbox-relay**",
+        "poller": f"polling publisher (batch {batch})",
+    }
+    rows = []
+    for kind in ("decode", "relay", "poller", "sqldecode"):
+        if kind not in by:
+            continue
+        m = median_run(by[kind])
+        n = m["n"]
+        db_cpu = m.get("walsender_cpu_s") if kind != "poller" else m.get("backend_cpu_s")
+        broker = (m.get("watch_cpu_s") or [None])[0]
+        rows.append([
+            names[kind],
+            fmt(rate(m)),
+            fmt(m["bytes"] / m["secs"] / 1e6, 1),
+            fmt(rate(m) / dec_rate, 2) if dec_rate else "n/a",
+            fmt(m["secs"], 2),
+            fmt(per100k(m.get("cpu_s"), n), 3),
+            fmt(mb(m.get("hwm_kb")), 1),
+            fmt(per100k(db_cpu, n), 3),
+            fmt(per100k(broker, n), 3),
+            fmt(others(m, m.get("cpu_s"), db_cpu, broker), 2),
+            spread(by[kind]),
+        ])
+    out.append(f"### Backlog drain: {first['n']:,} events in transactions of {first['txn']:,}, "
+               f"{first['payload_avg']:.0f}-byte payloads, {first['keys']} keys, "
+               f"{first['tables']} table, 2 topics × {first['partitions']} partitions\n")
+    out.append(table(
+        ["", "events/s", "payload MB/s", "× decode limit", "seconds", "CPU s / 100k events",
+         "peak RSS MB", "DB-side CPU s / 100k", "broker CPU s / 100k", "other load (cores)",
+         "spread (events/s)"],
+        rows))
+    out.append("\nseconds: outbox-relay from process start until the slot's `confirmed_flush_lsn` "
+               "passed the last commit (all acknowledged by the broker); pg_recvlogical and the "
+               "poller until they exit. CPU: user + system of all the process's threads "
+               "(`/proc/PID/stat`). DB-side CPU: the walsender decoding the slot "
+               "(pg_recvlogical, relay), the backend serving the poller's queries (its "
+               "autovacuum work not included) or the backend decoding in SQL. The last row is "
+               "no publisher: the same decoding with no client and no network (the rows are "
+               "counted, not sent), an upper bound for any streaming client. Other load: cores busy with anything else on the "
+               "machine during the run (other work sharing it, autovacuum, the harness). Median "
+               "run by duration when repeated.\n")
+
+
+def render_quota(res, out):
+    q = [r for r in res if r["section"] == "quota"]
+    if not q:
+        return
+    dec = [r for r in res if r["section"] == "drain" and r["kind"] == "decode"]
+    dec_rate = rate(median_run(dec)) if dec else None
+    rows = []
+    for r in q:
+        if r.get("skipped"):
+            out.append(f"### Relay under a CPU quota\n\nskipped: {r['skipped']}\n")
+            return
+        quota = r["quota_pct"] / 100
+        used = r["cpu_s"] / r["secs"]
+        rows.append([
+            f"{r['quota_pct']}% of one core ({r['quota_how']})",
+            fmt(rate(r)),
+            fmt(rate(r) / dec_rate, 2) if dec_rate else "n/a",
+            fmt(r["secs"], 2),
+            fmt(used, 2),
+            fmt(rate(r) / quota),
+            fmt(rate(r) / used) if used else "n/a",
+            fmt(per100k(r["cpu_s"], r["n"]), 3),
+            fmt(mb(r.get("hwm_kb")), 1),
+        ])
+    out.append(f"### Relay under a CPU quota: the same {q[0]['n']:,}-event backlog\n")
+    out.append(table(
+        ["limit", "events/s", "× decode limit", "seconds", "cores used", "events/s per core of quota",
+         "events/s per core used", "CPU s / 100k events", "peak RSS MB"], rows))
+    out.append("")
+
+
+def render_latency(res, out):
+    lat = [r for r in res if r["section"] == "latency"]
+    if not lat:
+        return
+    rows = []
+    for r in lat:
+        rows.append([
+            fmt(r["rate"]),
+            fmt(r["achieved_per_s"]),
+            fmt(r["committed"]),
+            fmt(r.get("ack_p50_ms"), 2),
+            fmt(r.get("ack_p99_ms"), 2),
+            ("≤ " + fmt(r["ack_max_le_ms"], 1)) if r.get("ack_max_le_ms") is not None else "n/a",
+            fmt(r["e2e_p50_ms"], 2),
+            fmt(r["e2e_p99_ms"], 2),
+            fmt(r["e2e_max_ms"], 1),
+            f"{r['consumed']:,}",
+            fmt(100 * r["relay_cpu_s"] / r["wall_s"], 1, " %"),
+            fmt(100 * r["walsender_cpu_s"] / r["wall_s"], 1, " %") if r.get("walsender_cpu_s") is not None else "n/a",
+            fmt(100 * r["broker_cpu_s"] / r["wall_s"], 1, " %") if r.get("broker_cpu_s") is not None else "n/a",
+            fmt(r["machine_cpu_s"] / r["wall_s"], 2),
+        ])
+    out.append(f"### Latency: single-event transactions at a fixed rate for {lat[0]['secs']:g} s\n")
+    out.append(table(
+        ["target tx/s", "achieved tx/s", "events", "commit→ack p50 ms", "p99 ms", "max ms",
+         "commit→consumer p50 ms", "p99 ms", "max ms", "consumed", "relay CPU", "walsender CPU",
+         "broker CPU", "machine busy (cores)"], rows))
+    out.append("\ncommit→ack: the relay's `outbox_relay_commit_to_ack_seconds` histogram "
+               "(PostgreSQL commit timestamp to the broker's acknowledgement), difference of "
+               "two `/metrics` scrapes, quantiles interpolated linearly inside buckets "
+               "(bounds 1, 2.5, 5, 10, 25 ms...), max = the bucket bound holding the slowest. "
+               "commit→consumer: a consumer in `bench_load` subtracts the row's "
+               "`clock_timestamp()` (taken in the INSERT, just before its commit) from the time "
+               "it reads the record; it includes the consumer's fetch latency. CPU columns: "
+               "share of one core during the load (from the load's start until the relay "
+               "acknowledged the last event); machine busy: all processes, both cores.\n")
+
+
+def render_memory(res, out):
+    mem = [r for r in res if r["section"] == "memory"]
+    if not mem:
+        return
+    rows = []
+    for r in mem:
+        if r.get("skipped"):
+            rows.append([r["scenario"], fmt(r["n"]), "skipped: " + r["skipped"], "", "", ""])
+            continue
+        rows.append([
+            r["scenario"],
+            fmt(r["n"]),
+            fmt(r["secs"], 2),
+            fmt(rate(r)),
+            fmt(mb(r.get("hwm_kb")), 1),
+            fmt(r.get("cpu_s"), 2),
+        ])
+    out.append("### Memory: one transaction of many events\n")
+    out.append(table(["scenario", "events", "drain s (commit → confirmed)", "events/s",
+                      "peak RSS MB (VmHWM)", "relay CPU s"], rows))
+    out.append("\nThe relay is started (and idle, streaming) before the transaction commits; "
+               "peak RSS covers its whole life. The frozen broker gets SIGSTOP right after the "
+               "commit and SIGCONT after the stated time.\n")
+
+
+def render_scaling(res, out):
+    sc = [r for r in res if r["section"] == "scaling"]
+    if not sc:
+        return
+    groups = [("payload", "Payload size", lambda r: f"{r['payload_avg']:,.0f} B"),
+              ("tables", "Outbox tables", lambda r: f"{r['tables']} table{'s' if r['tables'] > 1 else ''}"),
+              ("backlog", "Backlog size", lambda r: f"{r['n']:,} events")]
+    for dim, title, label in groups:
+        rs = [r for r in sc if r["dim"] == dim]
+        if not rs:
+            continue
+        variants = []
+        for r in rs:
+            if r["variant"] not in variants:
+                variants.append(r["variant"])
+        rows = []
+        for v in variants:
+            dec = [r for r in rs if r["variant"] == v and r["kind"] == "decode"]
+            rel = [r for r in rs if r["variant"] == v and r["kind"] == "relay"]
+            d = median_run(dec) if dec else None
+            m = median_run(rel) if rel else None
+            base = m or d
+            rows.append([
+                label(base),
+                fmt(base["n"]),
+                fmt(rate(d)),
+                fmt(rate(m)),
+                fmt(rate(m) / rate(d), 2) if d and m else "n/a",
+                fmt(m["bytes"] / m["secs"] / 1e6, 1) if m else "n/a",
+                fmt(per100k(m["cpu_s"], m["n"]), 3) if m else "n/a",
+                fmt(1e6 * m["cpu_s"] / m["n"], 2) if m else "n/a",
+                fmt(per100k(m.get("walsender_cpu_s"), m["n"]), 3) if m else "n/a",
+                fmt(mb(m.get("hwm_kb")), 1) if m else "n/a",
+            ])
+        first = rs[0]
+        out.append(f"### Scaling: {title.lower()} (transactions of {first['txn']:,})\n")
+        out.append(table([title.split()[0].lower(), "events", "decode limit events/s",
+                          "relay events/s", "× decode limit", "relay MB/s",
+                          "relay CPU s / 100k", "relay CPU µs / event", "walsender CPU s / 100k",
+                          "peak RSS MB"], rows))
+        out.append("")
+
+
+def cmd_render(args):
+    res = []
+    with open(args[0]) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                res.append(json.loads(line))
+    out = []
+    render_drain(res, out)
+    render_quota(res, out)
+    render_latency(res, out)
+    render_memory(res, out)
+    render_scaling(res, out)
+    print("\n".join(out))
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {
+        "merge": cmd_merge,
+        "scrape": cmd_scrape,
+        "hist-count": cmd_hist_count,
+        "quantiles": cmd_quantiles,
+        "render": cmd_render,
+    }[cmd](args)
+
+
+if __name__ == "__main__":
+    main()
