@@ -278,6 +278,9 @@ new_backlog() {
         } | bpsql >/dev/null
     fi
     TARGET=$(bpsql -At -c "SELECT pg_current_wal_lsn()")
+    # Don't let a checkpoint triggered by the writes land in the middle of a measurement
+    # (needs superuser or pg_checkpoint; skipped otherwise).
+    bpsql -c "CHECKPOINT" >/dev/null 2>&1 || true
     read -r BYTES PAYLOAD_AVG < <(bpsql -At -F ' ' -c "SELECT coalesce(sum(b), 0), coalesce(avg(b), 0) FROM (
         $(for ((t = 1; t <= k; t++)); do
             [ "$t" = 1 ] || echo "UNION ALL"
