@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # outbox-relay benchmark: one command, Markdown tables on stdout (progress on stderr).
 #
-#   benches/bench.sh                 full run on a throwaway PostgreSQL 15 + Tansu (~15 min)
-#   benches/bench.sh --quick         small sizes, a smoke test (~2 min after the build)
+#   benches/bench.sh                 full run on a throwaway PostgreSQL 15 + Tansu (~10 min)
+#   benches/bench.sh --quick         small sizes, a smoke test (~1.5 min after the build)
 #   benches/bench.sh --pg-url postgres://me@db:5432/app --brokers kafka:9092
 #                                    against your own server and/or broker
 #
@@ -405,7 +405,7 @@ if has_section drain; then
             die "the poller published $poll, expected $N events"
         # The harness's numbers (process CPU, RSS) and the poller's own (backend CPU).
         record kind=poller section=drain rep=$rep poll_batch="$POLL_BATCH" "${BL_FIELDS[@]}" \
-            "$(echo "$poll" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"backend_cpu_s": d["backend_cpu_s"], "batches": d["batches"]}))')" \
+            "$(echo "$poll" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({k: d[k] for k in ("backend_cpu_s", "batches", "select_s", "produce_s", "delete_s")}))')" \
             "$out"
     done
 fi
@@ -519,10 +519,16 @@ if has_section latency; then
         w1=$(proc_ticks "$ws" 2>/dev/null || echo)
         b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
         m1=$(machine_ticks) s1=$(date +%s.%N)
+        # The baseline: the same records at the same rate produced straight to the broker with
+        # the relay's producer settings (no database), right after.
+        say "latency: $rate records/s produced straight to the broker (baseline)"
+        direct=$($EX/bench_load --direct --brokers "$KAFKA_BROKERS" --topics "$TOPICS" \
+            --rate "$rate" --secs "$LOAD_SECS" 2>"$WORK_DIR/direct.log") ||
+            { cat "$WORK_DIR/direct.log" >&2; die "bench_load --direct failed"; }
         record section=latency secs="$LOAD_SECS" relay_cpu_s="$(ticks_s "$t0" "$t1")" \
             walsender_cpu_s="$(ticks_s "$w0" "$w1")" broker_cpu_s="$(ticks_s "$b0" "$b1")" \
             machine_cpu_s="$(ticks_s "$m0" "$m1")" wall_s="$(python3 -c "print($s1 - $s0)")" \
-            "$load" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")"
+            "$load" "$direct" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")"
     done
     stop_relay
 fi
