@@ -36,3 +36,13 @@ CREATE TABLE IF NOT EXISTS public.outbox (
 
 COMMENT ON TABLE public.outbox IS
     'Transactional outbox: each committed insert is published to Kafka by outbox-relay';
+
+-- Indexes: the primary key is the only one needed. The relay reads the WAL, not the table, so
+-- no index helps it, and each extra index costs every insert. If the application keeps rows
+-- for a while instead of deleting them at once, purge them by age with a timestamp column and
+-- an index on it (the relay ignores columns it is not configured to read):
+--
+--   ALTER TABLE public.outbox ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
+--   CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON public.outbox (created_at);
+--   -- periodically, once the events are surely in Kafka:
+--   DELETE FROM public.outbox WHERE created_at < now() - interval '7 days';

@@ -1,7 +1,9 @@
 -- 002_relay_role.sql: a least-privilege role for the relay, and its publication.
 --
--- Run as the owner of public.outbox (or a superuser), in the application's database, after
--- 001_outbox.sql. Then give the role a password and put it in the relay's [postgres] url:
+-- Run as a superuser (PostgreSQL 15 lets only superusers give a role REPLICATION; 16+ also
+-- lets a role with CREATEROLE and REPLICATION; on RDS see below), in the application's
+-- database, after 001_outbox.sql. Idempotent: running it again changes nothing. Then give the
+-- role a password and put it in the relay's [postgres] url:
 --
 --   ALTER ROLE outbox_relay PASSWORD '...';         -- or \password outbox_relay in psql
 --   url = "postgres://outbox_relay:${PGPASSWORD}@db:5432/app"
@@ -13,6 +15,7 @@
 --                        outbox_relay` instead of the REPLICATION attribute; on Cloud SQL set
 --                        the cloudsql.logical_decoding flag, then ALTER ROLE ... WITH
 --                        REPLICATION as it is here.
+--   CONNECT              on the application's database (granted below; PUBLIC usually has it).
 --   SELECT on the table  read access to the outbox, as in Debezium's documented setup (handy
 --                        when checking an event by id); the relay writes nothing.
 --   a publication        created below by the table's owner, so the relay needs no ownership
@@ -31,6 +34,18 @@ BEGIN
     ELSE
         ALTER ROLE outbox_relay WITH LOGIN REPLICATION;
     END IF;
+END
+$$;
+
+-- CONNECT on this database: PUBLIC has it by default, but hardened servers revoke it. Only the
+-- database's owner (or a superuser) can grant it; anyone else gets a warning ("no privileges
+-- were granted") or a notice, and the owner grants it separately if PUBLIC may not connect.
+DO $$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO outbox_relay', current_database());
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'not the owner of database %: run GRANT CONNECT ON DATABASE % TO outbox_relay as its owner if PUBLIC may not connect',
+        current_database(), quote_ident(current_database());
 END
 $$;
 
