@@ -128,6 +128,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         events: 0,
     };
     let mut backoff = Backoff::new(max_backoff);
+    let mut standby = false;
     let result = loop {
         let started = Instant::now();
         match pipeline.session(shutdown.as_mut()).await {
@@ -136,12 +137,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             SessionEnd::SlotBusy(why) => {
                 health.set_not_streaming(format!("standby: {why}"));
                 pipeline.metrics.leader.set(0);
-                tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
+                // Said once per standby spell: a standby may wait for days.
+                if !standby {
+                    tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
+                    standby = true;
+                }
                 if sleep_or_shutdown(STANDBY_RETRY, shutdown.as_mut()).await {
                     break Ok(());
                 }
             }
             SessionEnd::Transient(e) => {
+                standby = false;
                 pipeline.metrics.leader.set(0);
                 pipeline
                     .metrics
