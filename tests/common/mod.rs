@@ -6,6 +6,7 @@
 //! one), so nothing here blocks for long: Kafka reads poll librdkafka without waiting, and
 //! only server start-up and short metadata calls block.
 #![allow(dead_code)] // each test binary uses a different subset of the harness
+pub mod checker; // the reliability suite's writer and checker (tests/reliability.rs)
 
 use std::collections::HashSet;
 use std::fs::{self, File};
