@@ -221,6 +221,7 @@ async fn connection_cut_mid_transaction_loses_nothing() {
     let mut seqs = Seqs::default();
     let mut client = pg.client().await;
     let mut cut_at = Vec::new();
+    let mut mid = 0;
     for round in 1..=cuts {
         wait_leader(&mut relay, port, &format!("before cut {round}")).await;
         let before = bulk_published(port).unwrap_or(0.0);
@@ -234,7 +235,6 @@ async fn connection_cut_mid_transaction_loses_nothing() {
         );
         let outcome = bulk.transact(&mut client, &rows, false).await;
         assert_eq!(outcome, Outcome::Committed, "the large transaction");
-        let end = pg.current_wal_lsn().await;
         // Cut once Kafka acknowledged part of the transaction, not all of it.
         let deadline = Instant::now() + SECONDS;
         let acked = loop {
@@ -243,10 +243,14 @@ async fn connection_cut_mid_transaction_loses_nothing() {
             if now > before || Instant::now() >= deadline {
                 break now - before;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         };
         proxy.cut();
         cut_at.push(format!("{acked}/{big}"));
+        if acked > 0.0 && acked < big as f64 {
+            mid += 1;
+        }
+        let end = pg.current_wal_lsn().await;
         tokio::time::sleep(rng.millis(200, 2000)).await;
         proxy.restore();
         // The relay reconnects and sends the transaction again; wait until it is confirmed.
@@ -258,7 +262,10 @@ async fn connection_cut_mid_transaction_loses_nothing() {
             last.map(common::lsn_text)
         );
     }
-    println!("connection cut after N of {big} rows were acknowledged: {cut_at:?}");
+    println!(
+        "connection cut after N of {big} rows were acknowledged: {cut_at:?} \
+         ({mid} of {cuts} in the middle of the transaction)"
+    );
     let mut ledger = writer.finish().await;
     ledger.merge(bulk);
 

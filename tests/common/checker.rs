@@ -417,8 +417,18 @@ impl Check<'_> {
         reader
             .wait_for(committed.len(), drain_timeout(), &mut alive)
             .await;
-        reader.settle(QUIET).await;
-        let recs = reader.records();
+        // The count above includes duplicates: keep reading (up to a while) until every
+        // committed id showed up, so a slow fetch is not mistaken for a loss.
+        let more = std::time::Instant::now() + Duration::from_secs(30);
+        let recs = loop {
+            reader.settle(QUIET).await;
+            let recs = reader.records();
+            let ids: HashSet<String> = recs.iter().filter_map(|r| r.header_str("id")).collect();
+            if committed.iter().all(|e| ids.contains(&e.id)) || std::time::Instant::now() >= more {
+                break recs;
+            }
+            alive();
+        };
 
         let never_ids: HashSet<&str> = never.iter().map(|e| e.id.as_str()).collect();
         tally(&mut report, &recs, &committed, &never_ids);
