@@ -660,3 +660,196 @@ async fn other_schema_changes_keep_rows_flowing() {
     assert_eq!(values, payloads);
     assert_caught_up(&pg, &mut relay, "after the schema changes").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rows whose topic Kafka cannot take, and database settings that change what rows look like
+// ---------------------------------------------------------------------------------------------
+
+/// `aggregatetype` values that make no usable topic: a name Kafka forbids (space, slash) and a
+/// valid name for a topic nobody created. Expected: never a silent skip. Either the record is
+/// delivered (the broker auto-creates the topic) or the relay stops with one line naming the
+/// event and the topic, and the slot stays before it.
+#[tokio::test]
+async fn rows_for_unusable_topics_are_never_skipped() {
+    for (aggregatetype, what) in [
+        ("no such/topic", "an illegal topic name"),
+        ("missing", "a topic nobody created"),
+    ] {
+        let (pg, broker, mut relay) = start(OUTBOX_DDL, &[ORDER_TOPIC], "").await;
+        let before = pg.current_wal_lsn().await;
+        let id = returning(
+            &pg,
+            &format!(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                 VALUES ('{aggregatetype}', 'k', 'Odd', '{{}}') RETURNING id::text"
+            ),
+        )
+        .await
+        .remove(0);
+        returning(&pg, INSERT_ORDER).await;
+        let topic = format!("outbox.event.{aggregatetype}");
+        let deadline = Instant::now() + STOP;
+        loop {
+            if relay.try_exit().is_some() {
+                let line = expect_fatal_exit(&mut relay, what).await;
+                assert!(
+                    line.contains(&id) && line.contains(&topic),
+                    "{what}: the error should name event {id} and topic {topic:?}: {line}"
+                );
+                assert_slot_not_past(&pg, before, what).await;
+                break;
+            }
+            let confirmed = pg.confirmed_flush_lsn(SLOT).await.unwrap_or(0);
+            let after = pg.current_wal_lsn().await;
+            if confirmed >= after {
+                // Everything confirmed: the odd record must be in Kafka, and the next one too.
+                let mut reader = broker.reader(&[ORDER_TOPIC]);
+                let recs = settled(&mut reader).await;
+                assert_eq!(recs.len(), 1, "{what}: the event after it: {recs:#?}");
+                let mut reader = broker.reader(&[topic.as_str()]);
+                let recs = settled(&mut reader).await;
+                assert!(
+                    recs.iter()
+                        .any(|r| r.header_str("id").as_deref() == Some(id.as_str())),
+                    "{what}: event {id} for topic {topic:?} was confirmed but is not in Kafka"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: neither delivered nor stopped within {STOP:?}; stderr:\n{}",
+                relay.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A partitioned outbox table (common, so old events can be dropped by partition): rows live
+/// in the partitions, and pgoutput describes them under the partitions' names unless the
+/// publication publishes via the root. Expected: rows delivered as from a plain table, or a
+/// clear start-up error; never a silent skip.
+#[tokio::test]
+#[ignore = "bug: the relay publishes a partitioned outbox without publish_via_partition_root, so \
+            rows arrive under the partitions' names and are dropped silently while the slot \
+            moves past them (src/setup.rs ensure_publication, src/outbox.rs matches by name)"]
+async fn partitioned_outbox_table_is_relayed() {
+    let pg = Pg::start();
+    let broker = Broker::start();
+    pg.sql(
+        "CREATE TABLE public.outbox (
+            id uuid NOT NULL DEFAULT gen_random_uuid(),
+            created date NOT NULL DEFAULT '2025-01-15',
+            aggregatetype text NOT NULL,
+            aggregateid text NOT NULL,
+            type text NOT NULL,
+            payload jsonb
+         ) PARTITION BY RANGE (created);
+         CREATE TABLE public.outbox_2025_01 PARTITION OF public.outbox
+             FOR VALUES FROM ('2025-01-01') TO ('2025-02-01');
+         CREATE TABLE public.outbox_2025_02 PARTITION OF public.outbox
+             FOR VALUES FROM ('2025-02-01') TO ('2025-03-01');",
+    )
+    .await;
+    broker.create_topic(ORDER_TOPIC, PARTITIONS).await;
+    let mut relay = Relay::start(&config(&pg, &broker, "", ""));
+    let deadline = Instant::now() + STARTUP;
+    while pg.confirmed_flush_lsn(SLOT).await.is_none() {
+        if relay.try_exit().is_some() {
+            // A clear start-up refusal is acceptable.
+            let line = expect_fatal_exit(&mut relay, "partitioned outbox").await;
+            assert!(line.contains("outbox"), "{line}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no slot within {STARTUP:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ids = returning(&pg, INSERT_ORDER).await;
+    ids.extend(
+        returning(
+            &pg,
+            "INSERT INTO outbox (created, aggregatetype, aggregateid, type, payload) \
+             VALUES ('2025-02-10', 'order', 'k', 'Created', '{}') RETURNING id::text",
+        )
+        .await,
+    );
+    let after_insert = pg.current_wal_lsn().await;
+    let mut reader = broker.reader(&[ORDER_TOPIC]);
+    let deadline = Instant::now() + DELIVERY;
+    while reader.len() < 2 {
+        relay.assert_running();
+        let confirmed = pg.confirmed_flush_lsn(SLOT).await.unwrap_or(0);
+        if confirmed >= after_insert {
+            // The slot says the rows are done; give the consumer a moment to see them.
+            let recs = settled(&mut reader).await;
+            assert_eq!(
+                recs.len(),
+                2,
+                "rows of a partitioned outbox did not reach Kafka, yet the relay runs on and \
+                 confirmed the slot to {} (past them): a silent skip; in Kafka: {recs:#?}",
+                lsn_text(confirmed)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not delivered within {DELIVERY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reader.poll();
+    }
+    let recs = settled(&mut reader).await;
+    let got: Vec<String> = recs.iter().filter_map(|r| r.header_str("id")).collect();
+    assert_eq!(got, ids);
+    assert_caught_up(&pg, &mut relay, "partitioned outbox").await;
+}
+
+/// `bytea_output = 'escape'` set for the database (a legacy setting some databases carry):
+/// the walsender then prints bytea in escape format. Expected: the raw bytes still arrive
+/// (the relay can ask for hex in its own session), or the relay stops with one line naming
+/// bytea_output and the slot stays before the row; never wrong bytes.
+#[tokio::test]
+async fn bytea_output_escape_never_yields_wrong_bytes() {
+    let ddl = "CREATE TABLE public.outbox (
+        id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        aggregatetype text NOT NULL,
+        aggregateid bytea,
+        type text NOT NULL,
+        payload bytea
+    );
+    ALTER DATABASE postgres SET bytea_output = 'escape'";
+    let (pg, broker, mut relay) = start(ddl, &[ORDER_TOPIC], "").await;
+    let before = pg.current_wal_lsn().await;
+    let key = vec![0u8, b'\\', b'x', 0xff];
+    let payload = b"plain ascii".to_vec();
+    let id = returning(
+        &pg,
+        &format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             VALUES ('order', {}, 'Blob', {}) RETURNING id::text",
+            bytea_literal(&key),
+            bytea_literal(&payload)
+        ),
+    )
+    .await
+    .remove(0);
+    let mut reader = broker.reader(&[ORDER_TOPIC]);
+    let deadline = Instant::now() + STOP;
+    loop {
+        reader.poll();
+        if !reader.records().is_empty() {
+            let recs = settled(&mut reader).await;
+            let r = by_id(&recs, &id);
+            assert_eq!(r.key.as_deref(), Some(&key[..]));
+            assert_eq!(r.value.as_deref(), Some(&payload[..]));
+            return;
+        }
+        if relay.try_exit().is_some() {
+            let line = expect_fatal_exit(&mut relay, "bytea_output = escape").await;
+            assert!(line.contains("bytea_output"), "{line}");
+            assert_slot_not_past(&pg, before, "bytea_output = escape").await;
+            return;
+        }
+        assert!(Instant::now() < deadline, "neither delivered nor stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
