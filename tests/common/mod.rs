@@ -2007,3 +2007,15 @@ impl Broker {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reading from any cluster (appended for tests/broker_faults.rs: librdkafka's mock cluster)
+// ---------------------------------------------------------------------------------------------
+
+impl Reader {
+    /// A reader of `topics` on the cluster at `bootstrap` (e.g. an `rdkafka::mocking`
+    /// cluster rather than a [`Broker`]), from the beginning of every partition.
+    pub fn at(bootstrap: &str, topics: &[&str]) -> Reader {
+        Reader::new(bootstrap, topics)
+    }
+}
