@@ -128,14 +128,30 @@ fn running_as_root() -> bool {
 }
 
 /// A command for a PostgreSQL server binary, run as `postgres` when we are root.
+/// `OUTBOX_TEST_PG_BIN=/path/to/bin` picks another server (scripts/pg-matrix.sh): that
+/// directory goes first on PATH, and its `../lib` on LD_LIBRARY_PATH if it exists.
 fn pg_command(program: &str) -> Command {
-    if running_as_root() {
+    let mut cmd = if running_as_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "postgres", "--", program]);
         cmd
     } else {
         Command::new(program)
+    };
+    if let Some(bin) = std::env::var_os("OUTBOX_TEST_PG_BIN").filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path));
+        cmd.env(
+            "PATH",
+            std::env::join_paths(paths).expect("OUTBOX_TEST_PG_BIN in PATH"),
+        );
+        let lib = bin.join("../lib");
+        if lib.is_dir() {
+            cmd.env("LD_LIBRARY_PATH", lib);
+        }
     }
+    cmd
 }
 
 fn run_checked(mut cmd: Command, what: &str) {
