@@ -66,6 +66,15 @@ struct State {
     done: u64,
 }
 
+/// What [`AckTracker::delivered`] learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The record's transaction's commit time (µs since 2000), if it is still tracked.
+    pub commit_time: Option<i64>,
+    /// Records still unacknowledged after this one.
+    pub in_flight: u64,
+}
+
 /// A snapshot for metrics and readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -146,17 +155,20 @@ impl AckTracker {
         self.release(&mut s);
     }
 
-    /// Kafka's verdict on one record of `txn`; returns the transaction's commit time.
-    pub fn delivered(&self, txn: TxnId, result: Result<(), DeliveryFailure>) -> Option<i64> {
+    /// Kafka's verdict on one record of `txn`.
+    pub fn delivered(&self, txn: TxnId, result: Result<(), DeliveryFailure>) -> Delivered {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
-        let mut commit_time = None;
+        let mut done = Delivered {
+            commit_time: None,
+            in_flight: s.in_flight,
+        };
         if let Some(t) = s.get_mut(txn) {
             t.pending = t.pending.saturating_sub(1);
             if result.is_err() {
                 t.failed = true;
             }
-            commit_time = Some(t.commit_time);
+            done.commit_time = Some(t.commit_time);
         }
         match result {
             Ok(()) => self.release(&mut s),
@@ -170,7 +182,7 @@ impl AckTracker {
                 });
             }
         }
-        commit_time
+        done
     }
 
     /// The server's WAL end from a keepalive outside any transaction: confirm it if nothing is
@@ -241,13 +253,14 @@ impl AckTracker {
     }
 
     fn advance(&self, lsn: Lsn) {
+        // Modified in place without waking the receiver: the replication loop reads the
+        // confirmed LSN on its status tick, and waking it once per transaction costs a
+        // context switch per transaction at low rates. Only a failure wakes it.
         self.progress.send_if_modified(|p| {
             if lsn > p.confirmed && p.failure.is_none() {
                 p.confirmed = lsn;
-                true
-            } else {
-                false
             }
+            false
         });
     }
 }

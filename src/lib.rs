@@ -5,6 +5,7 @@
 pub mod ack;
 pub mod check;
 pub mod config;
+pub mod fxhash;
 pub mod http;
 pub mod lsn;
 pub mod metrics;

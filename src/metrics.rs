@@ -192,6 +192,11 @@ impl Health {
         self.streaming.store(false, Ordering::Relaxed);
     }
 
+    /// Whether the broker was last reported unreachable.
+    pub fn broker_down(&self) -> bool {
+        self.broker_down.load(Ordering::Relaxed)
+    }
+
     /// Whether the broker answered recently; true when it just came back.
     pub fn set_broker(&self, reachable: bool, reason: impl Into<String>) -> bool {
         if !reachable {

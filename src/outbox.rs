@@ -4,9 +4,8 @@
 //! A plan is built once per Relation message (column positions, which are bytea, the parsed
 //! topic template), so the per-row path only picks values out of the tuple.
 
-use std::collections::HashMap;
-
 use crate::config::OutboxConfig;
+use crate::fxhash::FxHashMap;
 use crate::pgoutput::{DecodeError, Relation, Tuple, Value};
 
 /// PostgreSQL's type oid for `bytea`, whose text form is hex and must be sent as raw bytes.
@@ -64,14 +63,25 @@ pub enum MappingError {
 #[derive(Debug, Clone)]
 enum TopicPart {
     Literal(String),
-    Column { index: usize, name: String },
+    /// A column's value; `slot` is where the row pass puts it.
+    Column {
+        slot: usize,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Col {
-    index: usize,
+    /// Where the row pass puts the value (see `Plan::picks`).
+    slot: usize,
     bytea: bool,
 }
+
+/// Slots of the fixed roles; topic-template and header columns follow.
+const ID_SLOT: usize = 0;
+const KEY_SLOT: usize = 1;
+const KIND_SLOT: usize = 2;
+const PAYLOAD_SLOT: usize = 3;
 
 /// How one outbox table's rows become records.
 #[derive(Debug, Clone)]
@@ -81,12 +91,14 @@ struct Plan {
     table: String,
     /// Columns the Relation message announced.
     columns: usize,
-    id: Col,
     key: Col,
-    kind: Col,
     payload: Col,
     topic: Vec<TopicPart>,
     headers: Vec<(String, Col)>,
+    /// `(column, slot)` for every value a record needs, in column order, so one pass over
+    /// the row picks them all.
+    picks: Vec<(usize, usize)>,
+    slots: usize,
 }
 
 /// One record ready for the producer; borrows the row and the mapper's scratch space.
@@ -100,16 +112,27 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// Record value (`None` for a NULL payload).
     pub payload: Option<&'a [u8]>,
-    /// Headers in order: `id`, `type`, then the configured extra columns.
-    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// The event id column, sent as the `id` header.
+    pub id: Option<&'a [u8]>,
+    /// The event type column, sent as the `type` header.
+    pub kind: Option<&'a [u8]>,
+    /// The configured `header_columns`, in order (empty and unallocated when none are).
+    pub extra_headers: Vec<(&'a str, Option<&'a [u8]>)>,
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
+    /// Headers in order: `id`, `type`, then the configured extra columns.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + '_ {
+        [("id", self.id), ("type", self.kind)]
+            .into_iter()
+            .chain(self.extra_headers.iter().copied())
+    }
+
     /// The event id as text, for error messages.
     pub fn event_id(&self) -> String {
-        match self.headers.first() {
-            Some((_, Some(v))) => String::from_utf8_lossy(v).into_owned(),
-            _ => "?".into(),
+        match self.id {
+            Some(v) => String::from_utf8_lossy(v).into_owned(),
+            None => "?".into(),
         }
     }
 }
@@ -118,11 +141,13 @@ impl Record<'_> {
 #[derive(Debug)]
 pub struct OutboxMapper {
     tables: Vec<OutboxConfig>,
-    plans: HashMap<u32, Option<Plan>>,
+    plans: FxHashMap<u32, Option<Plan>>,
     topic: String,
     key_buf: Vec<u8>,
     payload_buf: Vec<u8>,
     header_bufs: Vec<Vec<u8>>,
+    /// Per slot, where its value lies in the row's bytes (`None`: NULL or unchanged).
+    spans: Vec<Option<(usize, usize)>>,
 }
 
 impl OutboxMapper {
@@ -130,11 +155,12 @@ impl OutboxMapper {
     pub fn new(tables: &[OutboxConfig]) -> Self {
         OutboxMapper {
             tables: tables.to_vec(),
-            plans: HashMap::new(),
+            plans: FxHashMap::default(),
             topic: String::new(),
             key_buf: Vec::new(),
             payload_buf: Vec::new(),
             header_bufs: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -175,16 +201,36 @@ impl OutboxMapper {
                 got: tuple.len(),
             });
         }
-        // `decode` validated the whole tuple, so walking it again per column cannot fail;
-        // walking is cheaper than collecting the values into a fresh Vec per row.
-        let text = |col: Col| -> Option<&'a [u8]> {
-            match tuple.values().nth(col.index) {
-                Some(Ok(Value::Text(b))) | Some(Ok(Value::Binary(b))) => Some(b),
-                _ => None,
+        // One pass over the row for every value the record needs: `decode` validated the
+        // tuple, and fetching each column by position would walk the row once per column.
+        let data = tuple.bytes();
+        let base = data.as_ptr() as usize;
+        self.spans.clear();
+        self.spans.resize(plan.slots, None);
+        let mut picks = plan.picks.iter().peekable();
+        for (i, value) in tuple.values().enumerate() {
+            let Some(&&(next, _)) = picks.peek() else {
+                break;
+            };
+            if i < next {
+                continue;
             }
+            let span = match value {
+                Ok(Value::Text(b)) | Ok(Value::Binary(b)) => {
+                    Some((b.as_ptr() as usize - base, b.len()))
+                }
+                _ => None,
+            };
+            while let Some(&(_, slot)) = picks.next_if(|(col, _)| *col == i) {
+                self.spans[slot] = span;
+            }
+        }
+        let spans = &self.spans;
+        let text = |slot: usize| -> Option<&'a [u8]> {
+            spans[slot].map(|(start, len)| &data[start..start + len])
         };
         let event_id = || {
-            text(plan.id)
+            text(ID_SLOT)
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_else(|| "?".into())
         };
@@ -193,18 +239,18 @@ impl OutboxMapper {
         for part in &plan.topic {
             match part {
                 TopicPart::Literal(s) => self.topic.push_str(s),
-                TopicPart::Column { index, name } => {
-                    let Some(v) = text(Col {
-                        index: *index,
-                        bytea: false,
-                    }) else {
+                TopicPart::Column { slot, name } => {
+                    let Some(v) = text(*slot) else {
                         return Err(MappingError::NullTopicColumn {
                             table: plan.table.clone(),
                             event_id: event_id(),
                             column: name.clone(),
                         });
                     };
-                    self.topic.push_str(&String::from_utf8_lossy(v));
+                    match std::str::from_utf8(v) {
+                        Ok(v) => self.topic.push_str(v),
+                        Err(_) => self.topic.push_str(&String::from_utf8_lossy(v)),
+                    }
                 }
             }
         }
@@ -213,19 +259,18 @@ impl OutboxMapper {
             table: plan.table.clone(),
             column: col.to_owned(),
         };
-        let key = decode_col(text(plan.key), plan.key, &mut self.key_buf)
+        let key = decode_col(text(KEY_SLOT), plan.key, &mut self.key_buf)
             .ok_or_else(|| bad_bytea("key"))?;
-        let payload = decode_col(text(plan.payload), plan.payload, &mut self.payload_buf)
+        let payload = decode_col(text(PAYLOAD_SLOT), plan.payload, &mut self.payload_buf)
             .ok_or_else(|| bad_bytea("payload"))?;
 
-        let mut headers = Vec::with_capacity(2 + plan.headers.len());
-        headers.push(("id", text(plan.id)));
-        headers.push(("type", text(plan.kind)));
+        let mut extra_headers = Vec::new();
         if !plan.headers.is_empty() {
+            extra_headers.reserve_exact(plan.headers.len());
             self.header_bufs.resize_with(plan.headers.len(), Vec::new);
             for ((name, col), buf) in plan.headers.iter().zip(self.header_bufs.iter_mut()) {
-                let v = decode_col(text(*col), *col, buf).ok_or_else(|| bad_bytea(name))?;
-                headers.push((name.as_str(), v));
+                let v = decode_col(text(col.slot), *col, buf).ok_or_else(|| bad_bytea(name))?;
+                extra_headers.push((name.as_str(), v));
             }
         }
         Ok(Some(Record {
@@ -233,7 +278,9 @@ impl OutboxMapper {
             topic: &self.topic,
             key,
             payload,
-            headers,
+            id: text(ID_SLOT),
+            kind: text(KIND_SLOT),
+            extra_headers,
         }))
     }
 }
@@ -273,20 +320,33 @@ fn hex_digit(b: u8) -> Option<u8> {
 
 fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, MappingError> {
     let table = format!("{}.{}", rel.namespace, rel.name);
-    let find = |name: &str, role: &'static str| -> Result<Col, MappingError> {
-        rel.columns
+    let mut picks = Vec::new();
+    let mut find = |name: &str, role: &'static str| -> Result<Col, MappingError> {
+        let index = rel
+            .columns
             .iter()
             .position(|col| col.name == name)
-            .map(|index| Col {
-                index,
-                bytea: rel.columns[index].type_oid == BYTEA_OID,
-            })
             .ok_or_else(|| MappingError::MissingColumn {
                 table: table.clone(),
                 column: name.to_owned(),
                 role,
-            })
+            })?;
+        let slot = picks.len();
+        picks.push((index, slot));
+        Ok(Col {
+            slot,
+            bytea: rel.columns[index].type_oid == BYTEA_OID,
+        })
     };
+    // The fixed roles first, in the order of the *_SLOT constants.
+    let id = find(&c.id_column, "id_column")?;
+    let key = find(&c.key_column, "key_column")?;
+    let kind = find(&c.type_column, "type_column")?;
+    let payload = find(&c.payload_column, "payload_column")?;
+    debug_assert_eq!(
+        [id.slot, key.slot, kind.slot, payload.slot],
+        [ID_SLOT, KEY_SLOT, KIND_SLOT, PAYLOAD_SLOT]
+    );
     let mut topic = Vec::new();
     let mut rest = c.topic.as_str();
     while let Some(open) = rest.find('{') {
@@ -297,7 +357,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         }
         let name = &rest[open + 1..close];
         topic.push(TopicPart::Column {
-            index: find(name, "topic")?.index,
+            slot: find(name, "topic")?.slot,
             name: name.to_owned(),
         });
         rest = &rest[close + 1..];
@@ -310,15 +370,17 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         .iter()
         .map(|h| Ok((h.clone(), find(h, "header_columns")?)))
         .collect::<Result<_, MappingError>>()?;
+    let slots = picks.len();
+    picks.sort_unstable();
     Ok(Plan {
         index,
         columns: rel.columns.len(),
-        id: find(&c.id_column, "id_column")?,
-        key: find(&c.key_column, "key_column")?,
-        kind: find(&c.type_column, "type_column")?,
-        payload: find(&c.payload_column, "payload_column")?,
+        key,
+        payload,
         topic,
         headers,
+        picks,
+        slots,
         table,
     })
 }
@@ -427,7 +489,7 @@ mod tests {
             assert_eq!(r.key, Some("ключ-🚀".as_bytes()));
             assert_eq!(r.payload, Some(&br#"{"total": 12.5}"#[..]));
             assert_eq!(
-                r.headers,
+                r.headers().collect::<Vec<_>>(),
                 vec![
                     ("id", Some(&b"4a1c1f5e-0000-4000-8000-000000000001"[..])),
                     ("type", Some(&b"OrderCreated"[..])),
@@ -468,7 +530,7 @@ mod tests {
         map_row(&mut m, &row, |r| {
             let r = r.unwrap().unwrap();
             assert_eq!(r.payload, Some(&[0x00, 0xff, 0x10][..]));
-            assert_eq!(r.headers[2], ("trace", Some(&[0xab][..])));
+            assert_eq!(r.headers().nth(2).unwrap(), ("trace", Some(&[0xab][..])));
         });
     }
 

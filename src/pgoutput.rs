@@ -91,6 +91,11 @@ impl<'a> Tuple<'a> {
         self.columns == 0
     }
 
+    /// The encoded column values; every value [`Tuple::values`] yields borrows from these.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.data
+    }
+
     /// The column values in order; stops after the first error.
     pub fn values(&self) -> TupleValues<'a> {
         TupleValues {

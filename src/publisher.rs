@@ -1,9 +1,11 @@
 //! The Kafka publisher: an idempotent `acks=all` librdkafka producer whose delivery reports
 //! feed the acknowledgement tracker, carrying only the transaction id per record.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
@@ -13,6 +15,7 @@ use tokio::sync::Notify;
 
 use crate::ack::{AckTracker, DeliveryFailure, TxnId};
 use crate::config::{KafkaConfig, OutboxConfig};
+use crate::fxhash::FxHashMap;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::Record;
 use crate::replication::pg_now_micros;
@@ -41,17 +44,36 @@ pub enum SendError {
     Refused(DeliveryFailure),
 }
 
-/// Packs the transaction and the outbox table's index into librdkafka's per-record opaque,
-/// so a delivery report needs no allocation to find either.
-const TABLE_BITS: u32 = 16;
+/// The per-record opaque packs the transaction and a route (outbox table and topic), so a
+/// delivery report finds both, and the route's counter, without allocating or hashing.
+const ROUTE_BITS: u32 = 16;
+const ROUTE_MASK: usize = (1 << ROUTE_BITS) - 1;
+/// Marks a record whose route did not fit in the opaque; its report takes the slow path.
+const NO_ROUTE: usize = ROUTE_MASK;
+/// `Shared::resume_below` when the relay is not waiting for room in the queue.
+const NOT_WAITING: u64 = u64::MAX;
 
-struct Delivery {
+/// Routes seen so far: each (outbox table, topic) pair gets a number and a counter.
+#[derive(Default)]
+struct Routes {
+    by_topic: FxHashMap<String, Vec<(usize, usize)>>,
+}
+
+/// What the replication loop and librdkafka's delivery thread share.
+struct Shared {
     tracker: Arc<AckTracker>,
-    space: Arc<Notify>,
+    space: Notify,
+    /// Wake the relay once this few records are unacknowledged: waking it for every report
+    /// while the queue is full would cost a context switch per record.
+    resume_below: AtomicU64,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     tables: Vec<String>,
+    /// `events_published_total{table,topic}` by route number.
+    published: RwLock<Vec<IntCounter>>,
 }
+
+struct Delivery(Arc<Shared>);
 
 impl ClientContext for Delivery {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -75,7 +97,7 @@ impl ClientContext for Delivery {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "{error}: {reason}");
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.health.set_broker(false, reason);
+            self.0.health.set_broker(false, reason);
         }
     }
 }
@@ -84,24 +106,31 @@ impl ProducerContext for Delivery {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
-        let txn = (token >> TABLE_BITS) as TxnId;
-        let table = self
-            .tables
-            .get(token & ((1 << TABLE_BITS) - 1))
-            .map_or("?", String::as_str);
+        let shared = &*self.0;
+        let txn = (token >> ROUTE_BITS) as TxnId;
+        let route = token & ROUTE_MASK;
         let verdict = match result {
             Ok(msg) => {
-                self.metrics
-                    .events_published
-                    .with_label_values(&[table, msg.topic()])
-                    .inc();
+                let published = shared
+                    .published
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match published.get(route) {
+                    Some(counter) => counter.inc(),
+                    None => shared
+                        .metrics
+                        .events_published
+                        .with_label_values(&["other", msg.topic()])
+                        .inc(),
+                }
                 Ok(())
             }
             Err((err, msg)) => {
                 let reason = err
                     .rdkafka_error_code()
                     .map_or_else(|| err.to_string(), |c| format!("{c:?}"));
-                self.metrics
+                shared
+                    .metrics
                     .publish_errors
                     .with_label_values(&[msg.topic(), &reason])
                     .inc();
@@ -117,14 +146,23 @@ impl ProducerContext for Delivery {
             }
         };
         let ok = verdict.is_ok();
-        if let Some(commit_time) = self.tracker.delivered(txn, verdict) {
+        let done = shared.tracker.delivered(txn, verdict);
+        if let Some(commit_time) = done.commit_time {
             let secs = (pg_now_micros() - commit_time) as f64 / 1e6;
-            self.metrics.commit_to_ack_seconds.observe(secs.max(0.0));
+            shared.metrics.commit_to_ack_seconds.observe(secs.max(0.0));
         }
-        if ok && self.health.set_broker(true, "") {
-            self.metrics.reconnects.with_label_values(&["kafka"]).inc();
+        if ok && shared.health.broker_down() && shared.health.set_broker(true, "") {
+            shared
+                .metrics
+                .reconnects
+                .with_label_values(&["kafka"])
+                .inc();
         }
-        self.space.notify_one();
+        if done.in_flight <= shared.resume_below.load(Ordering::Acquire)
+            && shared.resume_below.swap(NOT_WAITING, Ordering::AcqRel) != NOT_WAITING
+        {
+            shared.space.notify_one();
+        }
     }
 }
 
@@ -145,7 +183,8 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
 /// Hands records to Kafka; acknowledgements flow to the tracker on librdkafka's thread.
 pub struct Publisher {
     producer: ThreadedProducer<Delivery>,
-    space: Arc<Notify>,
+    shared: Arc<Shared>,
+    routes: Mutex<Routes>,
 }
 
 impl Publisher {
@@ -170,23 +209,67 @@ impl Publisher {
                 }
             }
         }
-        let space = Arc::new(Notify::new());
-        let producer = client.create_with_context(Delivery {
+        let shared = Arc::new(Shared {
             tracker,
-            space: space.clone(),
+            space: Notify::new(),
+            resume_below: AtomicU64::new(NOT_WAITING),
             metrics,
             health,
             tables: tables.iter().map(|t| t.table.clone()).collect(),
-        })?;
-        Ok(Publisher { producer, space })
+            published: RwLock::new(Vec::new()),
+        });
+        let producer = client.create_with_context(Delivery(shared.clone()))?;
+        Ok(Publisher {
+            producer,
+            shared,
+            routes: Mutex::new(Routes::default()),
+        })
     }
 
-    /// Hands one record of `txn` from outbox table number `table` to the producer without waiting.
-    pub fn send(&self, txn: TxnId, table: usize, record: &Record<'_>) -> Result<(), SendError> {
-        let token = ((txn as usize) << TABLE_BITS) | (table & ((1 << TABLE_BITS) - 1));
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header { key, value: *value });
+    /// The route number of (outbox table `table`, `topic`), made on first use.
+    fn route(&self, table: usize, topic: &str) -> usize {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&(_, route)) = routes
+            .by_topic
+            .get(topic)
+            .and_then(|v| v.iter().find(|(t, _)| *t == table))
+        {
+            return route;
+        }
+        let mut published = self
+            .shared
+            .published
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if published.len() >= NO_ROUTE {
+            return NO_ROUTE;
+        }
+        let name = self
+            .shared
+            .tables
+            .get(table)
+            .map_or("other", String::as_str);
+        published.push(
+            self.shared
+                .metrics
+                .events_published
+                .with_label_values(&[name, topic]),
+        );
+        let route = published.len() - 1;
+        routes
+            .by_topic
+            .entry(topic.to_owned())
+            .or_default()
+            .push((table, route));
+        route
+    }
+
+    /// Hands one record of `txn` to the producer without waiting.
+    pub fn send(&self, txn: TxnId, record: &Record<'_>) -> Result<(), SendError> {
+        let token = ((txn as usize) << ROUTE_BITS) | self.route(record.table, record.topic);
+        let mut headers = OwnedHeaders::new_with_capacity(2 + record.extra_headers.len());
+        for (key, value) in record.headers() {
+            headers = headers.insert(Header { key, value });
         }
         let mut out =
             BaseRecord::<[u8], [u8], usize>::with_opaque_to(record.topic, token).headers(headers);
@@ -209,9 +292,21 @@ impl Publisher {
         }
     }
 
-    /// Resolves after the next delivery report, i.e. when the queue may have room again.
-    pub async fn space(&self) {
-        self.space.notified().await
+    /// Resolves once at most `in_flight` records are unacknowledged (checked as reports
+    /// arrive), so a full queue is refilled in large steps rather than one record at a time.
+    pub async fn space_below(&self, in_flight: u64) {
+        let notified = self.shared.space.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a report arriving in between is not missed.
+        notified.as_mut().enable();
+        self.shared.resume_below.store(in_flight, Ordering::Release);
+        if self.shared.tracker.in_flight() <= in_flight {
+            self.shared
+                .resume_below
+                .store(NOT_WAITING, Ordering::Release);
+            return;
+        }
+        notified.await
     }
 
     /// Waits up to `timeout` for every queued record's delivery report; false if some remain.

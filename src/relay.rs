@@ -585,13 +585,14 @@ impl Pipeline<'_> {
                 };
                 self.tracker.sending(txn);
                 loop {
-                    match self.publisher.send(txn, record.table, &record) {
+                    match self.publisher.send(txn, &record) {
                         Ok(()) => break,
                         Err(SendError::QueueFull) => {
                             // Backpressure: stop reading the socket (the walsender blocks on
                             // TCP) but keep the server from timing us out.
+                            let refill_at = self.tracker.in_flight() / 2;
                             tokio::select! {
-                                _ = self.publisher.space() => {}
+                                _ = self.publisher.space_below(refill_at) => {}
                                 _ = tokio::time::sleep(CONFIRM_TICK) => {}
                             }
                             self.status
@@ -635,7 +636,7 @@ impl Pipeline<'_> {
             }
             tokio::select! {
                 _ = &mut shutdown => return true,
-                _ = self.publisher.space() => {}
+                _ = self.publisher.space_below(0) => {}
                 _ = tokio::time::sleep(CONFIRM_TICK) => {}
             }
         }

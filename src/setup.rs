@@ -140,7 +140,13 @@ pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, Setu
         check_table(client, table).await?;
     }
     ensure_publication(client, config).await?;
-    ensure_slot(client, &config.postgres.slot, &config.postgres.publication).await
+    ensure_slot(
+        client,
+        &config.postgres.slot,
+        &config.postgres.publication,
+        0,
+    )
+    .await
 }
 
 fn quoted(table: &OutboxConfig) -> String {
@@ -244,8 +250,14 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
             tracing::info!(publication = %publication, tables = %tables, "created publication");
             Ok(())
         }
-        // Another replica created it between our check and now.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        // Another replica created it between our check and now: the catalog's unique index
+        // reports that as 23505 when both CREATEs ran at once, as 42710 otherwise.
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT)
+                || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(SetupError::CreatePublication {
             publication: publication.clone(),
             tables,
@@ -260,10 +272,27 @@ fn marker_prefix(slot: &str) -> String {
     format!("outbox-relay: slot {slot} created")
 }
 
+/// Whether the slot exists now.
+async fn slot_exists(client: &Client, slot: &str) -> Result<bool, SetupError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg)?
+        .is_some())
+}
+
+/// How often, 200 ms apart, a slot another replica is creating right now is looked at again
+/// before giving up on it.
+const SLOT_CREATION_PATIENCE: u32 = 150;
+
 async fn ensure_slot(
     client: &Client,
     slot: &str,
     publication: &str,
+    attempt: u32,
 ) -> Result<SlotState, SetupError> {
     let slot_err = |problem: String| SetupError::Slot {
         slot: slot.to_owned(),
@@ -288,6 +317,11 @@ async fn ensure_slot(
             .map_err(pg)?
             .and_then(|r| r.get(0));
         if let Some(marker) = marker.filter(|m| m.starts_with(&marker_prefix(slot))) {
+            // Another replica may have created the slot (and written the marker) between
+            // our two queries: only a slot that is still missing now has vanished.
+            if attempt == 0 && slot_exists(client, slot).await? {
+                return Box::pin(ensure_slot(client, slot, publication, attempt + 1)).await;
+            }
             return Err(SetupError::SlotVanished {
                 slot: slot.to_owned(),
                 publication: publication.to_owned(),
@@ -325,7 +359,8 @@ async fn ensure_slot(
                 })
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
-                Box::pin(ensure_slot(client, slot, publication)).await
+                // Another replica created it a moment ago; use it.
+                Box::pin(ensure_slot(client, slot, publication, attempt + 1)).await
             }
             Err(e) => Err(slot_err(format!(
                 "cannot create it: {}; the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)",
@@ -356,10 +391,18 @@ async fn ensure_slot(
             confirmed.as_deref().unwrap_or("its last confirmed LSN")
         )));
     }
-    let confirmed = confirmed
-        .ok_or_else(|| slot_err("has no confirmed_flush_lsn".into()))?
-        .parse()
-        .map_err(|e| slot_err(format!("{e}")))?;
+    let Some(confirmed) = confirmed else {
+        // A logical slot has no confirmed position only while it is being created (another
+        // replica is building its snapshot, which waits for running transactions): wait.
+        if attempt < SLOT_CREATION_PATIENCE {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            return Box::pin(ensure_slot(client, slot, publication, attempt + 1)).await;
+        }
+        return Err(slot_err(
+            "has had no confirmed_flush_lsn for 30 s: its creation did not finish; drop it and restart the relay".into(),
+        ));
+    };
+    let confirmed = confirmed.parse().map_err(|e| slot_err(format!("{e}")))?;
     Ok(SlotState {
         confirmed_flush: confirmed,
         created: false,

@@ -398,14 +398,11 @@ async fn two_replicas_with_the_leader_killed_repeatedly_lose_nothing() {
     .await;
 }
 
-/// Relay bug found by the test above (not fixed here): two replicas started at the same time
-/// on a database without the slot both try to create it; the one that gets "already exists"
-/// reads the slot while the other's `pg_create_logical_replication_slot` is still looking for
-/// a consistent point, sees `confirmed_flush_lsn` NULL and exits 1 with "replication slot
-/// outbox_relay: has no confirmed_flush_lsn" (src/setup.rs, ensure_slot) instead of waiting
-/// as a standby. Ignored until fixed: `cargo test --test reliability -- --ignored`.
+/// Two replicas started at the same time on a database without the slot both try to create
+/// it; the one that gets "already exists" reads the slot while the other's
+/// `pg_create_logical_replication_slot` is still looking for a consistent point
+/// (`confirmed_flush_lsn` NULL). It must wait and become a standby, not exit.
 #[tokio::test]
-#[ignore = "relay bug: a replica losing the slot-creation race exits 1"]
 async fn two_replicas_started_together_on_a_fresh_database_both_keep_running() {
     let attempts = runs(5);
     let (pg, broker) = setup(&TOPICS, PARTITIONS).await;
