@@ -592,6 +592,56 @@ async fn renamed_table_is_never_skipped_silently() {
     }
 }
 
+/// The classic table swap done by a migration: the outbox is renamed away and a new, empty
+/// `public.outbox` takes its place. The publication lists tables, not names, so the new table
+/// is not in it and its rows never enter the stream. Expected: the user is told (the relay
+/// stops with one line naming the table and the publication, as it does at start-up) rather
+/// than the relay streaming on while new events pile up unpublished.
+#[tokio::test]
+#[ignore = "bug: after a table swap the relay runs on and never publishes the new table's \
+            rows; only a restart reports that the publication does not cover the table \
+            (nothing in src/relay.rs re-checks the publication while streaming)"]
+async fn swapped_in_table_is_noticed_while_running() {
+    let (pg, broker, mut relay) = start(OUTBOX_DDL, &[ORDER_TOPIC], "").await;
+    returning(&pg, INSERT_ORDER).await;
+    read(&broker, &mut relay, &[ORDER_TOPIC], 1).await;
+    pg.sql(&format!(
+        "BEGIN; ALTER TABLE public.outbox RENAME TO outbox_old; \
+         ALTER TABLE public.outbox_old RENAME CONSTRAINT outbox_pkey TO outbox_old_pkey; \
+         {OUTBOX_DDL}; COMMIT;"
+    ))
+    .await;
+    let id = returning(&pg, INSERT_ORDER).await.remove(0);
+
+    let mut reader = broker.reader(&[ORDER_TOPIC]);
+    let deadline = Instant::now() + STOP;
+    loop {
+        reader.poll();
+        if reader
+            .records()
+            .iter()
+            .any(|r| r.header_str("id").as_deref() == Some(id.as_str()))
+        {
+            return; // Delivered after all: fine.
+        }
+        if relay.try_exit().is_some() {
+            let line = expect_fatal_exit(&mut relay, "table swap").await;
+            assert!(
+                line.contains("outbox") && line.contains("publication"),
+                "the error should name the table and the publication: {line}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{STOP:?} after a table swap the relay still runs, event {id} in the new \
+             public.outbox is not in Kafka and nothing was said; stderr:\n{}",
+            relay.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn dropped_configured_column_stops_the_relay_before_the_next_row() {
     let (pg, broker, mut relay) = start(OUTBOX_DDL, &[ORDER_TOPIC], "").await;
@@ -683,12 +733,21 @@ async fn other_schema_changes_keep_rows_flowing() {
         .await,
     );
     payloads.push("plain text, not JSON");
+    // The key becomes bytea holding the same bytes: same key, same partition, order kept.
+    pg.sql(
+        "ALTER TABLE public.outbox ALTER COLUMN aggregateid TYPE bytea \
+         USING convert_to(aggregateid, 'UTF8')",
+    )
+    .await;
+    ids.extend(returning(&pg, INSERT_ORDER).await);
+    payloads.push("{}");
 
     let recs = read(&broker, &mut relay, &[ORDER_TOPIC], ids.len()).await;
     let got: Vec<String> = recs.iter().filter_map(|r| r.header_str("id")).collect();
     assert_eq!(got, ids, "every row, once, in commit order (one key)");
     let values: Vec<String> = recs.iter().filter_map(Rec::value_str).collect();
     assert_eq!(values, payloads);
+    assert!(recs.iter().all(|r| r.key.as_deref() == Some(&b"k"[..])));
     assert_caught_up(&pg, &mut relay, "after the schema changes").await;
 }
 
