@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use common::checker::{tally, Report};
 use common::{
-    basic_config, check_delivery, free_port, http_get, insert_outbox, lsn_text, scrape, wait_until,
-    Event, NewEvent, Pg, Reader, Rec, Relay, Seqs, OUTBOX_DDL, QUIET, SLOT,
+    basic_config, check_delivery, free_port, http_get, insert_outbox, java_murmur2_partition,
+    lsn_text, scrape, wait_until, Event, NewEvent, Pg, Reader, Rec, Relay, Seqs, OUTBOX_DDL, QUIET,
+    SLOT,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -79,10 +80,16 @@ struct Rig {
     client: tokio_postgres::Client,
 }
 
-/// PostgreSQL with the outbox table, a mock cluster of [`BROKERS`] with both topics, and a
-/// streaming, ready relay whose `[kafka.properties]` get `properties` (TOML lines) and whose
-/// environment gets `env`.
-async fn rig(properties: &str, env: &[(&str, &str)]) -> Rig {
+/// The broker (ids from 1) that leads `partition` of each topic: set so, not left to the mock.
+fn leader(partition: i32) -> i32 {
+    partition % BROKERS + 1
+}
+
+/// PostgreSQL with the outbox table, a mock cluster of [`BROKERS`] with both topics (leaders
+/// by [`leader`]), and a streaming, ready relay whose `[kafka.properties]` get `properties`
+/// (TOML lines), whose `[relay] stall_timeout_secs` is `stall_secs` and whose environment
+/// gets `env`.
+async fn rig(properties: &str, stall_secs: u64, env: &[(&str, &str)]) -> Rig {
     let pg = Pg::start();
     pg.sql(OUTBOX_DDL).await;
     let cluster = MockCluster::new(BROKERS).expect("start librdkafka's mock cluster");
@@ -90,11 +97,16 @@ async fn rig(properties: &str, env: &[(&str, &str)]) -> Rig {
         cluster
             .create_topic(topic, PARTITIONS, BROKERS)
             .unwrap_or_else(|e| panic!("create {topic} on the mock cluster: {e}"));
+        for p in 0..PARTITIONS {
+            cluster
+                .partition_leader(topic, p, Some(leader(p)))
+                .unwrap_or_else(|e| panic!("set the leader of {topic}[{p}]: {e}"));
+        }
     }
     let port = free_port();
     let config = format!(
         "{}\n[kafka.properties]\n{properties}\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n\
-         [relay]\nreconnect_max_backoff_secs = 5\nstall_timeout_secs = 60\n",
+         [relay]\nreconnect_max_backoff_secs = 5\nstall_timeout_secs = {stall_secs}\n",
         basic_config(&pg.url(), &cluster.bootstrap_servers())
     );
     let mut relay = Relay::start_with_env(&config, env);
@@ -434,6 +446,7 @@ async fn produce_request_errors_are_retried_without_loss_or_reordering() {
         &format!(
             "\"debug\" = \"msg\"\n\"max.in.flight.requests.per.connection\" = \"{IN_FLIGHT}\""
         ),
+        60,
         &[("RUST_LOG", "info,librdkafka=debug")],
     )
     .await;
@@ -488,140 +501,188 @@ async fn produce_request_errors_are_retried_without_loss_or_reordering() {
 // 2. Every broker down for a while
 // ---------------------------------------------------------------------------------------------
 
+/// What [`Rig::ride_out`] saw.
+struct Held {
+    /// The first transaction committed during the fault.
+    first: usize,
+    /// Where the first transaction that must wait starts its commit: the slot may be confirmed
+    /// up to there (an idle keepalive), never past it.
+    bound: u64,
+    slot_before: u64,
+    /// The first 503 answer of `/readyz`.
+    unready: String,
+}
+
+impl Rig {
+    /// Commits `n` transactions with samples, then waits until all of `log` is in Kafka.
+    async fn warm_up(&mut self, log: &mut Log, watermarks: &BaseConsumer, n: usize) {
+        for _ in 0..n {
+            log.commit(&mut self.client, "before").await;
+            log.sample(&self.pg, watermarks).await;
+        }
+        let all = log.events().count();
+        let mut reader = self.reader();
+        let relay = &mut self.relay;
+        assert!(
+            reader
+                .wait_for(all, DELIVERY, || relay.assert_running())
+                .await,
+            "only {} of the first {all} events arrived before any fault",
+            reader.len()
+        );
+    }
+
+    /// While a fault lasts (`outage`, and longer until `/readyz` answers 503, at most
+    /// [`SECONDS`] more): commits a transaction every 1.5 s (at most 20) and checks every
+    /// 0.5 s that the relay runs and that the slot stays before the commit of the first
+    /// transaction with an event for which `waits` holds (one must exist).
+    async fn ride_out(
+        &mut self,
+        fault: &str,
+        log: &mut Log,
+        outage: Duration,
+        waits: impl Fn(&Event) -> bool,
+    ) -> Held {
+        let start = Instant::now();
+        let first = log.txns.len();
+        let slot_before = self.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
+        let mut bound: Option<u64> = None;
+        let mut unready: Option<String> = None;
+        for turn in 0.. {
+            let over = start.elapsed() >= outage;
+            if over && (unready.is_some() || start.elapsed() >= outage + SECONDS) {
+                break;
+            }
+            self.relay.assert_running();
+            if turn % 3 == 0 && log.txns.len() - first < 20 {
+                let txn = log.commit(&mut self.client, "fault").await;
+                if bound.is_none() && txn.events.iter().any(&waits) {
+                    bound = Some(txn.before_commit);
+                }
+            }
+            let slot = self.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
+            if let Some(bound) = bound {
+                assert!(
+                    slot <= bound,
+                    "{fault}: the slot moved to {} past the first commit that waits for Kafka \
+                     (which starts after {}); before the fault it was at {}",
+                    lsn_text(slot),
+                    lsn_text(bound),
+                    lsn_text(slot_before)
+                );
+            }
+            if unready.is_none() {
+                if let Ok((503, body)) = http_get(self.port, "/readyz") {
+                    eprintln!(
+                        "{fault}: /readyz 503 {:?} after {:?}",
+                        body.trim(),
+                        start.elapsed()
+                    );
+                    unready = Some(body);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Held {
+            first,
+            bound: bound.unwrap_or_else(|| panic!("{fault}: no transaction had to wait")),
+            slot_before,
+            unready: unready.unwrap_or_else(|| {
+                panic!("{fault}: /readyz never answered 503 within {outage:?} + {SECONDS:?}")
+            }),
+        }
+    }
+
+    /// After the fault: a few more commits with samples, everything delivered and confirmed
+    /// (see [`Rig::settle`]), `/readyz` 200 again.
+    async fn recover(&mut self, fault: &str, log: &mut Log, watermarks: &BaseConsumer) -> Report {
+        let back = Instant::now();
+        for _ in 0..5 {
+            log.commit(&mut self.client, "after").await;
+            log.sample(&self.pg, watermarks).await;
+        }
+        let report = self.settle(fault, log).await;
+        eprintln!(
+            "{fault}: delivered and confirmed {:?} after the fault ended",
+            back.elapsed()
+        );
+        self.wait_readyz(200, SECONDS, &format!("{fault}, after"))
+            .await;
+        report
+    }
+
+    /// Checks the slot against `held` once more, now that the fault has lasted.
+    async fn assert_held(&self, fault: &str, held: &Held) {
+        let slot = self.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
+        eprintln!(
+            "{fault}: slot {} -> {} (first waiting commit after {})",
+            lsn_text(held.slot_before),
+            lsn_text(slot),
+            lsn_text(held.bound)
+        );
+        assert!(
+            slot <= held.bound,
+            "{fault}: the slot moved to {} past the first waiting commit (after {})",
+            lsn_text(slot),
+            lsn_text(held.bound)
+        );
+        assert!(
+            self.pg.slot_active(SLOT).await,
+            "{fault}: the relay let go of the slot"
+        );
+    }
+}
+
 /// Every broker of the cluster goes down while transactions are committed: the slot stays
 /// before the first unacknowledged commit, `/readyz` says Kafka is unreachable, the relay
-/// keeps running; when the brokers are back everything arrives, the slot catches up, `/readyz`
-/// is 200 again and the Kafka reconnect is counted.
+/// keeps running and counts the waiting records; when the brokers are back everything
+/// arrives, the slot catches up, `/readyz` is 200 again and the Kafka reconnect is counted.
 #[tokio::test]
 async fn every_broker_down_holds_the_slot_then_catches_up() {
     const FAULT: &str = "every broker down";
     let outage = outage();
-    let mut rig = rig("", &[]).await;
+    let mut rig = rig("", 60, &[]).await;
     let watermarks = watermark_client(&rig.cluster.bootstrap_servers());
     let mut log = Log::default();
-    for _ in 0..10 {
-        log.commit(&mut rig.client, "before").await;
-        log.sample(&rig.pg, &watermarks).await;
-    }
-    let acked = log.events().count();
-    let mut reader = rig.reader();
-    let relay = &mut rig.relay;
-    assert!(
-        reader
-            .wait_for(acked, DELIVERY, || relay.assert_running())
-            .await,
-        "{FAULT}: only {} of the first {acked} events arrived before any fault",
-        reader.len()
-    );
-    drop(reader);
-    let reconnects_before = metric(
-        rig.port,
-        "outbox_relay_reconnects_total",
-        &[("target", "kafka")],
-    );
+    rig.warm_up(&mut log, &watermarks, 10).await;
+    let port = rig.port;
+    let reconnects = || {
+        metric(
+            port,
+            "outbox_relay_reconnects_total",
+            &[("target", "kafka")],
+        )
+    };
+    let reconnects_before = reconnects();
 
     rig.cluster.broker_down(-1).expect("set every broker down");
-    let down = Instant::now();
     eprintln!("{FAULT}: every broker down for {outage:?}");
-    // Every transaction from here on waits for Kafka. The slot may be confirmed up to where
-    // the first one's commit record starts (an idle keepalive), never past it.
-    let first = log.txns.len();
-    let slot_before = rig.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
-    let bound = log.commit(&mut rig.client, "down").await.before_commit;
-    let mut unready: Option<(Duration, String)> = None;
-    let mut slot_now = slot_before;
-    // Write and watch for the whole outage, and longer if /readyz has not answered 503 yet.
-    for turn in 0.. {
-        if down.elapsed() >= outage && (unready.is_some() || down.elapsed() >= outage + SECONDS) {
-            break;
-        }
-        rig.relay.assert_running();
-        // A commit every 1.5 s, at most 20.
-        if turn % 3 == 2 && log.txns.len() - first < 20 {
-            log.commit(&mut rig.client, "down").await;
-        }
-        slot_now = rig.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
-        assert!(
-            slot_now <= bound,
-            "{FAULT}: the slot moved to {} past the first unacknowledged commit (which starts \
-             after {}); before the outage it was at {}",
-            lsn_text(slot_now),
-            lsn_text(bound),
-            lsn_text(slot_before)
-        );
-        if unready.is_none() {
-            if let Ok((503, body)) = http_get(rig.port, "/readyz") {
-                eprintln!(
-                    "{FAULT}: /readyz 503 {:?} after {:?}",
-                    body.trim(),
-                    down.elapsed()
-                );
-                unready = Some((down.elapsed(), body));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let (after, body) = unready.unwrap_or_else(|| {
-        panic!("{FAULT}: /readyz never answered 503 within {outage:?} + {SECONDS:?}")
-    });
+    let held = rig.ride_out(FAULT, &mut log, outage, |_| true).await;
     assert!(
-        body.to_lowercase().contains("kafka"),
-        "{FAULT}: /readyz 503 after {after:?} without naming Kafka: {body:?}"
+        held.unready.to_lowercase().contains("kafka"),
+        "{FAULT}: /readyz 503 without naming Kafka: {:?}",
+        held.unready
     );
-    let waiting: usize = log.txns[first..].iter().map(|t| t.events.len()).sum();
+    let waiting: usize = log.txns[held.first..].iter().map(|t| t.events.len()).sum();
     // The last commit may still be on its way to the producer.
-    let port = rig.port;
     let inflight = || metric(port, "outbox_relay_inflight_events", &[]);
     let counted = wait_until(SECONDS, || async { inflight() == waiting as f64 }).await;
-    eprintln!(
-        "{FAULT}: after {:?}: slot {} -> {} (first waiting commit after {}), {waiting} events \
-         waiting, inflight_events {}",
-        down.elapsed(),
-        lsn_text(slot_before),
-        lsn_text(slot_now),
-        lsn_text(bound),
-        inflight()
-    );
     assert!(
         counted,
         "{FAULT}: inflight_events {} while {waiting} events wait for Kafka",
         inflight()
     );
-    let slot_now = rig.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
-    assert!(
-        slot_now <= bound,
-        "{FAULT}: the slot moved to {} past the first unacknowledged commit (after {})",
-        lsn_text(slot_now),
-        lsn_text(bound)
-    );
-    assert!(
-        rig.pg.slot_active(SLOT).await,
-        "{FAULT}: the relay let go of the slot"
-    );
+    rig.assert_held(FAULT, &held).await;
 
     rig.cluster.broker_up(-1).expect("set every broker up");
-    let up = Instant::now();
-    // Back: samples again while the backlog drains and a few more commits go through.
-    for _ in 0..5 {
-        log.commit(&mut rig.client, "after").await;
-        log.sample(&rig.pg, &watermarks).await;
-    }
-    let report = rig.settle(FAULT, &log).await;
+    let report = rig.recover(FAULT, &mut log, &watermarks).await;
+    let reconnects_after = reconnects();
     eprintln!(
-        "{FAULT}: delivered and confirmed {:?} after the brokers came back",
-        up.elapsed()
+        "{FAULT}: reconnects_total{{target=\"kafka\"}} {reconnects_before} -> {reconnects_after}"
     );
-    rig.wait_readyz(200, SECONDS, "after the brokers came back")
-        .await;
-    let reconnects = metric(
-        rig.port,
-        "outbox_relay_reconnects_total",
-        &[("target", "kafka")],
-    );
-    eprintln!("{FAULT}: reconnects_total{{target=\"kafka\"}} {reconnects_before} -> {reconnects}");
     assert!(
-        reconnects > reconnects_before,
-        "{FAULT}: the Kafka reconnect was not counted ({reconnects_before} -> {reconnects})"
+        reconnects_after > reconnects_before,
+        "{FAULT}: the Kafka reconnect was not counted"
     );
     // A request whose response the outage cut off is sent again; a real broker drops the
     // repeat by its sequence number, the mock broker (no sequence checks for a producer
@@ -639,7 +700,7 @@ async fn every_broker_down_holds_the_slot_then_catches_up() {
 async fn added_broker_latency_delays_but_loses_nothing() {
     const FAULT: &str = "200 ms broker round trip";
     const RTT: Duration = Duration::from_millis(200);
-    let mut rig = rig("", &[]).await;
+    let mut rig = rig("", 60, &[]).await;
     let watermarks = watermark_client(&rig.cluster.bootstrap_servers());
     rig.cluster
         .broker_round_trip_time(-1, RTT)
@@ -688,4 +749,53 @@ async fn added_broker_latency_delays_but_loses_nothing() {
         "{FAULT}: acknowledged within 100 ms of the commit despite a {RTT:?} round trip"
     );
     assert_delivered(&report, false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. One broker down: its partitions wait, the others flow
+// ---------------------------------------------------------------------------------------------
+
+/// The leader of partitions 0 and 3 goes down (the mock moves no leadership): records for
+/// the other partitions keep arriving, but the slot stays before the first transaction with a
+/// record for a dead partition, and `/readyz` reports the stall after `stall_timeout_secs`.
+/// When the broker is back everything arrives and the slot catches up.
+#[tokio::test]
+async fn one_broker_down_holds_the_slot_at_the_first_transaction_it_owes() {
+    const FAULT: &str = "one broker down";
+    const DOWN: i32 = 1;
+    const STALL_SECS: u64 = 10;
+    let outage = outage();
+    let mut rig = rig("", STALL_SECS, &[]).await;
+    let watermarks = watermark_client(&rig.cluster.bootstrap_servers());
+    let mut log = Log::default();
+    rig.warm_up(&mut log, &watermarks, 5).await;
+
+    rig.cluster.broker_down(DOWN).expect("set one broker down");
+    eprintln!("{FAULT}: broker {DOWN} down for {outage:?}");
+    let on_down = |e: &Event| leader(java_murmur2_partition(e.key.as_bytes(), PARTITIONS)) == DOWN;
+    let held = rig.ride_out(FAULT, &mut log, outage, on_down).await;
+    assert!(
+        held.unready.starts_with("stalled"),
+        "{FAULT}: /readyz 503 but not for a stall: {:?}",
+        held.unready
+    );
+    // Records for the live brokers' partitions were not held back by the dead one. (Only
+    // those can be read: the dead broker's partitions cannot be fetched either.)
+    let live = log.events().filter(|e| !on_down(e)).count();
+    let mut reader = rig.reader();
+    let relay = &mut rig.relay;
+    assert!(
+        reader
+            .wait_for(live, SECONDS, || relay.assert_running())
+            .await,
+        "{FAULT}: {} records in Kafka; expected the {live} of the live brokers' partitions",
+        reader.len()
+    );
+    drop(reader);
+    rig.assert_held(FAULT, &held).await;
+
+    rig.cluster.broker_up(DOWN).expect("set the broker up");
+    let report = rig.recover(FAULT, &mut log, &watermarks).await;
+    // As with every broker down: a cut-off request sent again may be appended twice here.
+    assert_delivered(&report, true);
 }
