@@ -398,17 +398,20 @@ async fn empty_strings_are_values_not_nulls() {
 // bytea
 // ---------------------------------------------------------------------------------------------
 
+/// An outbox whose key, payload and an extra header column are bytea.
+const BYTEA_OUTBOX: &str = "CREATE TABLE public.outbox (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregatetype text NOT NULL,
+    aggregateid bytea,
+    type text NOT NULL,
+    payload bytea,
+    trace bytea
+)";
+
 #[tokio::test]
 async fn bytea_keys_payloads_and_headers_arrive_as_raw_bytes() {
-    let ddl = "CREATE TABLE public.outbox (
-        id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        aggregatetype text NOT NULL,
-        aggregateid bytea,
-        type text NOT NULL,
-        payload bytea,
-        trace bytea
-    )";
-    let (pg, broker, mut relay) = start(ddl, &[ORDER_TOPIC], "header_columns = [\"trace\"]").await;
+    let (pg, broker, mut relay) =
+        start(BYTEA_OUTBOX, &[ORDER_TOPIC], "header_columns = [\"trace\"]").await;
     let big: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
     let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = vec![
         (vec![0], vec![0, 0, 0], vec![0xff]),
@@ -642,58 +645,56 @@ async fn swapped_in_table_is_noticed_while_running() {
     }
 }
 
-#[tokio::test]
-async fn dropped_configured_column_stops_the_relay_before_the_next_row() {
+/// Streams one row, applies `change` to a configured column while the relay runs, inserts a
+/// row with `insert` (which returns its id), and expects the relay to stop with one line
+/// naming `column` and its config key `role`, the slot still holding that row, and nothing
+/// more in Kafka.
+async fn configured_column_change_stops_the_relay(
+    change: &str,
+    insert: &str,
+    column: &str,
+    role: &str,
+) {
     let (pg, broker, mut relay) = start(OUTBOX_DDL, &[ORDER_TOPIC], "").await;
     returning(&pg, INSERT_ORDER).await;
     read(&broker, &mut relay, &[ORDER_TOPIC], 1).await;
-    assert_caught_up(&pg, &mut relay, "before the drop").await;
+    assert_caught_up(&pg, &mut relay, "before the change").await;
 
-    pg.sql("ALTER TABLE public.outbox DROP COLUMN payload")
-        .await;
-    let id = returning(
-        &pg,
+    pg.sql(change).await;
+    let id = returning(&pg, insert).await.remove(0);
+    let line = expect_fatal_exit(&mut relay, change).await;
+    assert!(
+        line.contains(&format!("{column:?}")) && line.contains(role),
+        "{change}: the error should name the column and its config key: {line}"
+    );
+    assert_slot_holds(&pg, &id, change).await;
+    let mut reader = broker.reader(&[ORDER_TOPIC]);
+    let recs = settled(&mut reader).await;
+    assert_eq!(recs.len(), 1, "{change}: nothing after the stop: {recs:#?}");
+}
+
+#[tokio::test]
+async fn dropped_configured_column_stops_the_relay_before_the_next_row() {
+    configured_column_change_stops_the_relay(
+        "ALTER TABLE public.outbox DROP COLUMN payload",
         "INSERT INTO outbox (aggregatetype, aggregateid, type) \
          VALUES ('order', 'k', 'NoPayload') RETURNING id::text",
+        "payload",
+        "payload_column",
     )
-    .await
-    .remove(0);
-    let line = expect_fatal_exit(&mut relay, "payload column dropped").await;
-    assert!(
-        line.contains("\"payload\"") && line.contains("payload_column"),
-        "the error should name the column and its config key: {line}"
-    );
-    assert_slot_holds(&pg, &id, "after the drop").await;
-    let mut reader = broker.reader(&[ORDER_TOPIC]);
-    assert_eq!(
-        settled(&mut reader).await.len(),
-        1,
-        "nothing after the stop"
-    );
+    .await;
 }
 
 #[tokio::test]
 async fn renamed_configured_column_stops_the_relay_before_the_next_row() {
-    let (pg, broker, mut relay) = start(OUTBOX_DDL, &[ORDER_TOPIC], "").await;
-    returning(&pg, INSERT_ORDER).await;
-    read(&broker, &mut relay, &[ORDER_TOPIC], 1).await;
-    assert_caught_up(&pg, &mut relay, "before the rename").await;
-
-    pg.sql("ALTER TABLE public.outbox RENAME COLUMN aggregateid TO aggregate_id")
-        .await;
-    let id = returning(
-        &pg,
+    configured_column_change_stops_the_relay(
+        "ALTER TABLE public.outbox RENAME COLUMN aggregateid TO aggregate_id",
         "INSERT INTO outbox (aggregatetype, aggregate_id, type) \
          VALUES ('order', 'k', 'Moved') RETURNING id::text",
+        "aggregateid",
+        "key_column",
     )
-    .await
-    .remove(0);
-    let line = expect_fatal_exit(&mut relay, "aggregateid renamed").await;
-    assert!(
-        line.contains("\"aggregateid\"") && line.contains("key_column"),
-        "the error should name the column and its config key: {line}"
-    );
-    assert_slot_holds(&pg, &id, "after the column rename").await;
+    .await;
 }
 
 #[tokio::test]
@@ -898,15 +899,8 @@ async fn partitioned_outbox_table_is_relayed() {
 /// bytea_output and the slot stays before the row; never wrong bytes.
 #[tokio::test]
 async fn bytea_output_escape_never_yields_wrong_bytes() {
-    let ddl = "CREATE TABLE public.outbox (
-        id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        aggregatetype text NOT NULL,
-        aggregateid bytea,
-        type text NOT NULL,
-        payload bytea
-    );
-    ALTER DATABASE postgres SET bytea_output = 'escape'";
-    let (pg, broker, mut relay) = start(ddl, &[ORDER_TOPIC], "").await;
+    let ddl = format!("{BYTEA_OUTBOX}; ALTER DATABASE postgres SET bytea_output = 'escape'");
+    let (pg, broker, mut relay) = start(&ddl, &[ORDER_TOPIC], "").await;
     let key = vec![0u8, b'\\', b'x', 0xff];
     let payload = b"plain ascii".to_vec();
     let id = returning(
