@@ -521,13 +521,17 @@ impl Rig {
             log.sample(&self.pg, watermarks).await;
         }
         let all = log.events().count();
+        self.wait_records(all, DELIVERY, "before any fault").await;
+    }
+
+    /// Waits until `n` records can be read, failing fast if the relay exits.
+    async fn wait_records(&mut self, n: usize, timeout: Duration, what: &str) {
         let mut reader = self.reader();
         let relay = &mut self.relay;
+        let enough = reader.wait_for(n, timeout, || relay.assert_running()).await;
         assert!(
-            reader
-                .wait_for(all, DELIVERY, || relay.assert_running())
-                .await,
-            "only {} of the first {all} events arrived before any fault",
+            enough,
+            "{what}: {} records in Kafka after {timeout:?}, expected {n}",
             reader.len()
         );
     }
@@ -782,16 +786,8 @@ async fn one_broker_down_holds_the_slot_at_the_first_transaction_it_owes() {
     // Records for the live brokers' partitions were not held back by the dead one. (Only
     // those can be read: the dead broker's partitions cannot be fetched either.)
     let live = log.events().filter(|e| !on_down(e)).count();
-    let mut reader = rig.reader();
-    let relay = &mut rig.relay;
-    assert!(
-        reader
-            .wait_for(live, SECONDS, || relay.assert_running())
-            .await,
-        "{FAULT}: {} records in Kafka; expected the {live} of the live brokers' partitions",
-        reader.len()
-    );
-    drop(reader);
+    let what = format!("{FAULT}: the live brokers' partitions");
+    rig.wait_records(live, SECONDS, &what).await;
     rig.assert_held(FAULT, &held).await;
 
     rig.cluster.broker_up(DOWN).expect("set the broker up");
