@@ -1,9 +1,10 @@
 //! Broker faults (issue #5, fault 2), injected with librdkafka's mock cluster
-//! (`rdkafka::mocking::MockCluster`): Produce requests that fail with retriable errors, every
-//! broker down for a while (`OUTBOX_TEST_BROKER_OUTAGE_SECS`, 30 s by default) and added
-//! round-trip latency. The mock brokers listen on loopback ports inside this test process, so
-//! the relay binary connects to them as to any Kafka while the test injects faults and reads
-//! the records back.
+//! (`rdkafka::mocking::MockCluster`, three brokers): Produce requests that fail with retriable
+//! errors or a dropped connection, every broker down for a while, one broker down (its
+//! partitions wait, the others flow), and added round-trip latency. Both outages last
+//! `OUTBOX_TEST_BROKER_OUTAGE_SECS` (30 s by default). The mock brokers listen on loopback
+//! ports inside this test process, so the relay binary connects to them as to any Kafka while
+//! the test injects faults and reads the records back.
 //!
 //! Each test ends with the checker: every committed event arrived, nothing else did, per-key
 //! order holds after dedup by the `id` header, duplicates are counted, the slot catches up
@@ -16,8 +17,9 @@
 //!
 //! Mock cluster caveat: its Produce handler checks idempotent-producer sequence numbers only
 //! for transactional producers, so a retried batch that had in fact been appended would be
-//! appended twice, and a batch that follows a failed one would not be refused. The injected
-//! request errors refuse a request before anything is appended, so they cannot duplicate.
+//! appended twice, and a batch that follows a failed one would not be refused (see
+//! [`IN_FLIGHT`] for what that does to the request-error test). The injected request errors
+//! refuse a request before anything is appended, so they cannot duplicate; the outages may.
 //!
 //! Timeouts are generous bounds for "within seconds" behaviours on a small shared machine,
 //! never performance assertions.
@@ -235,8 +237,8 @@ impl Log {
         self.txns.iter().flat_map(|t| &t.events)
     }
 
-    /// Commits transaction number `t` of the test: 1 to 5 rows over [`KEYS`] keys, both
-    /// aggregates, deterministic.
+    /// Commits the test's next transaction: 1 to 5 rows over [`KEYS`] keys of both
+    /// aggregates, chosen deterministically from the transaction's number.
     async fn commit(&mut self, client: &mut tokio_postgres::Client, note: &str) -> &Txn {
         let t = self.txns.len() as u64;
         let rows: Vec<NewEvent> = (0..1 + t % 5)
