@@ -942,7 +942,7 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "bug: src/config.rs:288 prints the table name with {} (not {:?}), so a name with a newline (e.g. from ${VAR}) makes a two-line error"]
+#[ignore = "bug: src/config.rs Config::validate (\"configured twice\") prints the table name with {} (not {:?}), so a name with a newline (e.g. from ${VAR}) makes a two-line error"]
 fn duplicate_table_error_is_one_line() {
     let text = "[postgres]\nurl = \"postgres://u@h/d\"\n[[outbox]]\ntable = \"${T}\"\n\
                 [[outbox]]\ntable = \"${T}\"\n[kafka]\nbrokers = \"k:9092\"\n";
@@ -953,7 +953,7 @@ fn duplicate_table_error_is_one_line() {
 }
 
 #[test]
-#[ignore = "bug: src/outbox.rs:29 prints the event id from the row with {}, so an id with a newline makes a two-line error"]
+#[ignore = "bug: src/outbox.rs MappingError::NullTopicColumn prints the event id from the row with {}, so an id with a newline makes a two-line error"]
 fn null_topic_column_error_is_one_line() {
     let mut mapper = OutboxMapper::new(&[outbox_config("")]);
     let rel = Relation {
