@@ -74,6 +74,8 @@ fn outage() -> Duration {
 type Cluster = MockCluster<'static, DefaultProducerContext>;
 
 struct Rig {
+    /// The relay's configuration, for a restart.
+    config: String,
     pg: Pg,
     cluster: Cluster,
     relay: Relay,
@@ -114,6 +116,7 @@ async fn rig(properties: &str, stall_secs: u64, env: &[(&str, &str)]) -> Rig {
     let mut relay = Relay::start_with_env(&config, env);
     relay.wait_for_slot(&pg, SLOT, STARTUP).await;
     let mut rig = Rig {
+        config,
         client: pg.client().await,
         pg,
         cluster,
@@ -796,4 +799,104 @@ async fn one_broker_down_holds_the_slot_at_the_first_transaction_it_owes() {
     let report = rig.recover(FAULT, &mut log, &watermarks).await;
     // As with every broker down: a cut-off request sent again may be appended twice here.
     assert_delivered(&report, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A record the broker refuses for good
+// ---------------------------------------------------------------------------------------------
+
+/// The broker refuses one Produce request for good (MSG_SIZE_TOO_LARGE: a broker whose
+/// `message.max.bytes` is below the producer's) while `txns` transactions are committed, the
+/// broker answering after `rtt`. The relay must stop naming a refused event, the slot must stay
+/// before its transaction; after a restart (the broker accepting everything again, more
+/// transactions committed meanwhile) every event must arrive in per-key order after dedup.
+async fn refused_for_good(fault: &str, rtt: Duration, txns: u64) {
+    let mut rig = rig("", 60, &[]).await;
+    let watermarks = watermark_client(&rig.cluster.bootstrap_servers());
+    let mut log = Log::default();
+    rig.warm_up(&mut log, &watermarks, 5).await;
+
+    rig.cluster
+        .broker_round_trip_time(-1, rtt)
+        .expect("set the round-trip time");
+    rig.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let first = log.txns.len();
+    for _ in 0..txns {
+        log.commit(&mut rig.client, "refused").await;
+    }
+    let status = rig.relay.wait_exit(SECONDS).await.unwrap_or_else(|| {
+        panic!(
+            "{fault}: the relay still runs {SECONDS:?} after the refusal; stderr:\n{}",
+            rig.relay.stderr()
+        )
+    });
+    let stderr = rig.relay.stderr();
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+    let last = last.unwrap_or_default();
+    eprintln!("{fault}: relay exited ({status}): {last}");
+    assert!(!status.success(), "{fault}: exit status {status}");
+    let (refused, txn) = log.txns[first..]
+        .iter()
+        .flat_map(|t| t.events.iter().map(move |e| (e, t)))
+        .find(|(e, _)| last.contains(&format!("refused event {}", e.id)))
+        .unwrap_or_else(|| panic!("{fault}: the last line names no event written: {last}"));
+    let slot = rig.pg.confirmed_flush_lsn(SLOT).await.expect("slot");
+    eprintln!(
+        "{fault}: refused id={} key={} seq={}; slot {} (its commit after {})",
+        refused.id,
+        refused.key,
+        refused.seq,
+        lsn_text(slot),
+        lsn_text(txn.before_commit)
+    );
+    assert!(
+        slot <= txn.before_commit,
+        "{fault}: the slot is at {}, past the commit of the refused event's transaction \
+         (after {})",
+        lsn_text(slot),
+        lsn_text(txn.before_commit)
+    );
+
+    // The cause is fixed: the broker takes everything at full speed; events are committed
+    // while the relay is down, then it starts again.
+    rig.cluster
+        .broker_round_trip_time(-1, Duration::ZERO)
+        .expect("reset the round-trip time");
+    for _ in 0..3 {
+        log.commit(&mut rig.client, "stopped").await;
+    }
+    rig.relay = Relay::start(&rig.config);
+    rig.relay.wait_for_slot(&rig.pg, SLOT, STARTUP).await;
+    let report = rig.recover(fault, &mut log, &watermarks).await;
+    // Records sent before the relay stopped are sent again: duplicates are allowed.
+    assert_delivered(&report, true);
+}
+
+/// One transaction, answered at once: the refusal stops the relay before anything after it
+/// is sent.
+#[tokio::test]
+async fn a_record_refused_for_good_stops_the_relay_and_a_restart_delivers_the_rest() {
+    refused_for_good("record refused for good", Duration::ZERO, 1).await;
+}
+
+/// Several transactions while the broker answers 300 ms late: records of the transactions
+/// after the refused one are already sent when the refusal arrives. The mock broker appends
+/// them (no sequence checks without transactions), so after the restart the refused event
+/// lands behind a later event of its key: per-key order broken after dedup. A real broker
+/// refuses them (OUT_OF_ORDER_SEQUENCE_NUMBER), but librdkafka, with its default
+/// `enable.gapless.guarantee = false`, then bumps the epoch, renumbers and sends them again,
+/// which appends them unless the relay's exit purges them first: a race the relay does not
+/// close. Ignored: on the mock it fails every time (see the report).
+#[tokio::test]
+#[ignore = "per-key order breaks after a refused record on the mock cluster; see the doc"]
+async fn a_record_refused_for_good_with_later_records_in_flight_keeps_key_order() {
+    refused_for_good(
+        "record refused, later ones in flight",
+        Duration::from_millis(300),
+        KEYS,
+    )
+    .await;
 }
