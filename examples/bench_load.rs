@@ -18,6 +18,10 @@
 //!
 //! Prints one JSON line: sent/committed counts, achieved commits/s, how many records the
 //! consumer saw, and end-to-end p50/p99/max in milliseconds.
+//!
+//! `--direct` is the baseline: no database; the same records at the same rate produced
+//! straight to the broker with the relay's producer settings, reporting send-to-ack p50/p99
+//! (`direct_p50_ms`, `direct_p99_ms`).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,14 +40,17 @@ use tokio_postgres::NoTls;
 #[derive(Parser)]
 struct Args {
     /// The database (libpq URL).
-    #[arg(long)]
-    pg_url: String,
+    #[arg(long, required_unless_present = "direct")]
+    pg_url: Option<String>,
     /// Bootstrap servers.
     #[arg(long)]
     brokers: String,
     /// The outbox table the relay publishes.
+    #[arg(long, required_unless_present = "direct")]
+    table: Option<String>,
+    /// Produce straight to the broker (no database): the baseline.
     #[arg(long)]
-    table: String,
+    direct: bool,
     /// The topics the relay writes these rows to, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     topics: Vec<String>,
@@ -76,7 +83,12 @@ fn now_us() -> i64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args).await {
+    let result = if args.direct {
+        direct(&args)
+    } else {
+        run(&args).await
+    };
+    match result {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
@@ -182,6 +194,9 @@ async fn run(args: &Args) -> anyhow::Result<String> {
         std::thread::spawn(move || consume(consumer, run, expected, stop_at))
     };
 
+    let (Some(pg_url), Some(table)) = (&args.pg_url, &args.table) else {
+        return Err(anyhow!("--pg-url and --table are needed without --direct"));
+    };
     let sql = format!(
         "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload) VALUES \
          (gen_random_uuid(), CASE WHEN $1::bigint % 2 = 0 THEN 'order' ELSE 'customer' END, \
@@ -190,11 +205,11 @@ async fn run(args: &Args) -> anyhow::Result<String> {
               'ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, \
               'customer', 'c-' || ($1::bigint % 977), 'note', repeat('x', 100), \
               'total', $1::bigint * 1.5))",
-        args.table
+        table
     );
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let (client, connection) = tokio_postgres::connect(&args.pg_url, NoTls)
+        let (client, connection) = tokio_postgres::connect(pg_url, NoTls)
             .await
             .context("cannot connect to PostgreSQL")?;
         tokio::spawn(async move {
@@ -260,5 +275,97 @@ async fn run(args: &Args) -> anyhow::Result<String> {
         quantile(&latencies, 0.5),
         quantile(&latencies, 0.99),
         quantile(&latencies, 1.0),
+    ))
+}
+
+/// Delivery reports of the baseline producer: the opaque is the send time in µs.
+struct Acks(std::sync::Mutex<Vec<i64>>);
+
+impl rdkafka::ClientContext for Acks {}
+
+impl rdkafka::producer::ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, sent_us: usize) {
+        if result.is_ok() {
+            let latency = now_us() - sent_us as i64;
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(latency);
+        }
+    }
+}
+
+/// The baseline: the same records at the same rate, straight to the broker.
+fn direct(args: &Args) -> anyhow::Result<String> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+    let kafka = outbox_relay::config::KafkaConfig {
+        brokers: args.brokers.clone(),
+        ..Default::default()
+    };
+    let producer: ThreadedProducer<Acks> =
+        outbox_relay::publisher::client_config(&kafka, "outbox-bench-direct")
+            .create_with_context(Acks(std::sync::Mutex::new(Vec::new())))
+            .context("cannot create the producer")?;
+    let total = (args.rate as f64 * args.secs).round() as u64;
+    let note = "x".repeat(100);
+    let started = Instant::now();
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let topic = &args.topics[i as usize % args.topics.len()];
+        let key = format!("key-{}", i % args.keys);
+        let id = format!("{:032x}", i);
+        let payload = format!(
+            r#"{{"seq": {i}, "ts_us": {}, "customer": "c-{}", "note": "{note}", "total": {}}}"#,
+            now_us(),
+            i % 977,
+            i as f64 * 1.5
+        );
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: "id",
+                value: Some(id.as_bytes()),
+            })
+            .insert(Header {
+                key: "type",
+                value: Some(&b"Created"[..]),
+            });
+        let mut record = BaseRecord::with_opaque_to(topic, now_us() as usize)
+            .key(key.as_bytes())
+            .payload(payload.as_bytes())
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    eprintln!("bench_load: produce: {e}");
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(args.drain_secs))
+        .context("the broker did not acknowledge every record")?;
+    let mut latencies = std::mem::take(
+        &mut *producer
+            .context()
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    latencies.sort_unstable();
+    Ok(format!(
+        "{{\"direct_sent\": {total}, \"direct_acked\": {}, \"direct_p50_ms\": {:.2}, \"direct_p99_ms\": {:.2}}}",
+        latencies.len(),
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.99),
     ))
 }

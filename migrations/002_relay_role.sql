@@ -58,7 +58,7 @@ GRANT SELECT ON public.outbox TO outbox_relay;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'outbox_relay') THEN
-        CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert');
+        CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert', publish_via_partition_root = true);
     END IF;
 END
 $$;

@@ -526,7 +526,7 @@ async fn publication_absent(
         return;
     };
     let how =
-        format!("CREATE PUBLICATION {publication} FOR TABLE {list} WITH (publish = 'insert')");
+        format!("CREATE PUBLICATION {publication} FOR TABLE {list} WITH (publish = 'insert', publish_via_partition_root = true)");
     if role.superuser {
         report.ok(format!(
             "publication {publication} does not exist; the relay will create it at start ({how}; role {} is a superuser)",
@@ -930,6 +930,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ..KafkaConfig::default()
         }
     }
 

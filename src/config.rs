@@ -150,11 +150,15 @@ pub struct OutboxConfig {
 }
 
 /// `[kafka]`: the brokers and producer settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated.
     pub brokers: String,
+    /// Where a record the producer refuses for good (e.g. larger than `message.max.bytes`)
+    /// goes instead, as a small JSON note; unset, such a record stops the relay.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
     /// librdkafka properties, passed through verbatim; they override the relay's defaults.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,

@@ -52,6 +52,14 @@ pub enum MappingError {
         /// Columns present.
         got: usize,
     },
+    /// An outbox table was renamed while the relay ran.
+    #[error("outbox table {table} was renamed to {new_name} while the relay ran; set [[outbox]] table = \"{new_name}\" and restart (the publication follows the table, nothing is lost)")]
+    Renamed {
+        /// The configured name.
+        table: String,
+        /// The table's name now.
+        new_name: String,
+    },
     /// An Insert arrived for a relation id no Relation message described.
     #[error("insert for unknown relation id {0}: the server sent no Relation message for it")]
     UnknownRelation(u32),
@@ -172,7 +180,17 @@ impl OutboxMapper {
             .position(|t| t.schema_and_name() == (rel.namespace.as_str(), rel.name.as_str()));
         let plan = match config {
             Some(i) => Some(plan_for(i, &self.tables[i], rel)?),
-            None => None,
+            None => {
+                // The same table under another name (ALTER TABLE ... RENAME): the publication
+                // follows the table, so its rows keep coming, and dropping them would lose them.
+                if let Some(Some(old)) = self.plans.get(&rel.id) {
+                    return Err(MappingError::Renamed {
+                        table: old.table.clone(),
+                        new_name: format!("{}.{}", rel.namespace, rel.name),
+                    });
+                }
+                None
+            }
         };
         self.plans.insert(rel.id, plan);
         Ok(())

@@ -1,7 +1,7 @@
 //! The Kafka publisher: an idempotent `acks=all` librdkafka producer whose delivery reports
 //! feed the acknowledgement tracker, carrying only the transaction id per record.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -24,6 +24,11 @@ use crate::replication::pg_now_micros;
 pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("acks", "all"),
     ("enable.idempotence", "true"),
+    // A batch the broker refuses for good must not be skipped over: by default librdkafka
+    // renumbers and sends the later records of the partition, which then precede the refused
+    // one when the relay re-sends it after a restart (per-key order broken). Gapless makes
+    // that a fatal producer error, so the relay stops before anything later is appended.
+    ("enable.gapless.guarantee", "true"),
     // The Java client's partitioner, so existing consumers see the same key → partition.
     ("partitioner", "murmur2_random"),
     // librdkafka buffers up to 1 GiB by default; a small queue is what makes backpressure.
@@ -50,6 +55,11 @@ const ROUTE_BITS: u32 = 16;
 const ROUTE_MASK: usize = (1 << ROUTE_BITS) - 1;
 /// Marks a record whose route did not fit in the opaque; its report takes the slow path.
 const NO_ROUTE: usize = ROUTE_MASK;
+/// Above this many unacknowledged records the relay is busy and `linger.ms` batching pays
+/// for itself; below it a caught-up relay asks librdkafka to send at once.
+const NUDGE_MAX_IN_FLIGHT: u64 = 2_000;
+/// How long a nudge keeps librdkafka's "flushing" state (linger.ms ignored) on.
+const NUDGE_MS: i32 = 2;
 /// `Shared::resume_below` when the relay is not waiting for room in the queue.
 const NOT_WAITING: u64 = u64::MAX;
 
@@ -185,6 +195,8 @@ pub struct Publisher {
     producer: ThreadedProducer<Delivery>,
     shared: Arc<Shared>,
     routes: Mutex<Routes>,
+    /// A nudge is under way on a blocking thread.
+    nudging: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -223,7 +235,33 @@ impl Publisher {
             producer,
             shared,
             routes: Mutex::new(Routes::default()),
+            nudging: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The relay has caught up with the server: have librdkafka send what it holds now rather
+    /// than after `linger.ms`, unless so much is in flight that batching is worth the wait.
+    /// Under a backlog the socket is never empty, so this never fires and batches stay large;
+    /// at low rates it takes `linger.ms` out of every event's commit-to-ack latency.
+    pub fn nudge(self: &Arc<Self>) {
+        if self.shared.tracker.in_flight() > NUDGE_MAX_IN_FLIGHT
+            || self.nudging.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // rd_kafka_flush raises librdkafka's "flushing" flag, which makes the broker
+            // threads treat linger.ms as expired, and wakes them. The flag is lowered when
+            // the call returns, so it must wait (briefly) for the broker thread to run.
+            // SAFETY: the handle is valid while `this` keeps the producer alive, and
+            // rd_kafka_flush may be called from any thread. In the event API mode the
+            // crate uses, it only waits: it does not serve delivery reports here.
+            unsafe {
+                rdkafka::bindings::rd_kafka_flush(this.producer.client().native_ptr(), NUDGE_MS);
+            }
+            this.nudging.store(false, Ordering::Release);
+        });
     }
 
     /// The route number of (outbox table `table`, `topic`), made on first use.
@@ -350,6 +388,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
+            ..KafkaConfig::default()
         };
         let c = client_config(&kafka, "x");
         assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));

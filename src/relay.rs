@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
-use crate::ack::{AckTracker, Progress, TxnId};
+use crate::ack::{AckTracker, DeliveryFailure, Progress, TxnId};
 use crate::config::{Config, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::outbox::OutboxMapper;
+use crate::outbox::{OutboxMapper, Record};
 use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
 use crate::publisher::{Publisher, SendError};
@@ -98,15 +98,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         )
         .context("cannot create the Kafka producer")?,
     );
-    let monitor = tokio::spawn(monitor(
-        endpoint.clone(),
-        config.postgres.slot.clone(),
-        publisher.clone(),
-        tracker.clone(),
-        metrics.clone(),
-        health.clone(),
-        Duration::from_secs(config.relay.stall_timeout_secs),
-    ));
+    let (problems, problem) = watch::channel(None);
+    let monitor = tokio::spawn(
+        Monitor {
+            endpoint: endpoint.clone(),
+            config: config.clone(),
+            publisher: publisher.clone(),
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            problems,
+        }
+        .run(),
+    );
 
     let mut pipeline = Pipeline {
         config: &config,
@@ -115,6 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         tracker,
         publisher,
         progress,
+        problem,
         metrics,
         health: health.clone(),
         status: Status {
@@ -206,64 +211,102 @@ impl Backoff {
     }
 }
 
-/// Polls slot health and broker reachability for metrics and `/readyz`.
-async fn monitor(
+/// Polls slot health and broker reachability for metrics and `/readyz`, and re-checks the
+/// outbox tables and the publication while streaming.
+struct Monitor {
     endpoint: PgEndpoint,
-    slot: String,
+    config: Config,
     publisher: Arc<Publisher>,
     tracker: Arc<AckTracker>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    stall_after: Duration,
-) {
-    let mut client = None;
-    let mut tick = tokio::time::interval(MONITOR_EVERY);
-    loop {
-        tick.tick().await;
-        let stats = tracker.stats();
-        health.set_stalled(match stats.oldest_wait {
-            Some(w) if w > stall_after => Some(format!(
-                "the oldest of {} records has waited {} s for Kafka's acknowledgement",
-                stats.in_flight,
-                w.as_secs()
-            )),
-            _ => None,
-        });
-        match publisher.probe(Duration::from_secs(5)).await {
-            Ok(()) => {
-                if health.set_broker(true, "") {
-                    metrics.reconnects.with_label_values(&["kafka"]).inc();
+    /// A problem that stops the relay: a table or the publication no longer fits the config.
+    problems: watch::Sender<Option<String>>,
+}
+
+impl Monitor {
+    async fn run(self) {
+        let stall_after = Duration::from_secs(self.config.relay.stall_timeout_secs);
+        let mut client = None;
+        let mut tick = tokio::time::interval(MONITOR_EVERY);
+        loop {
+            tick.tick().await;
+            let stats = self.tracker.stats();
+            self.health.set_stalled(match stats.oldest_wait {
+                Some(w) if w > stall_after => Some(format!(
+                    "the oldest of {} records has waited {} s for Kafka's acknowledgement",
+                    stats.in_flight,
+                    w.as_secs()
+                )),
+                _ => None,
+            });
+            match self.publisher.probe(Duration::from_secs(5)).await {
+                Ok(()) => {
+                    if self.health.set_broker(true, "") {
+                        self.metrics.reconnects.with_label_values(&["kafka"]).inc();
+                    }
+                }
+                Err(e) => {
+                    self.health.set_broker(false, e);
                 }
             }
-            Err(e) => {
-                health.set_broker(false, e);
+            if client.is_none() {
+                client = self.endpoint.connect_sql().await.ok();
+            }
+            let Some(c) = &client else { continue };
+            if let Err(e) = self.slot_health(c).await {
+                tracing::debug!("slot monitor query failed: {e}");
+                client = None;
+                continue;
+            }
+            match self.outbox_still_published(c).await {
+                Ok(()) => {}
+                Err(SetupError::Postgres(e) | SetupError::Connect(e)) => {
+                    tracing::debug!("publication check failed: {e}");
+                    client = None;
+                }
+                Err(e) => {
+                    self.problems.send_replace(Some(e.to_string()));
+                }
             }
         }
-        if client.is_none() {
-            client = endpoint.connect_sql().await.ok();
-        }
-        let Some(c) = &client else { continue };
+    }
+
+    async fn slot_health(&self, c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
         let row = c
             .query_opt(
                 "SELECT wal_status, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
                  FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
+                &[&self.config.postgres.slot],
             )
-            .await;
+            .await?;
         match row {
-            Ok(Some(row)) => {
+            Some(row) => {
                 let status: Option<String> = row.get(0);
-                metrics.set_wal_status(Some(status.as_deref().unwrap_or("missing")));
+                self.metrics
+                    .set_wal_status(Some(status.as_deref().unwrap_or("missing")));
                 if let Some(lag) = row.get::<_, Option<i64>>(1) {
-                    metrics.replication_lag_bytes.set(lag.max(0));
+                    self.metrics.replication_lag_bytes.set(lag.max(0));
                 }
             }
-            Ok(None) => metrics.set_wal_status(None),
-            Err(e) => {
-                tracing::debug!("slot monitor query failed: {e}");
-                client = None;
-            }
+            None => self.metrics.set_wal_status(None),
         }
+        Ok(())
+    }
+
+    /// The start-up checks of the tables and the publication, again: a table renamed, swapped
+    /// for a new one or dropped from the publication while the relay runs would otherwise go
+    /// unnoticed while its new rows never enter the stream.
+    async fn outbox_still_published(&self, c: &tokio_postgres::Client) -> Result<(), SetupError> {
+        for table in &self.config.outbox {
+            setup::check_table(c, table).await?;
+        }
+        if !setup::check_publication(c, &self.config).await? {
+            return Err(SetupError::PublicationDropped(
+                self.config.postgres.publication.clone(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -274,6 +317,8 @@ struct Pipeline<'c> {
     tracker: Arc<AckTracker>,
     publisher: Arc<Publisher>,
     progress: watch::Receiver<Progress>,
+    /// From the monitor: a problem that stops the relay.
+    problem: watch::Receiver<Option<String>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     status: Status,
@@ -448,6 +493,10 @@ impl Pipeline<'_> {
                 }
                 _ = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now)), if stopping.is_some() => Ok(()),
                 _ = self.progress.changed() => failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal),
+                _ = self.problem.changed() => match self.problem.borrow().clone() {
+                    Some(problem) => Err(SessionEnd::Fatal(anyhow!(problem))),
+                    None => Ok(()),
+                },
                 _ = tick.tick() => {
                     // The server sends one keepalive when it catches up; if records were still
                     // in flight then, confirm its WAL end once they are acknowledged, rather
@@ -484,6 +533,7 @@ impl Pipeline<'_> {
         stopping: bool,
     ) -> Result<(), SessionEnd> {
         const BURST: usize = 1024;
+        let before = self.events;
         self.handle(stream, first).await?;
         for _ in 1..BURST {
             if stopping && self.txn.is_none() {
@@ -491,7 +541,13 @@ impl Pipeline<'_> {
             }
             match stream.next_buffered() {
                 Ok(Some(event)) => self.handle(stream, event).await?,
-                Ok(None) => break,
+                Ok(None) => {
+                    // Caught up with the server: nothing more to batch with for now.
+                    if self.events != before {
+                        self.publisher.nudge();
+                    }
+                    break;
+                }
                 Err(e) => {
                     return Err(classify(
                         e,
@@ -584,40 +640,45 @@ impl Pipeline<'_> {
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
                 self.tracker.sending(txn);
-                loop {
-                    match self.publisher.send(txn, &record) {
-                        Ok(()) => break,
-                        Err(SendError::QueueFull) => {
-                            // Backpressure: stop reading the socket (the walsender blocks on
-                            // TCP) but keep the server from timing us out.
-                            let refill_at = self.tracker.in_flight() / 2;
-                            tokio::select! {
-                                _ = self.publisher.space_below(refill_at) => {}
-                                _ = tokio::time::sleep(CONFIRM_TICK) => {}
-                            }
-                            self.status
-                                .send(stream, &self.progress, false)
-                                .await
-                                .map_err(|e| {
-                                    classify(
-                                        e,
-                                        &self.config.postgres,
-                                        "sending a status update failed",
-                                    )
-                                })?;
-                            failed(&self.progress, self.status.reported)
-                                .map_err(SessionEnd::Fatal)?;
-                        }
-                        Err(SendError::Refused(failure)) => {
-                            self.metrics
-                                .publish_errors
-                                .with_label_values(&[record.topic, "refused"])
-                                .inc();
-                            self.tracker.delivered(txn, Err(failure));
-                            failed(&self.progress, self.status.reported)
-                                .map_err(SessionEnd::Fatal)?;
-                            return Err(SessionEnd::Fatal(anyhow!("Kafka refused a record")));
-                        }
+                let mut handover = Handover {
+                    publisher: &self.publisher,
+                    tracker: &self.tracker,
+                    status: &mut self.status,
+                    progress: &self.progress,
+                    pg: &self.config.postgres,
+                };
+                if let Err(failure) = handover.send(stream, txn, &record).await? {
+                    self.metrics
+                        .publish_errors
+                        .with_label_values(&[record.topic, "refused"])
+                        .inc();
+                    let Some(dead_letters) = &self.config.kafka.dead_letter_topic else {
+                        self.tracker.delivered(txn, Err(failure));
+                        failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
+                        return Err(SessionEnd::Fatal(anyhow!("Kafka refused a record")));
+                    };
+                    // The refused record stays counted as pending; the note takes its place.
+                    let note = dead_letter_note(
+                        &self.config.outbox[record.table].table,
+                        &record,
+                        &failure,
+                    );
+                    let letter = Record {
+                        topic: dead_letters,
+                        payload: Some(note.as_bytes()),
+                        extra_headers: vec![
+                            ("original_topic", Some(record.topic.as_bytes())),
+                            ("error", Some(failure.error.as_bytes())),
+                        ],
+                        ..record
+                    };
+                    tracing::warn!(
+                        "{failure}; sent a note to dead_letter_topic {dead_letters} instead"
+                    );
+                    if let Err(again) = handover.send(stream, txn, &letter).await? {
+                        self.tracker.delivered(txn, Err(again));
+                        failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
+                        return Err(SessionEnd::Fatal(anyhow!("Kafka refused a dead letter")));
                     }
                 }
                 self.events += 1;
@@ -660,6 +721,62 @@ impl Pipeline<'_> {
         tracing::info!(confirmed = %self.status.reported, events = self.events, "stopped");
         Ok(())
     }
+}
+
+/// What handing a record to the producer needs from the pipeline, borrowed field by field
+/// so that the record (which borrows the mapper) can stay alive meanwhile.
+struct Handover<'p> {
+    publisher: &'p Publisher,
+    tracker: &'p AckTracker,
+    status: &'p mut Status,
+    progress: &'p watch::Receiver<Progress>,
+    pg: &'p PostgresConfig,
+}
+
+impl Handover<'_> {
+    /// Hands `record` to the producer, waiting while its queue is full; `Ok(Err(_))` when the
+    /// producer refused it for good.
+    async fn send(
+        &mut self,
+        stream: &mut ReplicationStream,
+        txn: TxnId,
+        record: &Record<'_>,
+    ) -> Result<Result<(), DeliveryFailure>, SessionEnd> {
+        loop {
+            match self.publisher.send(txn, record) {
+                Ok(()) => return Ok(Ok(())),
+                Err(SendError::Refused(failure)) => return Ok(Err(failure)),
+                Err(SendError::QueueFull) => {
+                    // Backpressure: stop reading the socket (the walsender blocks on TCP) but
+                    // keep the server from timing us out.
+                    let refill_at = self.tracker.in_flight() / 2;
+                    tokio::select! {
+                        _ = self.publisher.space_below(refill_at) => {}
+                        _ = tokio::time::sleep(CONFIRM_TICK) => {}
+                    }
+                    self.status
+                        .send(stream, self.progress, false)
+                        .await
+                        .map_err(|e| classify(e, self.pg, "sending a status update failed"))?;
+                    failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
+                }
+            }
+        }
+    }
+}
+
+/// The dead letter's value: what was refused and why, as one small JSON object (the refused
+/// payload itself is what did not fit).
+fn dead_letter_note(table: &str, record: &Record<'_>, failure: &DeliveryFailure) -> String {
+    serde_json::json!({
+        "id": failure.event_id,
+        "table": table,
+        "topic": record.topic,
+        "key": record.key.map(String::from_utf8_lossy),
+        "payload_bytes": record.payload.map_or(0, <[u8]>::len),
+        "error": failure.error,
+    })
+    .to_string()
 }
 
 /// The fatal error for a refused record, if one was reported.

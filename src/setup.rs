@@ -50,11 +50,22 @@ pub enum SetupError {
         /// The table.
         table: String,
     },
+    /// The existing publication sends a partitioned outbox's rows under the partitions' names.
+    #[error("publication {publication} publishes the partitions of table {table} under their own names, which match no [[outbox]] entry; run ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)")]
+    PublicationViaPartitions {
+        /// The publication.
+        publication: String,
+        /// The partitioned table.
+        table: String,
+    },
+    /// The publication was dropped while the relay ran.
+    #[error("publication {0} was dropped while the relay ran; recreate it (see migrations/002_relay_role.sql) and restart the relay")]
+    PublicationDropped(String),
     /// The existing publication does not publish inserts.
     #[error("publication {0} does not publish inserts; run ALTER PUBLICATION {0} SET (publish = 'insert')")]
     PublicationNoInserts(String),
     /// The publication could not be created.
-    #[error("cannot create publication {publication}: {cause}; create it as the tables' owner: CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = 'insert')")]
+    #[error("cannot create publication {publication}: {cause}; create it as the tables' owner: CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = 'insert', publish_via_partition_root = true)")]
     CreatePublication {
         /// The publication.
         publication: String,
@@ -203,36 +214,65 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
     Ok(())
 }
 
-/// Creates the publication if missing; checks an existing one covers every outbox table.
-pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SetupError> {
+/// Checks an existing publication publishes inserts of every outbox table under the table's
+/// own name; `Ok(false)` when there is no such publication.
+pub async fn check_publication(client: &Client, config: &Config) -> Result<bool, SetupError> {
     let publication = &config.postgres.publication;
     let existing = client
         .query_opt(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            "SELECT pubinsert, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[publication],
         )
         .await
         .map_err(pg)?;
-    if let Some(row) = existing {
-        if !row.get::<_, bool>(0) {
-            return Err(SetupError::PublicationNoInserts(publication.clone()));
+    let Some(row) = existing else {
+        return Ok(false);
+    };
+    if !row.get::<_, bool>(0) {
+        return Err(SetupError::PublicationNoInserts(publication.clone()));
+    }
+    let via_root: bool = row.get(1);
+    for table in &config.outbox {
+        let (schema, name) = table.schema_and_name();
+        if !via_root && is_partitioned(client, table).await? {
+            return Err(SetupError::PublicationViaPartitions {
+                publication: publication.clone(),
+                table: table.table.clone(),
+            });
         }
-        for table in &config.outbox {
-            let (schema, name) = table.schema_and_name();
-            let covered = client
-                .query_opt(
-                    "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                    &[publication, &schema, &name],
-                )
-                .await
-                .map_err(pg)?;
-            if covered.is_none() {
-                return Err(SetupError::PublicationMissesTable {
-                    publication: publication.clone(),
-                    table: table.table.clone(),
-                });
-            }
+        let covered = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[publication, &schema, &name],
+            )
+            .await
+            .map_err(pg)?;
+        if covered.is_none() {
+            return Err(SetupError::PublicationMissesTable {
+                publication: publication.clone(),
+                table: table.table.clone(),
+            });
         }
+    }
+    Ok(true)
+}
+
+/// Whether the table is partitioned (its rows live in partitions).
+async fn is_partitioned(client: &Client, table: &OutboxConfig) -> Result<bool, SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)",
+            &[&quoted(table)],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+/// Creates the publication if missing; checks an existing one covers every outbox table.
+pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SetupError> {
+    let publication = &config.postgres.publication;
+    if check_publication(client, config).await? {
         return Ok(());
     }
     let tables = config
@@ -242,7 +282,9 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert')",
+        // Via the partition root: a partitioned outbox's rows then arrive under its own name
+        // (without it they arrive as the partitions' and match no [[outbox]] entry).
+        "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert', publish_via_partition_root = true)",
         quote_ident(publication)
     );
     match client.batch_execute(&sql).await {

@@ -886,12 +886,12 @@ async fn a_record_refused_for_good_stops_the_relay_and_a_restart_delivers_the_re
 /// after the refused one are already sent when the refusal arrives. The mock broker appends
 /// them (no sequence checks without transactions), so after the restart the refused event
 /// lands behind a later event of its key: per-key order broken after dedup. A real broker
-/// refuses them (OUT_OF_ORDER_SEQUENCE_NUMBER), but librdkafka, with its default
-/// `enable.gapless.guarantee = false`, then bumps the epoch, renumbers and sends them again,
-/// which appends them unless the relay's exit purges them first: a race the relay does not
-/// close. Ignored: on the mock it fails every time (see the report).
+/// refuses them (OUT_OF_ORDER_SEQUENCE_NUMBER); librdkafka's default would then bump the
+/// epoch, renumber and send them again, so the relay sets `enable.gapless.guarantee = true`,
+/// which makes that a fatal producer error instead. The mock cannot show that (it never
+/// refuses out-of-order batches), so this stays ignored: on the mock it fails every time.
 #[tokio::test]
-#[ignore = "per-key order breaks after a refused record on the mock cluster; see the doc"]
+#[ignore = "the mock broker skips idempotent sequence checks; the fix (enable.gapless.guarantee) needs a real broker"]
 async fn a_record_refused_for_good_with_later_records_in_flight_keeps_key_order() {
     refused_for_good(
         "record refused, later ones in flight",

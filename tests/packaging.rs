@@ -1256,7 +1256,7 @@ fn migrations_create_the_table_the_publication_and_a_least_privilege_role() {
         "GRANT USAGE ON SCHEMA public TO outbox_relay",
         "GRANT CONNECT ON DATABASE %I TO outbox_relay",
         &format!(
-            "CREATE PUBLICATION {} FOR TABLE public.outbox WITH (publish = 'insert')",
+            "CREATE PUBLICATION {} FOR TABLE public.outbox WITH (publish = 'insert', publish_via_partition_root = true)",
             defaults.postgres.publication
         ),
     ] {
