@@ -3,7 +3,8 @@
 # mapping) and the integration tests in tests/, which start their own throwaway PostgreSQL and
 # Tansu broker and run the built relay against them. Installs what is missing first (see
 # scripts/lib.sh: ensure_tools) and exports TANSU, the broker binary the tests start.
-# Extra arguments go to cargo test, e.g. scripts/test.sh --test crash -- --nocapture
+# Extra arguments go to cargo test, e.g. scripts/test.sh --test crash -- --nocapture; without
+# any, the end-to-end tests also run on PostgreSQL 14, 16, 17 and 18 (scripts/pg-matrix.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -45,5 +46,13 @@ fi
 if [ "$binaries" -eq 0 ] || [ "$passed" -eq 0 ]; then
     echo "FAILED: no test ran" >&2
     exit 1
+fi
+
+# The whole suite (no arguments) also runs the end-to-end tests on the other supported
+# PostgreSQL majors (about a minute, binaries cached in ~/.cache/outbox-relay/pg);
+# OUTBOX_SKIP_PG_MATRIX=1 skips it. scripts/pg-matrix.sh alone runs the longer matrix.
+if [ "$#" -eq 0 ] && [ -z "${OUTBOX_SKIP_PG_MATRIX:-}" ]; then
+    echo
+    PG_MATRIX_TESTS=e2e bash scripts/pg-matrix.sh 14 16 17 18
 fi
 echo "OK"

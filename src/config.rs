@@ -289,7 +289,10 @@ impl Config {
             }
             let key = o.schema_and_name();
             if tables.contains(&key) {
-                return Err(format!("[[outbox]] table {} is configured twice", o.table));
+                return Err(format!(
+                    "[[outbox]] table {:?} is configured twice",
+                    o.table
+                ));
             }
             tables.push(key);
             if o.topic.matches('{').count() != o.topic.matches('}').count()

@@ -25,7 +25,7 @@ pub enum MappingError {
         role: &'static str,
     },
     /// A column the topic template needs is NULL in a row.
-    #[error("event {event_id} in {table}: column {column:?} used by the topic template is NULL; the record has no topic")]
+    #[error("event {event_id:?} in {table}: column {column:?} used by the topic template is NULL; the record has no topic")]
     NullTopicColumn {
         /// The table.
         table: String,
@@ -277,10 +277,11 @@ impl OutboxMapper {
             table: plan.table.clone(),
             column: col.to_owned(),
         };
+        let config = &self.tables[plan.index];
         let key = decode_col(text(KEY_SLOT), plan.key, &mut self.key_buf)
-            .ok_or_else(|| bad_bytea("key"))?;
+            .ok_or_else(|| bad_bytea(&config.key_column))?;
         let payload = decode_col(text(PAYLOAD_SLOT), plan.payload, &mut self.payload_buf)
-            .ok_or_else(|| bad_bytea("payload"))?;
+            .ok_or_else(|| bad_bytea(&config.payload_column))?;
 
         let mut extra_headers = Vec::new();
         if !plan.headers.is_empty() {
