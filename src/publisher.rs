@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -57,7 +57,10 @@ const ROUTE_MASK: usize = (1 << ROUTE_BITS) - 1;
 const NO_ROUTE: usize = ROUTE_MASK;
 /// Above this many unacknowledged records the relay is busy and `linger.ms` batching pays
 /// for itself; below it a caught-up relay asks librdkafka to send at once.
-const NUDGE_MAX_IN_FLIGHT: u64 = 2_000;
+const NUDGE_MAX_IN_FLIGHT: u64 = 64;
+/// At most one nudge per this long: each one costs the broker a Produce request, and between
+/// nudges `linger.ms` batches as usual.
+const NUDGE_EVERY: Duration = Duration::from_millis(5);
 /// How long a nudge keeps librdkafka's "flushing" state (linger.ms ignored) on.
 const NUDGE_MS: i32 = 2;
 /// `Shared::resume_below` when the relay is not waiting for room in the queue.
@@ -197,6 +200,8 @@ pub struct Publisher {
     routes: Mutex<Routes>,
     /// A nudge is under way on a blocking thread.
     nudging: Arc<AtomicBool>,
+    /// When the last nudge started.
+    last_nudge: Mutex<Instant>,
 }
 
 impl Publisher {
@@ -236,6 +241,7 @@ impl Publisher {
             shared,
             routes: Mutex::new(Routes::default()),
             nudging: Arc::new(AtomicBool::new(false)),
+            last_nudge: Mutex::new(Instant::now()),
         })
     }
 
@@ -244,10 +250,18 @@ impl Publisher {
     /// Under a backlog the socket is never empty, so this never fires and batches stay large;
     /// at low rates it takes `linger.ms` out of every event's commit-to-ack latency.
     pub fn nudge(self: &Arc<Self>) {
-        if self.shared.tracker.in_flight() > NUDGE_MAX_IN_FLIGHT
-            || self.nudging.swap(true, Ordering::AcqRel)
-        {
+        if self.shared.tracker.in_flight() > NUDGE_MAX_IN_FLIGHT {
             return;
+        }
+        {
+            let mut last = self
+                .last_nudge
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.elapsed() < NUDGE_EVERY || self.nudging.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Instant::now();
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
