@@ -310,6 +310,24 @@ fn direct(args: &Args) -> anyhow::Result<String> {
         outbox_relay::publisher::client_config(&kafka, "outbox-bench-direct")
             .create_with_context(Acks(std::sync::Mutex::new(Vec::new())))
             .context("cannot create the producer")?;
+    // Warm-up, not measured: one record per topic, so that the connection and the topics'
+    // metadata (a few hundred ms on first use) are in place, as in a long-running relay.
+    for topic in &args.topics {
+        let warm = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, 0).payload(&b"{}"[..]);
+        producer
+            .send(warm)
+            .map_err(|(e, _)| e)
+            .context("warm-up record")?;
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .context("the broker did not acknowledge the warm-up records")?;
+    producer
+        .context()
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
     let total = (args.rate as f64 * args.secs).round() as u64;
     let note = "x".repeat(100);
     let started = Instant::now();
