@@ -275,7 +275,7 @@ def render_latency(res, out):
     out.append("\ncommit→ack: the relay's `outbox_relay_commit_to_ack_seconds` histogram "
                "(PostgreSQL commit timestamp to the broker's acknowledgement), difference of "
                "two `/metrics` scrapes, quantiles interpolated linearly inside buckets "
-               "(bounds 1, 2.5, 5, 10, 25 ms...), max = the bucket bound holding the slowest; acks > 10 ms is exact (a bucket "
+               "(bounds 1, 2.5, 5, 7.5, 10, 15, 25 ms...), max = the bucket bound holding the slowest; acks > 10 ms is exact (a bucket "
                "bound), where p99 interpolated inside (10, 25] ms overstates a tail just past "
                "10 ms. baseline: "
                "the same records at the same rate produced straight to the broker with the "
