@@ -316,37 +316,37 @@ relay_config() {
 record() { $REPORT merge "$@" >>"$RESULTS"; }
 
 RUN=0
-# measure_decode LABEL FIELDS...: pg_recvlogical on a copy of the slot until --endpos.
-measure_decode() {
-    local label=$1 out
+# on_copy KIND WHAT LABEL FIELDS... -- COMMAND...: COMMAND (which must exit) under bench_drain
+# on a fresh copy of the slot; records its result as kind=KIND.
+on_copy() {
+    local kind=$1 what=$2 label=$3 fields=() out
+    shift 3
+    while [ "$1" != -- ]; do fields+=("$1") && shift; done
     shift
     RUN=$((RUN + 1))
     reset_slot "$COPY_SLOT"
-    say "$label: pg_recvlogical (decode limit)"
+    say "$label: $what"
     out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$COPY_SLOT" --clk-tck "$TCK" \
-        --log "$WORK_DIR/recvlogical-$RUN.log" -- \
+        --log "$WORK_DIR/$kind-$RUN.log" -- "$@") ||
+        { cat "$WORK_DIR/$kind-$RUN.log" >&2; die "$what failed"; }
+    record kind="$kind" "${fields[@]}" "${BL_FIELDS[@]}" "$out"
+}
+
+# measure_decode LABEL FIELDS...: pg_recvlogical on a copy of the slot until --endpos.
+measure_decode() {
+    on_copy decode "pg_recvlogical (decode limit)" "$@" -- \
         pg_recvlogical -d "$PG_URL" -S "$COPY_SLOT" --start --no-loop --endpos "$TARGET" \
-        -o proto_version=1 -o publication_names="$PUB" -f /dev/null) ||
-        { cat "$WORK_DIR/recvlogical-$RUN.log" >&2; die "pg_recvlogical failed"; }
-    record kind=decode "$@" "${BL_FIELDS[@]}" "$out"
+        -o proto_version=1 -o publication_names="$PUB" -f /dev/null
 }
 
 # measure_sql_decode LABEL FIELDS...: the same decoding inside a backend, no client and no
 # network (pg_logical_slot_peek_binary_changes on a copy of the slot): what the server's
 # decoder alone can do, for reference.
 measure_sql_decode() {
-    local label=$1 out
-    shift
-    RUN=$((RUN + 1))
-    reset_slot "$COPY_SLOT"
-    say "$label: decoding in SQL (pg_logical_slot_peek_binary_changes)"
-    out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$COPY_SLOT" --clk-tck "$TCK" \
-        --log "$WORK_DIR/sqldecode-$RUN.log" -- \
+    on_copy sqldecode "decoding in SQL (pg_logical_slot_peek_binary_changes)" "$@" -- \
         psql -X -q -At -v ON_ERROR_STOP=1 -d "$PG_URL" -c "SELECT count(*) FROM
             pg_logical_slot_peek_binary_changes('$COPY_SLOT', '$TARGET', NULL,
-                'proto_version', '1', 'publication_names', '$PUB')") ||
-        { cat "$WORK_DIR/sqldecode-$RUN.log" >&2; die "decoding in SQL failed"; }
-    record kind=sqldecode "$@" "${BL_FIELDS[@]}" "$out"
+                'proto_version', '1', 'publication_names', '$PUB')"
 }
 
 # measure_relay LABEL [--quota] [--perf FILE] FIELDS...: the relay on the backlog (--quota:

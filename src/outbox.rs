@@ -106,7 +106,6 @@ struct Plan {
     /// `(column, slot)` for every value a record needs, in column order, so one pass over
     /// the row picks them all.
     picks: Vec<(usize, usize)>,
-    slots: usize,
 }
 
 /// One record ready for the producer; borrows the row and the mapper's scratch space.
@@ -224,7 +223,8 @@ impl OutboxMapper {
         let data = tuple.bytes();
         let base = data.as_ptr() as usize;
         self.spans.clear();
-        self.spans.resize(plan.slots, None);
+        // One slot per pick: slot numbers are the picks' positions before sorting.
+        self.spans.resize(plan.picks.len(), None);
         let mut picks = plan.picks.iter().peekable();
         for (i, value) in tuple.values().enumerate() {
             let Some(&&(next, _)) = picks.peek() else {
@@ -389,7 +389,6 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         .iter()
         .map(|h| Ok((h.clone(), find(h, "header_columns")?)))
         .collect::<Result<_, MappingError>>()?;
-    let slots = picks.len();
     picks.sort_unstable();
     Ok(Plan {
         index,
@@ -399,7 +398,6 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         topic,
         headers,
         picks,
-        slots,
         table,
     })
 }

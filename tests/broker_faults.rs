@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use common::checker::{tally, Report};
 use common::{
     basic_config, check_delivery, free_port, http_get, insert_outbox, java_murmur2_partition,
-    lsn_text, scrape, wait_until, Event, NewEvent, Pg, Reader, Rec, Relay, Seqs, OUTBOX_DDL, QUIET,
-    SLOT,
+    last_line, lsn_text, scrape, wait_until, Event, NewEvent, Pg, Reader, Rec, Relay, Seqs,
+    OUTBOX_DDL, QUIET, SLOT,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -834,8 +834,7 @@ async fn refused_for_good(fault: &str, rtt: Duration, txns: u64) {
         )
     });
     let stderr = rig.relay.stderr();
-    let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
-    let last = last.unwrap_or_default();
+    let last = last_line(&stderr);
     eprintln!("{fault}: relay exited ({status}): {last}");
     assert!(!status.success(), "{fault}: exit status {status}");
     let (refused, txn) = log.txns[first..]

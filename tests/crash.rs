@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::checker::{events, Rng};
 use common::{
     basic_config, check_delivery, insert_outbox, lsn_text, settle, wait_until, Broker, Event,
     Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
@@ -18,49 +19,18 @@ const PARTITIONS: i32 = 8;
 const TOPICS: [&str; 2] = ["outbox.event.order", "outbox.event.customer"];
 const KILLS: usize = 5;
 
-/// A tiny deterministic PRNG (xorshift64*), so a failing run can be replayed with its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform-ish in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
 /// Commits transactions of 1–50 events over 12 keys until `stop` is set; returns every
 /// committed event in commit order.
 async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) -> Vec<Event> {
     let mut client = common::connect(&url).await.expect("writer connects");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut seqs = Seqs::default();
     let mut committed = Vec::new();
     let mut txn = 0u64;
     while !stop.load(Ordering::Relaxed) {
         txn += 1;
-        let rows: Vec<_> = (0..rng.range(1, 50))
-            .map(|_| {
-                let k = rng.range(0, 11);
-                let aggregate = if k.is_multiple_of(2) {
-                    "order"
-                } else {
-                    "customer"
-                };
-                seqs.event(
-                    aggregate,
-                    &format!("{aggregate}-{k}"),
-                    "Changed",
-                    &format!("txn-{txn}"),
-                )
-            })
-            .collect();
+        let n = rng.range(1, 50);
+        let rows = events(&mut rng, &mut seqs, n, 12, None, &format!("txn-{txn}"));
         let tx = client.transaction().await.expect("begin");
         let events = insert_outbox(&tx, &rows).await;
         tx.commit().await.expect("commit");
@@ -83,7 +53,7 @@ async fn kill_9_and_restart_loses_nothing_and_keeps_per_key_order() {
                 | 1
         });
     eprintln!("crash test seed: CRASH_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     let pg = Pg::start();
     let broker = Broker::start();

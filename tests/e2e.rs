@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    basic_config, check_delivery, insert_outbox, java_murmur2_partition, lsn_text, wait_until,
-    Broker, Event, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    basic_config, check_delivery, insert_outbox, java_murmur2_partition, last_line, lsn_text,
+    wait_until, Broker, Event, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 8;
@@ -450,16 +450,6 @@ async fn a_restart_resumes_after_the_confirmed_point_without_duplicates() {
         "events confirmed before the restart were sent again"
     );
     confirmed.unwrap_or_else(|e| panic!("after restart: {e}"));
-}
-
-/// The last non-empty line of stderr: where the one-line fatal message must be.
-fn last_line(stderr: &str) -> String {
-    stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 #[tokio::test]

@@ -24,7 +24,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{java_murmur2_partition, lsn_text, Broker, Pg, Reader, Rec, Relay, OUTBOX_DDL, SLOT};
+use common::{
+    java_murmur2_partition, last_line, lsn_text, Broker, Pg, Reader, Rec, Relay, OUTBOX_DDL, SLOT,
+};
 
 /// Generous bounds: the machine is small and shared; these are not performance limits.
 const STARTUP: Duration = Duration::from_secs(90);
@@ -118,12 +120,7 @@ async fn expect_fatal_exit(relay: &mut Relay, what: &str) -> String {
         !status.success(),
         "{what}: exit {status}, expected a failure; stderr:\n{stderr}"
     );
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-        .to_owned();
+    let line = last_line(&stderr);
     assert!(
         line.starts_with("outbox-relay: error: "),
         "{what}: the last stderr line is not the error: {line:?}; stderr:\n{stderr}"

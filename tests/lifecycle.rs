@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::checker::{events, Rng};
 use common::{
-    basic_config, check_delivery, free_port, http_get, insert_outbox, lsn_text, scrape, settle,
-    try_insert_outbox, wait_until, Broker, Event, Patience, Pg, Rec, Relay, Scrape, Seqs,
-    OUTBOX_DDL, SLOT,
+    basic_config, check_delivery, free_port, http_get, insert_outbox, last_line, lsn_text, scrape,
+    settle, try_insert_outbox, wait_until, Broker, Delivery, Event, Patience, Pg, Rec, Relay,
+    Scrape, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 4;
@@ -152,35 +153,9 @@ fn metric(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     s.get(name, labels).unwrap_or(f64::NAN)
 }
 
-/// The last non-empty line of stderr: where the one-line fatal message must be.
-fn last_line(stderr: &str) -> String {
-    stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 // ---------------------------------------------------------------------------------------------
 // A writer that survives the server going away
 // ---------------------------------------------------------------------------------------------
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// What a [`writer`] did.
 #[derive(Default)]
@@ -200,7 +175,7 @@ struct Written {
 /// after any error (a transaction that failed is not retried: its events never existed,
 /// or are in doubt if COMMIT itself failed).
 async fn writer(url: String, seed: u64, max_rows: u64, stop: Arc<AtomicBool>) -> Written {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut seqs = Seqs::default();
     let mut out = Written::default();
     let mut client: Option<tokio_postgres::Client> = None;
@@ -217,17 +192,8 @@ async fn writer(url: String, seed: u64, max_rows: u64, stop: Arc<AtomicBool>) ->
             continue;
         };
         txn += 1;
-        let rows: Vec<_> = (0..rng.range(1, max_rows))
-            .map(|_| {
-                let k = rng.range(0, 11);
-                let key = if k & 1 == 0 {
-                    format!("order-{k}")
-                } else {
-                    format!("customer-{k}")
-                };
-                seqs.event(aggregate_of(&key), &key, "Changed", &format!("txn-{txn}"))
-            })
-            .collect();
+        let n = rng.range(1, max_rows);
+        let rows = events(&mut rng, &mut seqs, n, 12, None, &format!("txn-{txn}"));
         let outcome: Result<Vec<Event>, (Vec<Event>, tokio_postgres::Error)> = async {
             let tx = c.transaction().await.map_err(|e| (Vec::new(), e))?;
             let events = try_insert_outbox(&tx, &rows)
@@ -292,6 +258,25 @@ async fn committed_events(pg: &Pg, written: &Written) -> Vec<Event> {
     all
 }
 
+/// Waits until every event of `expected` is in Kafka and the slot is confirmed past the WAL
+/// position now, then checks the records against `expected` (`what` names the moment in a
+/// failure). Returns how many records were read and the delivery, for further checks.
+async fn assert_delivered(
+    pg: &Pg,
+    broker: &Broker,
+    relay: &mut Relay,
+    expected: &[Event],
+    what: &str,
+) -> (usize, Delivery) {
+    let target = pg.current_wal_lsn().await;
+    let (recs, confirmed) =
+        settle(pg, broker, relay, &TOPICS, expected.len(), target, PATIENCE).await;
+    let delivery = check_delivery(&recs, expected, PARTITIONS);
+    delivery.assert_ok(what);
+    confirmed.unwrap_or_else(|e| panic!("{what}: {e}"));
+    (recs.len(), delivery)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Metrics after N events
 // ---------------------------------------------------------------------------------------------
@@ -337,12 +322,9 @@ async fn metrics_and_probes_after_n_events() {
         .count();
     let customers = n - orders;
 
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(&pg, &broker, &mut relay, &TOPICS, n, target, PATIENCE).await;
-    let delivery = check_delivery(&recs, &expected, PARTITIONS);
-    delivery.assert_ok("relayed records");
+    let (_, delivery) =
+        assert_delivered(&pg, &broker, &mut relay, &expected, "relayed records").await;
     assert_eq!(delivery.duplicates, 0, "duplicates without any restart");
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
 
     // Idle now: the counters must add up and the gauges must show a settled pipeline. The
     // slot may still move (idle confirmation of a new WAL end), so it is read on either side
@@ -541,31 +523,24 @@ async fn sigterm_while_writing_exits_0_and_a_restart_resends_nothing() {
         "the writer failed without any fault"
     );
     let expected = written.committed;
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(
+    let (records, delivery) = assert_delivered(
         &pg,
         &broker,
         &mut relay,
-        &TOPICS,
-        expected.len(),
-        target,
-        PATIENCE,
+        &expected,
+        "after SIGTERM/restarts",
     )
     .await;
-    let delivery = check_delivery(&recs, &expected, PARTITIONS);
     eprintln!(
-        "{} events, {} records, {} duplicate(s) after 3 SIGTERM/restarts",
+        "{} events, {records} records, {} duplicate(s) after 3 SIGTERM/restarts",
         expected.len(),
-        recs.len(),
         delivery.duplicates
     );
-    delivery.assert_ok("after SIGTERM/restarts");
     assert_eq!(
         delivery.duplicates, 0,
         "a restart after a graceful stop re-sent {} record(s)",
         delivery.duplicates
     );
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
     drop(stopped);
 }
 
@@ -668,19 +643,14 @@ async fn sigterm_in_the_middle_of_a_large_transaction_resends_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     expected
         .extend(insert_outbox(&client, &[seqs.event("order", "order-0", "After", "small")]).await);
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(
+    let (_, delivery) = assert_delivered(
         &pg,
         &broker,
         &mut relay,
-        &TOPICS,
-        expected.len(),
-        target,
-        PATIENCE,
+        &expected,
+        "after SIGTERM mid-transaction and restart",
     )
     .await;
-    let delivery = check_delivery(&recs, &expected, PARTITIONS);
-    delivery.assert_ok("after SIGTERM mid-transaction and restart");
     assert_eq!(
         delivery.duplicates,
         0,
@@ -698,7 +668,6 @@ async fn sigterm_in_the_middle_of_a_large_transaction_resends_nothing() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -806,26 +775,19 @@ async fn postgres_fault_under_a_writer(fault: Fault) {
         written.failed_txns,
         written.failed_connects
     );
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(
+    let (records, delivery) = assert_delivered(
         &pg,
         &broker,
         &mut relay,
-        &TOPICS,
-        expected.len(),
-        target,
-        PATIENCE,
+        &expected,
+        &format!("after {fault:?}"),
     )
     .await;
-    let delivery = check_delivery(&recs, &expected, PARTITIONS);
     eprintln!(
-        "{fault:?}: {} records for {} events, {} duplicate(s)",
-        recs.len(),
+        "{fault:?}: {records} records for {} events, {} duplicate(s)",
         expected.len(),
         delivery.duplicates
     );
-    delivery.assert_ok(&format!("after {fault:?}"));
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
     relay.assert_running();
 }
 
@@ -949,26 +911,13 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         killed.elapsed()
     );
 
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(
-        &pg,
-        &broker,
-        &mut second,
-        &TOPICS,
-        expected.len(),
-        target,
-        PATIENCE,
-    )
-    .await;
-    let delivery = check_delivery(&recs, &expected, PARTITIONS);
+    let (records, delivery) =
+        assert_delivered(&pg, &broker, &mut second, &expected, "after failover").await;
     eprintln!(
-        "{} records for {} events: {} duplicate(s) after failover",
-        recs.len(),
+        "{records} records for {} events: {} duplicate(s) after failover",
         expected.len(),
         delivery.duplicates
     );
-    delivery.assert_ok("after failover");
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -988,19 +937,14 @@ async fn an_unreachable_broker_keeps_the_slot_and_fails_readiness() {
         let key = format!("order-{}", i % 3);
         expected.extend(insert_outbox(&client, &[seqs.event("order", &key, "Acked", "")]).await);
     }
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(
+    assert_delivered(
         &pg,
         &broker,
         &mut relay,
-        &TOPICS,
-        expected.len(),
-        target,
-        PATIENCE,
+        &expected,
+        "before the broker died",
     )
     .await;
-    check_delivery(&recs, &expected, PARTITIONS).assert_ok("before the broker died");
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
     wait_ready(&mut relay, port, SECONDS, "before the broker died").await;
 
     broker.kill();
@@ -1171,22 +1115,17 @@ async fn events_held_while_kafka_is_cut_off_are_delivered_when_it_returns() {
 
     proxy.restore();
     let back = Instant::now();
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(
+    let (records, delivery) = assert_delivered(
         &pg,
         &broker,
         &mut relay,
-        &TOPICS,
-        expected.len(),
-        target,
-        PATIENCE,
+        &expected,
+        "events held while Kafka was cut off",
     )
     .await;
-    let delivery = check_delivery(&recs, &expected, PARTITIONS);
     eprintln!(
-        "Kafka back: {} records for {} events ({} duplicates) {:?} after it returned; slot \
+        "Kafka back: {records} records for {} events ({} duplicates) {:?} after it returned; slot \
          {} -> {}",
-        recs.len(),
         expected.len(),
         delivery.duplicates,
         back.elapsed(),
@@ -1195,8 +1134,6 @@ async fn events_held_while_kafka_is_cut_off_are_delivered_when_it_returns() {
             .await
             .map_or("NULL".into(), lsn_text)
     );
-    delivery.assert_ok("events held while Kafka was cut off");
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
     wait_ready(&mut relay, port, SECONDS, "after Kafka returned").await;
 }
 
@@ -1356,10 +1293,7 @@ async fn a_slot_dropped_while_stopped_is_refused_until_the_marker_is_cleared() {
         &[Seqs::default().event("order", "order-1", "Fresh", "new-slot")],
     )
     .await;
-    let target = pg.current_wal_lsn().await;
-    let (recs, confirmed) = settle(&pg, &broker, &mut relay, &TOPICS, 1, target, PATIENCE).await;
-    check_delivery(&recs, &expected, PARTITIONS).assert_ok("on the fresh slot");
-    confirmed.unwrap_or_else(|e| panic!("{e}"));
+    assert_delivered(&pg, &broker, &mut relay, &expected, "on the fresh slot").await;
 }
 
 #[tokio::test]

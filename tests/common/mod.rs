@@ -57,6 +57,16 @@ where
     }
 }
 
+/// The last non-empty line of stderr: where the one-line fatal message must be.
+pub fn last_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Formats a WAL position the way PostgreSQL prints it (`16/B374D848`), for messages.
 pub fn lsn_text(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
