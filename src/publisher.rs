@@ -97,6 +97,13 @@ impl ClientContext for Delivery {
             | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", "{fac}: {log_message}")
             }
+            // librdkafka calls every experimental property out at each start; for the
+            // relay's own default (gapless) that warning says nothing the operator can act on.
+            RDKafkaLogLevel::Warning
+                if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") =>
+            {
+                tracing::debug!(target: "librdkafka", "{fac}: {log_message}")
+            }
             RDKafkaLogLevel::Warning => {
                 tracing::warn!(target: "librdkafka", "{fac}: {log_message}")
             }
