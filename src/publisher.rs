@@ -1,15 +1,24 @@
 //! The Kafka publisher: an idempotent `acks=all` librdkafka producer whose delivery reports
 //! feed the acknowledgement tracker, carrying only the transaction id per record.
+//!
+//! Delivery reports are served by a task on the relay's own runtime (one thread), woken by
+//! librdkafka when its report queue stops being empty, rather than by a polling thread of
+//! their own: librdkafka frees each message on the thread that serves its report, and a
+//! message freed on the thread that allocated it goes back to that thread's malloc cache,
+//! where the next record's allocation finds it (across threads every one takes the arena's
+//! locked slow path).
 
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
+use rdkafka::bindings as rdsys;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
@@ -65,6 +74,11 @@ const NUDGE_EVERY: Duration = Duration::from_millis(5);
 const NUDGE_MS: i32 = 2;
 /// `Shared::resume_below` when the relay is not waiting for room in the queue.
 const NOT_WAITING: u64 = u64::MAX;
+/// Delivery reports are also served this often without a wake-up, so a lost one costs a
+/// pause, never a stall (librdkafka's own polling thread waits as long).
+const SERVE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+/// Report events served per turn before the task yields to the replication loop.
+const SERVE_BURST: usize = 256;
 
 /// Routes seen so far: each (outbox table, topic) pair gets a number and a counter.
 #[derive(Default)]
@@ -200,9 +214,11 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     client
 }
 
-/// Hands records to Kafka; acknowledgements flow to the tracker on librdkafka's thread.
+/// Hands records to Kafka; acknowledgements flow to the tracker from the report task.
 pub struct Publisher {
-    producer: ThreadedProducer<Delivery>,
+    producer: Arc<BaseProducer<Delivery>>,
+    /// Serves delivery reports (see the module docs); stopped when the publisher is dropped.
+    reports: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
     routes: Mutex<Routes>,
     /// A nudge is under way on a blocking thread.
@@ -242,9 +258,12 @@ impl Publisher {
             tables: tables.iter().map(|t| t.table.clone()).collect(),
             published: RwLock::new(Vec::new()),
         });
-        let producer = client.create_with_context(Delivery(shared.clone()))?;
+        let producer: Arc<BaseProducer<Delivery>> =
+            Arc::new(client.create_with_context(Delivery(shared.clone()))?);
+        let reports = tokio::spawn(serve_reports(ReportQueue::new(producer.clone())));
         Ok(Publisher {
             producer,
+            reports,
             shared,
             routes: Mutex::new(Routes::default()),
             nudging: Arc::new(AtomicBool::new(false)),
@@ -393,6 +412,98 @@ impl Publisher {
     /// Records queued or in flight inside librdkafka.
     pub fn queued(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.reports.abort();
+    }
+}
+
+/// librdkafka's main queue, where delivery reports and errors arrive, with a wake-up that
+/// fires each time it stops being empty.
+struct ReportQueue {
+    producer: Arc<BaseProducer<Delivery>>,
+    queue: *mut rdsys::rd_kafka_queue_t,
+    /// Boxed so that its address, handed to librdkafka, stays put.
+    wake: Box<tokio::sync::Notify>,
+}
+
+// SAFETY: librdkafka queues may be used from any thread; the pointer is only read.
+unsafe impl Send for ReportQueue {}
+
+impl ReportQueue {
+    fn new(producer: Arc<BaseProducer<Delivery>>) -> Self {
+        let wake = Box::new(tokio::sync::Notify::new());
+        // SAFETY: the handle is valid while `producer` lives, which outlives this queue
+        // reference (dropped first, in `Drop`); the callback's opaque is `wake`, which stays
+        // allocated until the callback is switched off in `Drop`.
+        let queue = unsafe {
+            let queue = rdsys::rd_kafka_queue_get_main(producer.client().native_ptr());
+            if !queue.is_null() {
+                rdsys::rd_kafka_queue_cb_event_enable(
+                    queue,
+                    Some(reports_ready),
+                    &*wake as *const tokio::sync::Notify as *mut c_void,
+                );
+            }
+            queue
+        };
+        ReportQueue {
+            producer,
+            queue,
+            wake,
+        }
+    }
+
+    fn len(&self) -> usize {
+        if self.queue.is_null() {
+            return 0;
+        }
+        // SAFETY: a live queue reference (see `new`).
+        unsafe { rdsys::rd_kafka_queue_length(self.queue) }
+    }
+}
+
+impl Drop for ReportQueue {
+    fn drop(&mut self) {
+        if !self.queue.is_null() {
+            // SAFETY: switches the callback off before `wake` is freed, then drops the
+            // reference taken in `new`.
+            unsafe {
+                rdsys::rd_kafka_queue_cb_event_enable(self.queue, None, std::ptr::null_mut());
+                rdsys::rd_kafka_queue_destroy(self.queue);
+            }
+        }
+    }
+}
+
+/// Called by librdkafka (on its own threads) when the report queue gets its first event.
+unsafe extern "C" fn reports_ready(_rk: *mut rdsys::rd_kafka_t, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the `Notify` of a live `ReportQueue` (see `ReportQueue::new`).
+    let wake = unsafe { &*(opaque as *const tokio::sync::Notify) };
+    wake.notify_one();
+}
+
+/// Serves delivery reports (and librdkafka's error events) as they arrive.
+async fn serve_reports(queue: ReportQueue) {
+    loop {
+        // A wake-up that came meanwhile is kept by `Notify`, so none is lost between the
+        // last look at the queue and this wait; the timeout is a safety net only.
+        let _ = tokio::time::timeout(SERVE_AT_LEAST_EVERY, queue.wake.notified()).await;
+        loop {
+            let mut served = 0;
+            while served < SERVE_BURST && queue.len() > 0 {
+                queue.producer.poll(Duration::ZERO);
+                served += 1;
+            }
+            if served < SERVE_BURST {
+                break;
+            }
+            // Under a flood of reports, let the replication loop have its turn too.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
