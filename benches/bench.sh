@@ -19,6 +19,8 @@
 #   memory   one transaction of --mem-events events, with the broker keeping up and with the
 #            broker frozen (SIGSTOP) for --freeze-secs right after the commit
 #   scaling  payload sizes, number of outbox tables, backlog sizes
+#   compare  (not in the default run) two relay builds, --relay-bin and --compare-bin,
+#            draining the same backlog in turns, --repeat times each: an A/B of a change
 #
 # On your own setup it works in a schema, publication, slots and topics of its own, all named
 # outbox_bench / outbox-bench.*, and drops the schema, publication and slots when done (the
@@ -46,10 +48,12 @@ Usage: benches/bench.sh [options]
   --scale-tables LIST     scaling: outbox table counts, at most 16 (default 1,4,16)
   --scale-backlogs LIST   scaling: backlog sizes (default 100000,1000000)
   --quota-pct P           quota: CPU limit in % of one core (default 25)
-  --sections LIST         any of drain,quota,latency,memory,scaling (default: all)
+  --sections LIST         any of drain,quota,latency,memory,scaling,compare (default: all
+                          but compare)
   --pg-url URL            use this PostgreSQL (wal_level=logical) instead of a throwaway one
   --brokers HOST:PORT     use this Kafka instead of a throwaway Tansu
   --relay-bin PATH        relay binary to measure (default: target/release/outbox-relay, built)
+  --compare-bin PATH      compare: the other relay binary (e.g. a build of the previous commit)
   --no-build              don't run cargo build (binaries must exist)
   --perf FILE             also profile one extra relay drain with perf into FILE and print
                           the top symbols (perf report --no-children --sort dso,sym)
@@ -78,6 +82,7 @@ SECTIONS=drain,quota,latency,memory,scaling
 PG_URL_ARG=
 BROKERS_ARG=
 RELAY_BIN=
+COMPARE_BIN=
 BUILD=1
 PERF_OUT=
 RESULTS_ARG=
@@ -105,6 +110,7 @@ while [ $# -gt 0 ]; do
     --pg-url) PG_URL_ARG=$2 && shift ;;
     --brokers) BROKERS_ARG=$2 && shift ;;
     --relay-bin) RELAY_BIN=$2 && shift ;;
+    --compare-bin) COMPARE_BIN=$2 && shift ;;
     --no-build) BUILD= ;;
     --perf) PERF_OUT=$2 && shift ;;
     --results) RESULTS_ARG=$2 && shift ;;
@@ -375,7 +381,7 @@ measure_relay() {
 
 # ---------------------------------------------------------------------------------------
 # 1-3. Backlog drain: decode limit, relay, polling publisher.
-if has_section drain || has_section quota || [ -n "$PERF_OUT" ]; then
+if has_section drain || has_section quota || has_section compare || [ -n "$PERF_OUT" ]; then
     new_backlog "$N" "$PAYLOAD" 1
 fi
 if has_section drain; then
@@ -407,6 +413,20 @@ if has_section drain; then
         record kind=poller section=drain rep=$rep poll_batch="$POLL_BATCH" "${BL_FIELDS[@]}" \
             "$(echo "$poll" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({k: d[k] for k in ("backend_cpu_s", "batches", "select_s", "produce_s", "delete_s")}))')" \
             "$out"
+    done
+fi
+
+# An A/B of two relay builds on the same backlog, in turns (ABBA...) so that a machine that
+# gets busier or quieter during the run weighs on both alike.
+if has_section compare; then
+    [ -n "$COMPARE_BIN" ] || die "--sections compare needs --compare-bin PATH"
+    [ -x "$COMPARE_BIN" ] || die "--compare-bin $COMPARE_BIN is not an executable"
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        order=("$RELAY_BIN" "$COMPARE_BIN")
+        ((rep % 2)) || order=("$COMPARE_BIN" "$RELAY_BIN")
+        for bin in "${order[@]}"; do
+            RELAY_BIN="$bin" measure_relay "compare $rep/$REPEAT: $bin" section=compare rep=$rep bin="$bin"
+        done
     done
 fi
 

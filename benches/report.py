@@ -15,6 +15,8 @@ import sys
 import urllib.request
 
 HIST = "outbox_relay_commit_to_ack_seconds"
+# The database's share of it: commit to the relay receiving the transaction.
+RECEIVE_HIST = "outbox_relay_commit_to_receive_seconds"
 
 
 def parse_value(v):
@@ -44,15 +46,15 @@ def cmd_scrape(args):
         sys.stdout.write(r.read().decode())
 
 
-def buckets(path):
-    """{le: cumulative count} and the total count of the commit-to-ack histogram."""
+def buckets(path, hist=HIST):
+    """{le: cumulative count} and the total count of a histogram (commit-to-ack by default)."""
     out, count = {}, 0
     with open(path) as f:
         for line in f:
-            if line.startswith(HIST + "_bucket"):
+            if line.startswith(hist + "_bucket"):
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 out[math.inf if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
-            elif line.startswith(HIST + "_count"):
+            elif line.startswith(hist + "_count"):
                 count = float(line.rsplit(" ", 1)[1])
     return out, count
 
@@ -78,23 +80,37 @@ def quantile(q, cum):
     return lower
 
 
-def cmd_quantiles(args):
-    before, _ = buckets(args[0])
-    after, _ = buckets(args[1])
+def window(args, hist):
+    """The histogram's cumulative buckets between two scrapes, and their total."""
+    before, _ = buckets(args[0], hist)
+    after, _ = buckets(args[1], hist)
     cum = {le: after[le] - before.get(le, 0.0) for le in after}
-    total = cum.get(math.inf, 0.0)
+    return cum, cum.get(math.inf, 0.0)
+
+
+def cmd_quantiles(args):
+    cum, total = window(args, HIST)
     # The histogram keeps no maximum: the smallest bucket bound holding every observation.
     finite = [le for le in sorted(cum) if le != math.inf and cum[le] >= total]
     upper = finite[0] if finite else math.inf
     below10 = cum.get(0.01)
-    print(json.dumps({
+    out = {
         "ack_count": int(total),
         # Exact, unlike the interpolated quantiles: 10 ms is a bucket bound (the p99 target).
         "ack_over_10ms_pct": 100 * (1 - below10 / total) if total and below10 is not None else None,
         "ack_p50_ms": quantile(0.5, cum) * 1000,
         "ack_p99_ms": quantile(0.99, cum) * 1000,
         "ack_max_le_ms": upper * 1000 if upper != math.inf else None,
-    }))
+    }
+    cum, total = window(args, RECEIVE_HIST)
+    if total:
+        below10 = cum.get(0.01)
+        out.update({
+            "receive_p50_ms": quantile(0.5, cum) * 1000,
+            "receive_p99_ms": quantile(0.99, cum) * 1000,
+            "receive_over_10ms_pct": 100 * (1 - below10 / total) if below10 is not None else None,
+        })
+    print(json.dumps(out))
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,6 +258,36 @@ def render_quota(res, out):
     out.append("")
 
 
+def render_compare(res, out):
+    c = [r for r in res if r["section"] == "compare"]
+    if not c:
+        return
+    by = {}
+    for r in c:
+        by.setdefault(r["bin"], []).append(r)
+    rows = []
+    for b, runs in by.items():
+        m = median_run(runs)
+        cpus = sorted(per100k(r.get("cpu_s"), r["n"]) for r in runs if r.get("cpu_s") is not None)
+        rows.append([
+            f"`{b}`",
+            fmt(rate(m)),
+            fmt(m["secs"], 2),
+            fmt(cpus[(len(cpus) - 1) // 2], 3) if cpus else "n/a",
+            f"{cpus[0]:.3f}–{cpus[-1]:.3f}" if cpus else "n/a",
+            fmt(mb(m.get("hwm_kb")), 1),
+            fmt(per100k(m.get("walsender_cpu_s"), m["n"]), 3),
+            spread(runs),
+        ])
+    out.append(f"### Two relay builds in turns: {c[0]['n']:,} events in transactions of "
+               f"{c[0]['txn']:,}\n")
+    out.append(table(
+        ["relay", "events/s", "seconds", "CPU s / 100k events (median)", "CPU range",
+         "peak RSS MB", "walsender CPU s / 100k", "spread (events/s)"], rows))
+    out.append("\nevents/s, seconds and RSS: the median run by duration; CPU: the median of the "
+               "runs' own CPU per event.\n")
+
+
 def render_latency(res, out):
     lat = [r for r in res if r["section"] == "latency"]
     if not lat:
@@ -256,6 +302,9 @@ def render_latency(res, out):
             fmt(r.get("ack_p99_ms"), 2),
             ("≤ " + fmt(r["ack_max_le_ms"], 1)) if r.get("ack_max_le_ms") is not None else "n/a",
             fmt(r.get("ack_over_10ms_pct"), 2, " %"),
+            fmt(r.get("receive_p50_ms"), 2),
+            fmt(r.get("receive_p99_ms"), 2),
+            fmt(r.get("receive_over_10ms_pct"), 2, " %"),
             fmt(r.get("direct_p50_ms"), 2),
             fmt(r.get("direct_p99_ms"), 2),
             fmt(r["e2e_p50_ms"], 2),
@@ -270,14 +319,16 @@ def render_latency(res, out):
     out.append(f"### Latency: single-event transactions at a fixed rate for {lat[0]['secs']:g} s\n")
     out.append(table(
         ["target tx/s", "achieved tx/s", "events", "commit→ack p50 ms", "p99 ms", "max ms",
-         "acks > 10 ms", "baseline send→ack p50 ms", "p99 ms", "commit→consumer p50 ms", "p99 ms", "max ms", "consumed", "relay CPU", "walsender CPU",
+         "acks > 10 ms", "commit→receive p50 ms", "p99 ms", "> 10 ms", "baseline send→ack p50 ms", "p99 ms", "commit→consumer p50 ms", "p99 ms", "max ms", "consumed", "relay CPU", "walsender CPU",
          "broker CPU", "machine busy (cores)"], rows))
     out.append("\ncommit→ack: the relay's `outbox_relay_commit_to_ack_seconds` histogram "
                "(PostgreSQL commit timestamp to the broker's acknowledgement), difference of "
                "two `/metrics` scrapes, quantiles interpolated linearly inside buckets "
                "(bounds 1, 2.5, 5, 7.5, 10, 15, 25 ms...), max = the bucket bound holding the slowest; acks > 10 ms is exact (a bucket "
                "bound), where p99 interpolated inside (10, 25] ms overstates a tail just past "
-               "10 ms. baseline: "
+               "10 ms. commit→receive: the relay's `outbox_relay_commit_to_receive_seconds` "
+               "(commit timestamp to the relay reading the transaction's Begin), the database's "
+               "share of commit→ack. baseline: "
                "the same records at the same rate produced straight to the broker with the "
                "relay's producer settings (`bench_load --direct`, no database), right after; "
                "what the relay adds is the difference. "
@@ -366,6 +417,7 @@ def cmd_render(args):
     out = []
     render_drain(res, out)
     render_quota(res, out)
+    render_compare(res, out)
     render_latency(res, out)
     render_memory(res, out)
     render_scaling(res, out)

@@ -20,7 +20,7 @@ use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
 use crate::publisher::{Publisher, SendError};
 use crate::replication::{
-    ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
+    pg_now_micros, ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
 };
 use crate::setup::{self, SetupError};
 
@@ -618,7 +618,13 @@ impl Pipeline<'_> {
         message: Message<'_>,
     ) -> Result<(), SessionEnd> {
         match message {
-            Message::Begin { commit_time, .. } => self.txn = Some(self.tracker.begin(commit_time)),
+            Message::Begin { commit_time, .. } => {
+                let secs = (pg_now_micros() - commit_time) as f64 / 1e6;
+                self.metrics
+                    .commit_to_receive_seconds
+                    .observe(secs.max(0.0));
+                self.txn = Some(self.tracker.begin(commit_time));
+            }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
                     self.tracker.commit(txn, end_lsn);

@@ -394,6 +394,12 @@ fn idle_metric_problems(
             "transactions_total = {t}, expected >= {txns} committed transactions"
         ));
     }
+    let received = metric(s, "outbox_relay_commit_to_receive_seconds_count", &[]);
+    if received.is_nan() || received < txns as f64 {
+        p.push(format!(
+            "commit_to_receive_seconds_count = {received}, expected >= {txns} transactions"
+        ));
+    }
     p.extend(expect(s, "outbox_relay_leader", &[], 1.0));
     p.extend(expect(s, "outbox_relay_up", &[], 1.0));
     p.extend(expect(s, "outbox_relay_inflight_events", &[], 0.0));
