@@ -524,37 +524,47 @@ if has_section latency; then
         --topics "$TOPICS" --rate 100 --secs 2 >/dev/null 2>"$WORK_DIR/warmup.log" ||
         { cat "$WORK_DIR/warmup.log" >&2; die "bench_load (warm-up) failed"; }
     for rate in ${RATES//,/ }; do
-        say "latency: $rate transactions/s for $LOAD_SECS s"
-        $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-before"
-        before=$($REPORT hist-count "$WORK_DIR/m-before")
-        t0=$(proc_ticks "$RELAY_PID")
-        ws=$(bpsql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$SLOT'")
-        w0=$(proc_ticks "$ws" 2>/dev/null || echo)
-        b0=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
-        m0=$(machine_ticks) s0=$(date +%s.%N)
-        load=$($EX/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
-            --topics "$TOPICS" --rate "$rate" --secs "$LOAD_SECS" 2>"$WORK_DIR/load.log") ||
-            { cat "$WORK_DIR/load.log" >&2; die "bench_load failed"; }
-        committed=$(echo "$load" | python3 -c 'import json,sys; print(json.load(sys.stdin)["committed"])')
-        for ((i = 0; i < 600; i++)); do
-            $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-after"
-            [ "$($REPORT hist-count "$WORK_DIR/m-after")" -ge $((before + committed)) ] && break
-            sleep 0.1
+        # Twice: the relay alone (the broker serves nothing else, as for the baseline below),
+        # then with a consumer reading the topics (commit-to-consumer).
+        for pass in alone consumer; do
+            extra=()
+            [ "$pass" = consumer ] || extra=(--no-consumer)
+            say "latency: $rate transactions/s for $LOAD_SECS s ($pass)"
+            $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-before"
+            before=$($REPORT hist-count "$WORK_DIR/m-before")
+            t0=$(proc_ticks "$RELAY_PID")
+            ws=$(bpsql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$SLOT'")
+            w0=$(proc_ticks "$ws" 2>/dev/null || echo)
+            b0=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
+            m0=$(machine_ticks) s0=$(date +%s.%N)
+            load=$($EX/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
+                --topics "$TOPICS" --rate "$rate" --secs "$LOAD_SECS" "${extra[@]}" 2>"$WORK_DIR/load.log") ||
+                { cat "$WORK_DIR/load.log" >&2; die "bench_load failed"; }
+            committed=$(echo "$load" | python3 -c 'import json,sys; print(json.load(sys.stdin)["committed"])')
+            for ((i = 0; i < 600; i++)); do
+                $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-after"
+                [ "$($REPORT hist-count "$WORK_DIR/m-after")" -ge $((before + committed)) ] && break
+                sleep 0.1
+            done
+            t1=$(proc_ticks "$RELAY_PID")
+            w1=$(proc_ticks "$ws" 2>/dev/null || echo)
+            b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
+            m1=$(machine_ticks) s1=$(date +%s.%N)
+            if [ "$pass" = alone ]; then
+                # The baseline: the same records at the same rate produced straight to the broker
+                # with the relay's producer settings (no database), right after.
+                say "latency: $rate records/s produced straight to the broker (baseline)"
+                direct=$($EX/bench_load --direct --brokers "$KAFKA_BROKERS" --topics "$TOPICS" \
+                    --rate "$rate" --secs "$LOAD_SECS" 2>"$WORK_DIR/direct.log") ||
+                    { cat "$WORK_DIR/direct.log" >&2; die "bench_load --direct failed"; }
+            else
+                direct='{}'
+            fi
+            record section=latency pass="$pass" secs="$LOAD_SECS" relay_cpu_s="$(ticks_s "$t0" "$t1")" \
+                walsender_cpu_s="$(ticks_s "$w0" "$w1")" broker_cpu_s="$(ticks_s "$b0" "$b1")" \
+                machine_cpu_s="$(ticks_s "$m0" "$m1")" wall_s="$(python3 -c "print($s1 - $s0)")" \
+                "$load" "$direct" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")"
         done
-        t1=$(proc_ticks "$RELAY_PID")
-        w1=$(proc_ticks "$ws" 2>/dev/null || echo)
-        b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
-        m1=$(machine_ticks) s1=$(date +%s.%N)
-        # The baseline: the same records at the same rate produced straight to the broker with
-        # the relay's producer settings (no database), right after.
-        say "latency: $rate records/s produced straight to the broker (baseline)"
-        direct=$($EX/bench_load --direct --brokers "$KAFKA_BROKERS" --topics "$TOPICS" \
-            --rate "$rate" --secs "$LOAD_SECS" 2>"$WORK_DIR/direct.log") ||
-            { cat "$WORK_DIR/direct.log" >&2; die "bench_load --direct failed"; }
-        record section=latency secs="$LOAD_SECS" relay_cpu_s="$(ticks_s "$t0" "$t1")" \
-            walsender_cpu_s="$(ticks_s "$w0" "$w1")" broker_cpu_s="$(ticks_s "$b0" "$b1")" \
-            machine_cpu_s="$(ticks_s "$m0" "$m1")" wall_s="$(python3 -c "print($s1 - $s0)")" \
-            "$load" "$direct" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")"
     done
     stop_relay
 fi

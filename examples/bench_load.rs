@@ -17,7 +17,8 @@
 //! `--max-inflight`), and the achieved rate is reported.
 //!
 //! Prints one JSON line: sent/committed counts, achieved commits/s, how many records the
-//! consumer saw, and end-to-end p50/p99/max in milliseconds.
+//! consumer saw, and end-to-end p50/p99/max in milliseconds (`--no-consumer`: no consumer,
+//! for commit-to-ack measured with the broker serving the relay alone).
 //!
 //! `--direct` is the baseline: no database; the same records at the same rate produced
 //! straight to the broker with the relay's producer settings, reporting send-to-ack p50/p99
@@ -69,6 +70,10 @@ struct Args {
     /// Distinct record keys.
     #[arg(long, default_value_t = 64)]
     keys: u64,
+    /// Run no consumer: commit-to-ack is then measured with the broker serving the relay
+    /// alone, as for the `--direct` baseline (commit-to-consumer is not reported).
+    #[arg(long)]
+    no_consumer: bool,
     /// After the load, how long to wait for the consumer to see every record.
     #[arg(long, default_value_t = 60)]
     drain_secs: u64,
@@ -186,12 +191,16 @@ fn quantile(sorted: &[i64], q: f64) -> f64 {
 
 async fn run(args: &Args) -> anyhow::Result<String> {
     let run_id = format!("{}-{}", std::process::id(), now_us());
-    let consumer = consumer_at_end(&args.brokers, &args.topics)?;
     let expected = Arc::new(AtomicU64::new(u64::MAX));
     let stop_at = Arc::new(AtomicU64::new(0));
-    let consumer_thread = {
+    let consumer_thread = if args.no_consumer {
+        None
+    } else {
+        let consumer = consumer_at_end(&args.brokers, &args.topics)?;
         let (run, expected, stop_at) = (run_id.clone(), expected.clone(), stop_at.clone());
-        std::thread::spawn(move || consume(consumer, run, expected, stop_at))
+        Some(std::thread::spawn(move || {
+            consume(consumer, run, expected, stop_at)
+        }))
     };
 
     let (Some(pg_url), Some(table)) = (&args.pg_url, &args.table) else {
@@ -259,22 +268,31 @@ async fn run(args: &Args) -> anyhow::Result<String> {
         (now_us() + args.drain_secs as i64 * 1_000_000) as u64,
         Ordering::Relaxed,
     );
-    let mut latencies = consumer_thread
-        .join()
-        .map_err(|_| anyhow!("consumer thread panicked"))?;
-    latencies.sort_unstable();
+    let consumed = match consumer_thread {
+        None => "\"consumer\": false".to_owned(),
+        Some(thread) => {
+            let mut latencies = thread
+                .join()
+                .map_err(|_| anyhow!("consumer thread panicked"))?;
+            latencies.sort_unstable();
+            format!(
+                "\"consumer\": true, \"consumed\": {}, \"e2e_p50_ms\": {:.2}, \
+                 \"e2e_p99_ms\": {:.2}, \"e2e_max_ms\": {:.2}",
+                latencies.len(),
+                quantile(&latencies, 0.5),
+                quantile(&latencies, 0.99),
+                quantile(&latencies, 1.0),
+            )
+        }
+    };
     Ok(format!(
         "{{\"rate\": {}, \"sent\": {total}, \"committed\": {committed}, \"failed\": {}, \
          \"load_secs\": {load_secs:.3}, \"achieved_per_s\": {:.1}, \"max_behind_ms\": {:.1}, \
-         \"consumed\": {}, \"e2e_p50_ms\": {:.2}, \"e2e_p99_ms\": {:.2}, \"e2e_max_ms\": {:.2}}}",
+         {consumed}}}",
         args.rate,
         failed.load(Ordering::Relaxed),
         committed as f64 / load_secs,
         max_behind.as_secs_f64() * 1000.0,
-        latencies.len(),
-        quantile(&latencies, 0.5),
-        quantile(&latencies, 0.99),
-        quantile(&latencies, 1.0),
     ))
 }
 
