@@ -56,7 +56,8 @@ Usage: benches/bench.sh [options]
   --compare-bin PATH      compare: the other relay binary (e.g. a build of the previous commit)
   --no-build              don't run cargo build (binaries must exist)
   --perf FILE             also profile one extra relay drain with perf into FILE and print
-                          the top symbols (perf report --no-children --sort dso,sym)
+                          the top symbols (perf report --no-children --sort dso,sym);
+                          --sections none --perf FILE: only that
   --results FILE          keep the raw results (JSON lines) in FILE
   -h, --help              this text
 EOF
