@@ -12,7 +12,8 @@
 #   drain    the decode limit (pg_recvlogical on a copy of the slot, to /dev/null, --endpos =
 #            the last commit), outbox-relay (process start until confirmed_flush_lsn passes the
 #            last commit) and a polling publisher (examples/bench_poller.rs: SELECT ... FOR
-#            UPDATE SKIP LOCKED / produce / wait for acks / DELETE, on a copy of the rows)
+#            UPDATE SKIP LOCKED / produce / wait for acks / DELETE, on a copy of the rows), and
+#            librdkafka alone (examples/bench_floor.rs: the same records straight to the broker)
 #   quota    outbox-relay on the same backlog under a CPU quota (cgroup; --quota-pct of a core)
 #   latency  single-event transactions at fixed rates (examples/bench_load.rs): commit-to-ack
 #            from the relay's histogram, commit-to-consumer from a consumer
@@ -157,10 +158,10 @@ EX=target/release/examples
 if [ -n "$BUILD" ]; then
     say "building the relay and the benchmark programs (release)"
     cargo build --release --quiet --bin outbox-relay --example create_topics \
-        --example bench_drain --example bench_poller --example bench_load
+        --example bench_drain --example bench_poller --example bench_load --example bench_floor
 fi
 RELAY_BIN=${RELAY_BIN:-target/release/outbox-relay}
-for b in "$RELAY_BIN" $EX/create_topics $EX/bench_drain $EX/bench_poller $EX/bench_load; do
+for b in "$RELAY_BIN" $EX/create_topics $EX/bench_drain $EX/bench_poller $EX/bench_load $EX/bench_floor; do
     [ -x "$b" ] || die "$b not found; build it (or drop --no-build)"
 done
 
@@ -414,6 +415,11 @@ if has_section drain; then
         record kind=poller section=drain rep=$rep poll_batch="$POLL_BATCH" "${BL_FIELDS[@]}" \
             "$(echo "$poll" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({k: d[k] for k in ("backend_cpu_s", "batches", "select_s", "produce_s", "delete_s")}))')" \
             "$out"
+        # librdkafka alone: the same records straight to the broker, no database (the floor).
+        say "drain $rep/$REPEAT: librdkafka alone (bench_floor)"
+        floor=$($EX/bench_floor --brokers "$KAFKA_BROKERS" --topics "$TOPICS" -n "$N" \
+            --payload "$PAYLOAD" --keys "$KEYS") || die "bench_floor failed"
+        record kind=floor section=drain rep=$rep "$floor"
     done
 fi
 

@@ -210,6 +210,14 @@ def render_drain(res, out):
          "peak RSS MB", "DB-side CPU s / 100k", "broker CPU s / 100k", "other load (cores)",
          "spread (events/s)"],
         rows))
+    if "floor" in by:
+        floors = sorted(by["floor"], key=lambda r: r["cpu_s_per_100k"])
+        f = floors[(len(floors) - 1) // 2]
+        out.append(f"\nlibrdkafka alone (`bench_floor`: the same {f['records']:,} records, keys and "
+                   f"headers produced straight to the broker with the relay's settings, reports "
+                   f"served on the producing thread, no database): {f['records'] / f['secs']:,.0f} "
+                   f"records/s at {f['cpu_s_per_100k']:.3f} CPU s / 100k records "
+                   f"(median of {len(floors)}), the floor under any relay built on librdkafka.")
     if "poller" in by and "produce_s" in median_run(by["poller"]):
         p = median_run(by["poller"])
         out.append(f"\nPolling publisher's time: locking SELECT {p['select_s']:.1f} s, producing until "
