@@ -260,7 +260,10 @@ impl Publisher {
         });
         let producer: Arc<BaseProducer<Delivery>> =
             Arc::new(client.create_with_context(Delivery(shared.clone()))?);
-        let reports = tokio::spawn(serve_reports(ReportQueue::new(producer.clone())));
+        let queue = ReportQueue::new(producer.clone()).ok_or_else(|| {
+            KafkaError::ClientCreation("librdkafka gave no delivery report queue".into())
+        })?;
+        let reports = tokio::spawn(serve_reports(queue));
         Ok(Publisher {
             producer,
             reports,
@@ -434,33 +437,32 @@ struct ReportQueue {
 unsafe impl Send for ReportQueue {}
 
 impl ReportQueue {
-    fn new(producer: Arc<BaseProducer<Delivery>>) -> Self {
-        let wake = Box::new(tokio::sync::Notify::new());
+    /// None if librdkafka has no queue to give (it only fails to allocate one).
+    fn new(producer: Arc<BaseProducer<Delivery>>) -> Option<Self> {
         // SAFETY: the handle is valid while `producer` lives, which outlives this queue
-        // reference (dropped first, in `Drop`); the callback's opaque is `wake`, which stays
-        // allocated until the callback is switched off in `Drop`.
-        let queue = unsafe {
-            let queue = rdsys::rd_kafka_queue_get_main(producer.client().native_ptr());
-            if !queue.is_null() {
-                rdsys::rd_kafka_queue_cb_event_enable(
-                    queue,
-                    Some(reports_ready),
-                    &*wake as *const tokio::sync::Notify as *mut c_void,
-                );
-            }
-            queue
-        };
-        ReportQueue {
+        // reference (dropped first, in `Drop`).
+        let queue = unsafe { rdsys::rd_kafka_queue_get_main(producer.client().native_ptr()) };
+        if queue.is_null() {
+            return None;
+        }
+        let wake = Box::new(tokio::sync::Notify::new());
+        // SAFETY: a live queue; the callback's opaque is `wake`, which stays allocated until
+        // the callback is switched off in `Drop`.
+        unsafe {
+            rdsys::rd_kafka_queue_cb_event_enable(
+                queue,
+                Some(reports_ready),
+                &*wake as *const tokio::sync::Notify as *mut c_void,
+            );
+        }
+        Some(ReportQueue {
             producer,
             queue,
             wake,
-        }
+        })
     }
 
     fn len(&self) -> usize {
-        if self.queue.is_null() {
-            return 0;
-        }
         // SAFETY: a live queue reference (see `new`).
         unsafe { rdsys::rd_kafka_queue_length(self.queue) }
     }
@@ -468,13 +470,11 @@ impl ReportQueue {
 
 impl Drop for ReportQueue {
     fn drop(&mut self) {
-        if !self.queue.is_null() {
-            // SAFETY: switches the callback off before `wake` is freed, then drops the
-            // reference taken in `new`.
-            unsafe {
-                rdsys::rd_kafka_queue_cb_event_enable(self.queue, None, std::ptr::null_mut());
-                rdsys::rd_kafka_queue_destroy(self.queue);
-            }
+        // SAFETY: switches the callback off before `wake` is freed (librdkafka calls it under
+        // the queue's lock, which this takes too), then drops the reference taken in `new`.
+        unsafe {
+            rdsys::rd_kafka_queue_cb_event_enable(self.queue, None, std::ptr::null_mut());
+            rdsys::rd_kafka_queue_destroy(self.queue);
         }
     }
 }
