@@ -39,6 +39,9 @@ struct Args {
     /// Distinct keys.
     #[arg(long, default_value_t = 64)]
     keys: u64,
+    /// Send no headers (to see what the `id` and `type` headers cost).
+    #[arg(long)]
+    no_headers: bool,
     /// A producer property over the relay's defaults, KEY=VALUE (repeatable), as
     /// `[kafka.properties]` would set it.
     #[arg(long = "set", value_parser = parse_property)]
@@ -121,10 +124,12 @@ fn produce(producer: &BaseProducer<Acks>, args: &Args, n: u64, records: &[Rec]) 
                     key: "type",
                     value: Some(&b"Created"[..]),
                 });
-            let record = BaseRecord::to(topic)
+            let mut record = BaseRecord::to(topic)
                 .key(rec.key.as_bytes())
-                .payload(rec.payload.as_bytes())
-                .headers(headers);
+                .payload(rec.payload.as_bytes());
+            if !args.no_headers {
+                record = record.headers(headers);
+            }
             match producer.send(record) {
                 Ok(()) => break,
                 // Queue full: serve reports (on this thread, as the relay does) and retry.
