@@ -88,28 +88,29 @@ def window(args, hist):
     return cum, cum.get(math.inf, 0.0)
 
 
+def summary(prefix, cum, total):
+    """p50/p99 (interpolated) and the exact share over 10 ms (a bucket bound, the p99 target)."""
+    below10 = cum.get(0.01)
+    return {
+        f"{prefix}_over_10ms_pct": 100 * (1 - below10 / total) if total and below10 is not None else None,
+        f"{prefix}_p50_ms": quantile(0.5, cum) * 1000,
+        f"{prefix}_p99_ms": quantile(0.99, cum) * 1000,
+    }
+
+
 def cmd_quantiles(args):
     cum, total = window(args, HIST)
     # The histogram keeps no maximum: the smallest bucket bound holding every observation.
     finite = [le for le in sorted(cum) if le != math.inf and cum[le] >= total]
     upper = finite[0] if finite else math.inf
-    below10 = cum.get(0.01)
     out = {
         "ack_count": int(total),
-        # Exact, unlike the interpolated quantiles: 10 ms is a bucket bound (the p99 target).
-        "ack_over_10ms_pct": 100 * (1 - below10 / total) if total and below10 is not None else None,
-        "ack_p50_ms": quantile(0.5, cum) * 1000,
-        "ack_p99_ms": quantile(0.99, cum) * 1000,
         "ack_max_le_ms": upper * 1000 if upper != math.inf else None,
+        **summary("ack", cum, total),
     }
     cum, total = window(args, RECEIVE_HIST)
     if total:
-        below10 = cum.get(0.01)
-        out.update({
-            "receive_p50_ms": quantile(0.5, cum) * 1000,
-            "receive_p99_ms": quantile(0.99, cum) * 1000,
-            "receive_over_10ms_pct": 100 * (1 - below10 / total) if below10 is not None else None,
-        })
+        out.update(summary("receive", cum, total))
     print(json.dumps(out))
 
 
@@ -128,10 +129,15 @@ def per100k(cpu, n):
     return None if cpu is None or not n else cpu * 100000 / n
 
 
+def median(values, key=lambda v: v):
+    """The median by `key` (the lower middle one for an even count)."""
+    values = sorted(values, key=key)
+    return values[(len(values) - 1) // 2]
+
+
 def median_run(runs):
-    """The run with the median duration (the lower middle one for an even count)."""
-    runs = sorted(runs, key=lambda r: r["secs"])
-    return runs[(len(runs) - 1) // 2]
+    """The run with the median duration."""
+    return median(runs, key=lambda r: r["secs"])
 
 
 def rate(r):
@@ -211,13 +217,12 @@ def render_drain(res, out):
          "spread (events/s)"],
         rows))
     if "floor" in by:
-        floors = sorted(by["floor"], key=lambda r: r["cpu_s_per_100k"])
-        f = floors[(len(floors) - 1) // 2]
+        f = median(by["floor"], key=lambda r: r["cpu_s_per_100k"])
         out.append(f"\nlibrdkafka alone (`bench_floor`: the same {f['records']:,} records, keys and "
                    f"headers produced straight to the broker with the relay's settings, reports "
                    f"served on the producing thread, no database): {f['records'] / f['secs']:,.0f} "
                    f"records/s at {f['cpu_s_per_100k']:.3f} CPU s / 100k records "
-                   f"(median of {len(floors)}), the floor under any relay built on librdkafka.")
+                   f"(median of {len(by['floor'])}), the floor under any relay built on librdkafka.")
     if "poller" in by and "produce_s" in median_run(by["poller"]):
         p = median_run(by["poller"])
         out.append(f"\nPolling publisher's time: locking SELECT {p['select_s']:.1f} s, producing until "
@@ -281,7 +286,7 @@ def render_compare(res, out):
             f"`{b}`",
             fmt(rate(m)),
             fmt(m["secs"], 2),
-            fmt(cpus[(len(cpus) - 1) // 2], 3) if cpus else "n/a",
+            fmt(median(cpus), 3) if cpus else "n/a",
             f"{cpus[0]:.3f}–{cpus[-1]:.3f}" if cpus else "n/a",
             fmt(mb(m.get("hwm_kb")), 1),
             fmt(per100k(m.get("walsender_cpu_s"), m["n"]), 3),

@@ -61,6 +61,13 @@ struct Acks {
     failed: AtomicU64,
 }
 
+impl Acks {
+    /// Reports served so far, good or bad.
+    fn reported(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+}
+
 impl ClientContext for Acks {}
 
 impl ProducerContext for Acks {
@@ -110,34 +117,34 @@ mod libc_rusage {
 /// Produces `n` records, serving reports whenever the queue is full; returns when all are acked.
 fn produce(producer: &BaseProducer<Acks>, args: &Args, n: u64, records: &[Rec]) -> u64 {
     let acks = producer.context();
-    let start = acks.ok.load(Ordering::Relaxed) + acks.failed.load(Ordering::Relaxed);
+    let start = acks.reported();
     for i in 0..n {
         let rec = &records[i as usize % records.len()];
         let topic = &args.topics[i as usize % args.topics.len()];
-        loop {
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header {
-                    key: "id",
-                    value: Some(rec.id.as_bytes()),
-                })
-                .insert(Header {
-                    key: "type",
-                    value: Some(&b"Created"[..]),
-                });
-            let mut record = BaseRecord::to(topic)
-                .key(rec.key.as_bytes())
-                .payload(rec.payload.as_bytes());
-            if !args.no_headers {
-                record = record.headers(headers);
-            }
-            match producer.send(record) {
-                Ok(()) => break,
-                // Queue full: serve reports (on this thread, as the relay does) and retry.
-                Err(_) => producer.poll(Duration::from_millis(1)),
-            }
+        let mut record = BaseRecord::to(topic)
+            .key(rec.key.as_bytes())
+            .payload(rec.payload.as_bytes());
+        if !args.no_headers {
+            record = record.headers(
+                OwnedHeaders::new_with_capacity(2)
+                    .insert(Header {
+                        key: "id",
+                        value: Some(rec.id.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "type",
+                        value: Some(&b"Created"[..]),
+                    }),
+            );
+        }
+        // Queue full: serve reports (on this thread, as the relay does) and send the same
+        // record again.
+        while let Err((_, again)) = producer.send(record) {
+            record = again;
+            producer.poll(Duration::from_millis(1));
         }
     }
-    while acks.ok.load(Ordering::Relaxed) + acks.failed.load(Ordering::Relaxed) - start < n {
+    while acks.reported() - start < n {
         producer.poll(Duration::from_millis(1));
     }
     acks.failed.load(Ordering::Relaxed)

@@ -27,7 +27,7 @@ use crate::config::{KafkaConfig, OutboxConfig};
 use crate::fxhash::FxHashMap;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::Record;
-use crate::replication::pg_now_micros;
+use crate::replication::secs_since;
 
 /// Producer settings the relay's promises rest on; `[kafka.properties]` may override them.
 pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -182,8 +182,10 @@ impl ProducerContext for Delivery {
         let ok = verdict.is_ok();
         let done = shared.tracker.delivered(txn, verdict);
         if let Some(commit_time) = done.commit_time {
-            let secs = (pg_now_micros() - commit_time) as f64 / 1e6;
-            shared.metrics.commit_to_ack_seconds.observe(secs.max(0.0));
+            shared
+                .metrics
+                .commit_to_ack_seconds
+                .observe(secs_since(commit_time));
         }
         if ok && shared.health.broker_down() && shared.health.set_broker(true, "") {
             shared

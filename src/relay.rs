@@ -20,7 +20,7 @@ use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
 use crate::publisher::{Publisher, SendError};
 use crate::replication::{
-    pg_now_micros, ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
+    secs_since, ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
 };
 use crate::setup::{self, SetupError};
 
@@ -619,10 +619,9 @@ impl Pipeline<'_> {
     ) -> Result<(), SessionEnd> {
         match message {
             Message::Begin { commit_time, .. } => {
-                let secs = (pg_now_micros() - commit_time) as f64 / 1e6;
                 self.metrics
                     .commit_to_receive_seconds
-                    .observe(secs.max(0.0));
+                    .observe(secs_since(commit_time));
                 self.txn = Some(self.tracker.begin(commit_time));
             }
             Message::Commit { end_lsn, .. } => {

@@ -542,3 +542,9 @@ pub fn pg_now_micros() -> i64 {
         .unwrap_or(0);
     unix - PG_EPOCH_OFFSET_MICROS
 }
+
+/// Seconds from a PostgreSQL commit timestamp (µs since its epoch) until now; never negative,
+/// so a clock a little behind the server's does not produce nonsense latencies.
+pub fn secs_since(commit_time: i64) -> f64 {
+    ((pg_now_micros() - commit_time) as f64 / 1e6).max(0.0)
+}
