@@ -147,6 +147,42 @@ pub struct OutboxConfig {
     /// Extra columns copied into headers named after the column.
     #[serde(default)]
     pub header_columns: Vec<String>,
+    /// Column holding the partition number; NULL (or unset) leaves it to the key's hash.
+    #[serde(default)]
+    pub partition_column: Option<String>,
+    /// CloudEvents binary-mode headers (`ce_*`) on this table's records.
+    #[serde(default)]
+    pub cloudevents: bool,
+    /// The `ce_source` attribute; `/outbox-relay/<schema>.<table>` when unset.
+    #[serde(default)]
+    pub cloudevents_source: Option<String>,
+    /// The `content-type` header (the event's `datacontenttype`); `application/json` when unset.
+    #[serde(default)]
+    pub cloudevents_content_type: Option<String>,
+}
+
+/// The CloudEvents attributes a source's records carry, once resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEvents {
+    /// `ce_source`.
+    pub source: String,
+    /// `content-type`.
+    pub content_type: String,
+}
+
+impl CloudEvents {
+    /// The attributes when `enabled`, each defaulted when unset.
+    pub fn resolve(
+        enabled: bool,
+        source: Option<&str>,
+        content_type: Option<&str>,
+        default_source: impl FnOnce() -> String,
+    ) -> Option<CloudEvents> {
+        enabled.then(|| CloudEvents {
+            source: source.map_or_else(default_source, str::to_owned),
+            content_type: content_type.unwrap_or("application/json").to_owned(),
+        })
+    }
 }
 
 /// `[kafka]`: the brokers and producer settings.
@@ -187,6 +223,20 @@ fn default_topic() -> String {
 }
 
 impl OutboxConfig {
+    /// The CloudEvents attributes of this table's records, if enabled; the default
+    /// `ce_source` is `/outbox-relay/<schema>.<table>`.
+    pub fn cloudevents(&self) -> Option<CloudEvents> {
+        CloudEvents::resolve(
+            self.cloudevents,
+            self.cloudevents_source.as_deref(),
+            self.cloudevents_content_type.as_deref(),
+            || {
+                let (schema, name) = self.schema_and_name();
+                format!("/outbox-relay/{schema}.{name}")
+            },
+        )
+    }
+
     /// The table as `(schema, name)`, defaulting the schema to `public`.
     pub fn schema_and_name(&self) -> (&str, &str) {
         self.table
@@ -218,6 +268,7 @@ impl OutboxConfig {
         ];
         cols.extend(self.topic_columns());
         cols.extend(self.header_columns.iter().map(String::as_str));
+        cols.extend(self.partition_column.as_deref());
         let mut seen = Vec::with_capacity(cols.len());
         cols.retain(|c| {
             let new = !seen.contains(c);
@@ -441,5 +492,35 @@ mod tests {
         let mut c = Config::parse(MINIMAL, "relay.toml", env).unwrap();
         c.outbox[0].topic = "{tenant}.events.{type}".into();
         assert_eq!(c.outbox[0].topic_columns(), ["tenant", "type"]);
+    }
+
+    #[test]
+    fn cloudevents_is_off_by_default_and_its_attributes_default() {
+        let with = |line: &str| {
+            let text = MINIMAL.replace(
+                "table = \"public.outbox\"",
+                &format!("table = \"public.outbox\"\n{line}"),
+            );
+            Config::parse(&text, "relay.toml", env).map(|c| c.outbox[0].cloudevents())
+        };
+        assert_eq!(with("").unwrap(), None);
+        assert_eq!(with("cloudevents = false").unwrap(), None);
+        let on = with("cloudevents = true").unwrap().unwrap();
+        assert_eq!(on.source, "/outbox-relay/public.outbox");
+        assert_eq!(on.content_type, "application/json");
+        let custom = with(
+            "cloudevents = true\ncloudevents_source = \"/shop\"\ncloudevents_content_type = \"text/plain\"",
+        )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (custom.source.as_str(), custom.content_type.as_str()),
+            ("/shop", "text/plain")
+        );
+        assert_eq!(
+            with("cloudevents_source = \"/shop\"").unwrap(),
+            None,
+            "off unless enabled"
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod ack;
 pub mod check;
+pub mod cloudevents;
 pub mod config;
 pub mod fxhash;
 pub mod http;

@@ -42,6 +42,18 @@ pub enum MappingError {
         /// The column.
         column: String,
     },
+    /// The partition column's value is not a partition number.
+    #[error("event {event_id:?} in {table}: partition_column {column:?} holds {value:?}, not a partition number (0, 1, ...); fix the row's writer or unset partition_column")]
+    BadPartition {
+        /// The table.
+        table: String,
+        /// The event id.
+        event_id: String,
+        /// The column.
+        column: String,
+        /// What it holds.
+        value: String,
+    },
     /// A row has fewer columns than its Relation message announced.
     #[error("a row of {table} has {got} columns, its Relation message announced {expected}")]
     ShortRow {
@@ -103,6 +115,7 @@ struct Plan {
     payload: Col,
     topic: Vec<TopicPart>,
     headers: Vec<(String, Col)>,
+    partition: Option<Col>,
     /// `(column, slot)` for every value a record needs, in column order, so one pass over
     /// the row picks them all.
     picks: Vec<(usize, usize)>,
@@ -125,6 +138,11 @@ pub struct Record<'a> {
     pub kind: Option<&'a [u8]>,
     /// The configured `header_columns`, in order (empty and unallocated when none are).
     pub extra_headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// The partition from `partition_column`; `None` lets the partitioner hash the key.
+    pub partition: Option<i32>,
+    /// Commit time of the event's transaction, microseconds since 2000-01-01 UTC (0: unknown);
+    /// set by the pipeline, which knows the transaction.
+    pub time: i64,
 }
 
 impl<'a> Record<'a> {
@@ -292,6 +310,20 @@ impl OutboxMapper {
                 extra_headers.push((name.as_str(), v));
             }
         }
+        let partition = match plan.partition {
+            None => None,
+            Some(col) => match text(col.slot) {
+                None => None,
+                Some(v) => Some(
+                    parse_partition(v).ok_or_else(|| MappingError::BadPartition {
+                        table: plan.table.clone(),
+                        event_id: event_id(),
+                        column: config.partition_column.clone().unwrap_or_default(),
+                        value: String::from_utf8_lossy(v).into_owned(),
+                    })?,
+                ),
+            },
+        };
         Ok(Some(Record {
             table: plan.index,
             topic: &self.topic,
@@ -300,6 +332,8 @@ impl OutboxMapper {
             id: text(ID_SLOT),
             kind: text(KIND_SLOT),
             extra_headers,
+            partition,
+            time: 0,
         }))
     }
 }
@@ -326,6 +360,16 @@ fn decode_col<'a>(
         buf.push((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?);
     }
     Some(Some(buf.as_slice()))
+}
+
+/// A partition number in text form (an integer column's output), or `None` if it is not one.
+fn parse_partition(v: &[u8]) -> Option<i32> {
+    std::str::from_utf8(v)
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|p| *p >= 0)
 }
 
 fn hex_digit(b: u8) -> Option<u8> {
@@ -389,6 +433,11 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         .iter()
         .map(|h| Ok((h.clone(), find(h, "header_columns")?)))
         .collect::<Result<_, MappingError>>()?;
+    let partition = c
+        .partition_column
+        .as_deref()
+        .map(|p| find(p, "partition_column"))
+        .transpose()?;
     picks.sort_unstable();
     Ok(Plan {
         index,
@@ -397,6 +446,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         payload,
         topic,
         headers,
+        partition,
         picks,
         table,
     })
@@ -640,6 +690,35 @@ mod tests {
             err.contains("\"payload\"") && err.contains("payload_column"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn partition_column_picks_the_partition_and_rejects_non_numbers() {
+        let mut m = OutboxMapper::new(&[outbox_config("partition_column = \"part\"")]);
+        let mut cols = DEFAULT_COLUMNS.to_vec();
+        cols.push(("part", 23));
+        learn(&mut m, &relation_bytes(7, "outbox", &cols)).unwrap();
+        let row = |id: &'static [u8], part: Option<&'static [u8]>| {
+            insert_bytes(
+                7,
+                &[Some(id), Some(b"a"), Some(b"k"), Some(b"t"), None, part],
+            )
+        };
+        map_row(&mut m, &row(b"e1", Some(b"5")), |r| {
+            assert_eq!(r.unwrap().unwrap().partition, Some(5))
+        });
+        map_row(&mut m, &row(b"e2", None), |r| {
+            assert_eq!(r.unwrap().unwrap().partition, None)
+        });
+        for bad in [&b"-1"[..], b"two"] {
+            map_row(&mut m, &row(b"e3", Some(bad)), |r| {
+                let err = r.unwrap_err().to_string();
+                assert!(
+                    err.contains("e3") && err.contains("partition_column"),
+                    "{err}"
+                );
+            });
+        }
     }
 
     #[test]

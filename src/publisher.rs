@@ -23,7 +23,8 @@ use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
 use crate::ack::{AckTracker, DeliveryFailure, TxnId};
-use crate::config::{KafkaConfig, OutboxConfig};
+use crate::cloudevents;
+use crate::config::{CloudEvents, KafkaConfig, OutboxConfig};
 use crate::fxhash::FxHashMap;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::Record;
@@ -223,6 +224,8 @@ pub struct Publisher {
     reports: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
     routes: Mutex<Routes>,
+    /// Per `Record::table`, the CloudEvents attributes when that source has them on.
+    cloudevents: Vec<Option<CloudEvents>>,
     /// A nudge is under way on a blocking thread.
     nudging: Arc<AtomicBool>,
     /// When the last nudge started.
@@ -271,6 +274,7 @@ impl Publisher {
             reports,
             shared,
             routes: Mutex::new(Routes::default()),
+            cloudevents: tables.iter().map(OutboxConfig::cloudevents).collect(),
             nudging: Arc::new(AtomicBool::new(false)),
             last_nudge: Mutex::new(Instant::now()),
         })
@@ -350,12 +354,25 @@ impl Publisher {
     /// Hands one record of `txn` to the producer without waiting.
     pub fn send(&self, txn: TxnId, record: &Record<'_>) -> Result<(), SendError> {
         let token = ((txn as usize) << ROUTE_BITS) | self.route(record.table, record.topic);
-        let mut headers = OwnedHeaders::new_with_capacity(2 + record.extra_headers.len());
+        let ce = self.cloudevents.get(record.table).and_then(Option::as_ref);
+        let mut headers = OwnedHeaders::new_with_capacity(
+            2 + record.extra_headers.len() + if ce.is_some() { 6 } else { 0 },
+        );
         for (key, value) in record.headers() {
             headers = headers.insert(Header { key, value });
         }
+        if let Some(ce) = ce {
+            let mut time = [0; cloudevents::TIME_LEN];
+            let time = cloudevents::time(record.time, &mut time);
+            for (key, value) in cloudevents::headers(ce, record.id, record.kind, time) {
+                headers = headers.insert(Header { key, value });
+            }
+        }
         let mut out =
             BaseRecord::<[u8], [u8], usize>::with_opaque_to(record.topic, token).headers(headers);
+        if let Some(p) = record.partition {
+            out = out.partition(p);
+        }
         if let Some(k) = record.key {
             out = out.key(k);
         }

@@ -129,6 +129,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             last: Instant::now(),
         },
         txn: None,
+        commit_time: 0,
         idle_end: slot.confirmed_flush,
         events: 0,
     };
@@ -324,6 +325,8 @@ struct Pipeline<'c> {
     status: Status,
     /// The open transaction, between Begin and Commit.
     txn: Option<TxnId>,
+    /// The open transaction's commit time (microseconds since 2000-01-01 UTC).
+    commit_time: i64,
     /// The newest keepalive WAL end seen outside a transaction: everything before it was sent.
     idle_end: Lsn,
     events: u64,
@@ -623,6 +626,7 @@ impl Pipeline<'_> {
                     .commit_to_receive_seconds
                     .observe(secs_since(commit_time));
                 self.txn = Some(self.tracker.begin(commit_time));
+                self.commit_time = commit_time;
             }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
@@ -640,7 +644,10 @@ impl Pipeline<'_> {
                     )));
                 };
                 let record = match self.mapper.map(relation_id, &tuple) {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => Record {
+                        time: self.commit_time,
+                        ..r
+                    },
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
@@ -675,6 +682,8 @@ impl Pipeline<'_> {
                             ("original_topic", Some(record.topic.as_bytes())),
                             ("error", Some(failure.error.as_bytes())),
                         ],
+                        // The chosen partition is the original topic's, not the letters'.
+                        partition: None,
                         ..record
                     };
                     tracing::warn!(

@@ -202,6 +202,12 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
             .iter()
             .map(|c| (c.as_str(), "header_columns")),
     );
+    wanted.extend(
+        table
+            .partition_column
+            .as_deref()
+            .map(|c| (c, "partition_column")),
+    );
     for (column, role) in wanted {
         if !columns.iter().any(|c| c == column) {
             return Err(SetupError::MissingColumn {

@@ -2045,3 +2045,43 @@ impl Reader {
         Reader::new(bootstrap, topics)
     }
 }
+
+/// The slot must still hold the row with event id `id`: a restart would send it again. The
+/// slot's own changes are peeked (nothing is consumed) once the relay has released it.
+///
+/// Why not compare `confirmed_flush_lsn` with a WAL position taken before the row? The relay
+/// may rightly confirm a keepalive's WAL end that lies inside a large transaction still being
+/// written (nothing of it has been decoded yet); PostgreSQL sends a transaction again when its
+/// commit record lies after the confirmed position, which is what this checks.
+pub async fn assert_slot_holds(pg: &Pg, id: &str, what: &str) {
+    let client = pg.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let peek = client
+            .query_one(
+                "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, \
+                 'proto_version', '1', 'publication_names', 'outbox_relay') \
+                 WHERE position($2::bytea IN data) > 0",
+                &[&SLOT, &id.as_bytes()],
+            )
+            .await;
+        match peek {
+            Ok(row) => break row.get::<_, i64>(0),
+            // The walsender may hold the slot a moment after the relay exits.
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{what}: peeking the slot: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what}: cannot peek the slot: {e}"),
+        }
+    };
+    let confirmed = pg
+        .confirmed_flush_lsn(SLOT)
+        .await
+        .map_or("NULL".into(), lsn_text);
+    assert!(
+        held > 0,
+        "{what}: the slot (confirmed to {confirmed}) no longer holds event {id}: a restart \
+         would skip it"
+    );
+}
