@@ -236,6 +236,20 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
         Ok(()) => report.ok("wal_level = logical".into()),
         Err(e) => report.fail(e.to_string()),
     }
+    if !config.message.is_empty() {
+        let major = version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|m| m.parse::<u32>().ok());
+        match major {
+            Some(m) if m < 14 => report.fail(format!(
+                "[[message]] needs PostgreSQL 14 or later (pgoutput's messages option); server {version} would refuse it: upgrade, or relay an outbox table instead"
+            )),
+            _ => report.ok(format!(
+                "server {version} sends logical decoding messages for [[message]] prefixes"
+            )),
+        }
+    }
 
     let role = check_role(report, &client).await;
     // Unknown attributes (the query failed): try, the connection attempt says more.

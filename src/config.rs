@@ -48,9 +48,12 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the outbox lives.
     pub postgres: PostgresConfig,
-    /// The outbox tables to relay; at least one.
+    /// The outbox tables to relay.
     #[serde(default)]
     pub outbox: Vec<OutboxConfig>,
+    /// The table-less outbox: logical decoding messages to relay, by prefix.
+    #[serde(default)]
+    pub message: Vec<MessageConfig>,
     /// Where records go.
     pub kafka: KafkaConfig,
     /// The Prometheus and health endpoint.
@@ -161,6 +164,78 @@ pub struct OutboxConfig {
     pub cloudevents_content_type: Option<String>,
 }
 
+/// `[[message]]`: events emitted with `pg_logical_emit_message(true, prefix, envelope)`, a
+/// JSON envelope `{"id", "aggregatetype", "aggregateid", "type", "payload"}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageConfig {
+    /// The prefix the events are emitted with; messages with other prefixes are not events.
+    pub prefix: String,
+    /// Topic template; `{field}` is replaced by that envelope field's value.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Extra envelope fields copied into headers named after the field.
+    #[serde(default)]
+    pub header_fields: Vec<String>,
+    /// CloudEvents binary-mode headers (`ce_*`) on these records.
+    #[serde(default)]
+    pub cloudevents: bool,
+    /// The `ce_source` attribute; `/outbox-relay/message/<prefix>` when unset.
+    #[serde(default)]
+    pub cloudevents_source: Option<String>,
+    /// The `content-type` header; `application/json` when unset.
+    #[serde(default)]
+    pub cloudevents_content_type: Option<String>,
+}
+
+impl MessageConfig {
+    /// The CloudEvents attributes of these records, if enabled.
+    pub fn cloudevents(&self) -> Option<CloudEvents> {
+        CloudEvents::resolve(
+            self.cloudevents,
+            self.cloudevents_source.as_deref(),
+            self.cloudevents_content_type.as_deref(),
+            || format!("/outbox-relay/message/{}", self.prefix),
+        )
+    }
+}
+
+/// Where records come from: the `[[outbox]]` tables, then the `[[message]]` prefixes, numbered
+/// in that order (`Record::table` is this number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The `[[outbox]] table` as configured, or `message:<prefix>`: the metrics' `table` label.
+    pub name: String,
+    /// Its CloudEvents attributes, when on.
+    pub cloudevents: Option<CloudEvents>,
+}
+
+/// The field names a topic template refers to, in order.
+pub fn template_fields(topic: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = topic;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        out.push(&rest[open + 1..open + close]);
+        rest = &rest[open + close + 1..];
+    }
+    out
+}
+
+/// A one-line complaint if a topic template's braces do not pair up or name nothing.
+fn check_template(section: &str, topic: &str) -> Result<(), String> {
+    if topic.matches('{').count() != topic.matches('}').count()
+        || template_fields(topic).iter().any(|c| c.is_empty())
+    {
+        return Err(format!(
+            "{section} topic template {topic:?} has unbalanced or empty braces; write e.g. \"outbox.event.{{aggregatetype}}\""
+        ));
+    }
+    Ok(())
+}
+
 /// The CloudEvents attributes a source's records carry, once resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudEvents {
@@ -246,16 +321,7 @@ impl OutboxConfig {
 
     /// The column names referenced in braces by the topic template.
     pub fn topic_columns(&self) -> Vec<&str> {
-        let mut out = Vec::new();
-        let mut rest = self.topic.as_str();
-        while let Some(open) = rest.find('{') {
-            let Some(close) = rest[open..].find('}') else {
-                break;
-            };
-            out.push(&rest[open + 1..open + close]);
-            rest = &rest[open + close + 1..];
-        }
-        out
+        template_fields(&self.topic)
     }
 
     /// Every column the mapping reads, without repeats.
@@ -280,6 +346,19 @@ impl OutboxConfig {
 }
 
 impl Config {
+    /// Every source of records, numbered as `Record::table` numbers them.
+    pub fn sources(&self) -> Vec<Source> {
+        let tables = self.outbox.iter().map(|o| Source {
+            name: o.table.clone(),
+            cloudevents: o.cloudevents(),
+        });
+        let messages = self.message.iter().map(|m| Source {
+            name: format!("message:{}", m.prefix),
+            cloudevents: m.cloudevents(),
+        });
+        tables.chain(messages).collect()
+    }
+
     /// Reads, expands and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
@@ -312,8 +391,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.outbox.is_empty() {
-            return Err("no [[outbox]] table configured; add one, e.g. [[outbox]] table = \"public.outbox\"".into());
+        if self.outbox.is_empty() && self.message.is_empty() {
+            return Err("no [[outbox]] table (or [[message]] prefix) configured; add one, e.g. [[outbox]] table = \"public.outbox\"".into());
         }
         for name in [&self.postgres.slot, &self.postgres.publication] {
             let ok = !name.is_empty()
@@ -346,14 +425,21 @@ impl Config {
                 ));
             }
             tables.push(key);
-            if o.topic.matches('{').count() != o.topic.matches('}').count()
-                || o.topic_columns().iter().any(|c| c.is_empty())
-            {
+            check_template("[[outbox]]", &o.topic)?;
+        }
+        let mut prefixes = Vec::new();
+        for m in &self.message {
+            if m.prefix.is_empty() || m.prefix.contains('\0') {
+                return Err("[[message]] prefix is empty; set it to the prefix the events are emitted with, e.g. prefix = \"outbox\"".into());
+            }
+            if prefixes.contains(&&m.prefix) {
                 return Err(format!(
-                    "[[outbox]] topic template {:?} has unbalanced or empty braces; write e.g. \"outbox.event.{{aggregatetype}}\"",
-                    o.topic
+                    "[[message]] prefix {:?} is configured twice",
+                    m.prefix
                 ));
             }
+            prefixes.push(&m.prefix);
+            check_template("[[message]]", &m.topic)?;
         }
         Ok(())
     }

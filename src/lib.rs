@@ -9,6 +9,7 @@ pub mod config;
 pub mod fxhash;
 pub mod http;
 pub mod lsn;
+pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod pgconn;

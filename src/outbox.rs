@@ -80,14 +80,63 @@ pub enum MappingError {
     Decode(#[from] DecodeError),
 }
 
+/// A piece of a parsed topic template.
 #[derive(Debug, Clone)]
-enum TopicPart {
+pub(crate) enum TopicPart {
     Literal(String),
-    /// A column's value; `slot` is where the row pass puts it.
+    /// A column's (or envelope field's) value; `slot` is where the mapper puts it.
     Column {
         slot: usize,
         name: String,
     },
+}
+
+/// Parses a topic template; `slot_of` gives the slot of each name in braces.
+pub(crate) fn parse_topic<E>(
+    template: &str,
+    mut slot_of: impl FnMut(&str) -> Result<usize, E>,
+) -> Result<Vec<TopicPart>, E> {
+    let mut topic = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').map(|i| open + i);
+        let Some(close) = close else { break };
+        if open > 0 {
+            topic.push(TopicPart::Literal(rest[..open].to_owned()));
+        }
+        let name = &rest[open + 1..close];
+        topic.push(TopicPart::Column {
+            slot: slot_of(name)?,
+            name: name.to_owned(),
+        });
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        topic.push(TopicPart::Literal(rest.to_owned()));
+    }
+    Ok(topic)
+}
+
+/// Writes the topic into `out`; `Err` names a field whose value is NULL (no topic then).
+pub(crate) fn render_topic<'p, 'v>(
+    parts: &'p [TopicPart],
+    out: &mut String,
+    value: impl Fn(usize) -> Option<&'v [u8]>,
+) -> Result<(), &'p str> {
+    out.clear();
+    for part in parts {
+        match part {
+            TopicPart::Literal(s) => out.push_str(s),
+            TopicPart::Column { slot, name } => {
+                let v = value(*slot).ok_or(name.as_str())?;
+                match std::str::from_utf8(v) {
+                    Ok(v) => out.push_str(v),
+                    Err(_) => out.push_str(&String::from_utf8_lossy(v)),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -271,25 +320,13 @@ impl OutboxMapper {
                 .unwrap_or_else(|| "?".into())
         };
 
-        self.topic.clear();
-        for part in &plan.topic {
-            match part {
-                TopicPart::Literal(s) => self.topic.push_str(s),
-                TopicPart::Column { slot, name } => {
-                    let Some(v) = text(*slot) else {
-                        return Err(MappingError::NullTopicColumn {
-                            table: plan.table.clone(),
-                            event_id: event_id(),
-                            column: name.clone(),
-                        });
-                    };
-                    match std::str::from_utf8(v) {
-                        Ok(v) => self.topic.push_str(v),
-                        Err(_) => self.topic.push_str(&String::from_utf8_lossy(v)),
-                    }
-                }
+        render_topic(&plan.topic, &mut self.topic, text).map_err(|column| {
+            MappingError::NullTopicColumn {
+                table: plan.table.clone(),
+                event_id: event_id(),
+                column: column.to_owned(),
             }
-        }
+        })?;
 
         let bad_bytea = |col: &str| MappingError::BadBytea {
             table: plan.table.clone(),
@@ -410,24 +447,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         [id.slot, key.slot, kind.slot, payload.slot],
         [ID_SLOT, KEY_SLOT, KIND_SLOT, PAYLOAD_SLOT]
     );
-    let mut topic = Vec::new();
-    let mut rest = c.topic.as_str();
-    while let Some(open) = rest.find('{') {
-        let close = rest[open..].find('}').map(|i| open + i);
-        let Some(close) = close else { break };
-        if open > 0 {
-            topic.push(TopicPart::Literal(rest[..open].to_owned()));
-        }
-        let name = &rest[open + 1..close];
-        topic.push(TopicPart::Column {
-            slot: find(name, "topic")?.slot,
-            name: name.to_owned(),
-        });
-        rest = &rest[close + 1..];
-    }
-    if !rest.is_empty() {
-        topic.push(TopicPart::Literal(rest.to_owned()));
-    }
+    let topic = parse_topic(&c.topic, |name| find(name, "topic").map(|col| col.slot))?;
     let headers = c
         .header_columns
         .iter()

@@ -1,7 +1,8 @@
 //! Zero-copy decoder for pgoutput logical replication messages, protocol version 1.
 //!
-//! Only the messages the relay acts on are parsed (Begin, Commit, Relation, Insert); every other
-//! kind is reported by its tag so new or uninteresting messages never break the stream. Row
+//! Only the messages the relay acts on are parsed (Begin, Commit, Relation, Insert, and logical
+//! decoding messages); every other kind is reported by its tag so new or uninteresting
+//! messages never break the stream. Row
 //! values borrow from the XLogData payload, so decoding an Insert allocates nothing.
 
 use std::iter::FusedIterator;
@@ -40,7 +41,18 @@ pub enum Message<'a> {
         /// The row's column values, in the Relation's column order.
         tuple: Tuple<'a>,
     },
-    /// Any other message kind we do not act on ('U','D','T','O','Y','M', …): carries its tag byte.
+    /// 'M': a logical decoding message (`pg_logical_emit_message`), sent with `messages 'true'`.
+    Logical {
+        /// Emitted as part of its transaction (between Begin and Commit), rather than at once.
+        transactional: bool,
+        /// LSN just past the message's WAL record.
+        lsn: Lsn,
+        /// The prefix it was emitted with.
+        prefix: &'a [u8],
+        /// Its content, as emitted.
+        content: &'a [u8],
+    },
+    /// Any other message kind we do not act on ('U','D','T','O','Y', …): carries its tag byte.
     Skipped(u8),
 }
 
@@ -214,6 +226,7 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
         ),
         b'R' => (Message::Relation(r.relation()?), "Relation message"),
         b'I' => (r.insert()?, "Insert message"),
+        b'M' => (r.logical()?, "logical decoding message"),
         other => return Ok(Message::Skipped(other)),
     };
     // Extra bytes mean we and the server disagree about the layout; better to stop than to
@@ -279,8 +292,8 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// A NUL-terminated string.
-    fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
+    /// The bytes of a NUL-terminated string, without the NUL.
+    fn cbytes(&mut self, what: &'static str) -> Result<&'a [u8], DecodeError> {
         let len = self
             .buf
             .iter()
@@ -288,6 +301,12 @@ impl<'a> Reader<'a> {
             .ok_or(DecodeError::Truncated { what })?;
         let bytes = self.take(len, what)?;
         self.u8(what)?;
+        Ok(bytes)
+    }
+
+    /// A NUL-terminated string.
+    fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
+        let bytes = self.cbytes(what)?;
         let s = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8 { what })?;
         Ok(s.to_owned())
     }
@@ -315,6 +334,25 @@ impl<'a> Reader<'a> {
             name,
             replica_identity,
             columns,
+        })
+    }
+
+    /// The part after the 'M' tag (protocol version 1: no xid).
+    fn logical(&mut self) -> Result<Message<'a>, DecodeError> {
+        let transactional = self.u8("message flags")? & 1 == 1;
+        let lsn = self.lsn("message LSN")?;
+        let prefix = self.cbytes("message prefix")?;
+        let n = self.i32("message length")?;
+        let n = usize::try_from(n).map_err(|_| DecodeError::Negative {
+            what: "message length",
+            value: n,
+        })?;
+        let content = self.take(n, "message content")?;
+        Ok(Message::Logical {
+            transactional,
+            lsn,
+            prefix,
+            content,
         })
     }
 
@@ -379,7 +417,11 @@ mod tests {
 
     /// The captured messages in stream order (each line is `label hex`).
     fn fixture_bytes() -> Vec<Vec<u8>> {
-        FIXTURES
+        lines_of(FIXTURES)
+    }
+
+    fn lines_of(fixture: &str) -> Vec<Vec<u8>> {
+        fixture
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| unhex(l.split_once(' ').expect("label and hex").1.trim()))
@@ -412,6 +454,52 @@ mod tests {
         b.extend_from_slice(&columns.to_be_bytes());
         b.extend_from_slice(body);
         b
+    }
+
+    #[test]
+    fn logical_messages_carry_prefix_content_and_whether_transactional() {
+        const LOGICAL: &str = include_str!("../tests/fixtures/pgoutput/logical.hex");
+        let bytes = lines_of(LOGICAL);
+        let messages: Vec<_> = bytes.iter().map(|b| decode(b).unwrap()).collect();
+        // (in a transaction, prefix, content) in stream order; Begin/Commit as markers.
+        let mut seen = Vec::new();
+        let mut open = None;
+        for m in &messages {
+            match *m {
+                Message::Begin { final_lsn, .. } => open = Some(final_lsn),
+                Message::Commit { .. } => {
+                    open = None;
+                    seen.push((false, &b"C"[..], &b""[..]));
+                }
+                Message::Logical {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => {
+                    assert_eq!(transactional, open.is_some(), "{m:?}");
+                    // The LSN is the end of the message's record: at most the commit's.
+                    if let Some(commit) = open {
+                        assert!(lsn <= commit, "{lsn} after the commit at {commit}");
+                    }
+                    seen.push((transactional, prefix, &content[..content.len().min(12)]));
+                }
+                ref other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (true, &b"outbox"[..], &b"{\"id\": \"e-1\""[..]),
+                (true, b"audit", b"not an event"),
+                (true, b"outbox", b"{\"id\": \"e-2\""),
+                (false, b"C", b""),
+                (false, b"outbox", b"{\"id\": \"e-3\""),
+                (true, b"outbox", b"\x00\xff{"),
+                (true, b"outbox", b""),
+                (false, b"C", b""),
+            ]
+        );
     }
 
     #[test]
@@ -821,13 +909,27 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_logical_message_is_an_error() {
+        // Flags, LSN, prefix "p", then a length of 5 with only 2 bytes of content.
+        let mut b = vec![b'M', 1, 0, 0, 0, 0, 0, 0, 0, 9, b'p', 0];
+        b.extend(5i32.to_be_bytes());
+        b.extend(b"ab");
+        assert_eq!(
+            decode(&b),
+            Err(DecodeError::Truncated {
+                what: "message content"
+            })
+        );
+    }
+
+    #[test]
     fn empty_input_is_an_error() {
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
     }
 
     #[test]
     fn unparsed_kinds_are_skipped_by_tag() {
-        for tag in *b"UDTOYMx" {
+        for tag in *b"UDTOYx" {
             assert_eq!(decode(&[tag, 1, 2]), Ok(Message::Skipped(tag)));
         }
     }

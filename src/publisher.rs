@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 
 use crate::ack::{AckTracker, DeliveryFailure, TxnId};
 use crate::cloudevents;
-use crate::config::{CloudEvents, KafkaConfig, OutboxConfig};
+use crate::config::{CloudEvents, KafkaConfig, Source};
 use crate::fxhash::FxHashMap;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::Record;
@@ -236,7 +236,7 @@ impl Publisher {
     /// Builds the producer from `[kafka]`, the relay's defaults overridden by `properties`.
     pub fn new(
         config: &KafkaConfig,
-        tables: &[OutboxConfig],
+        sources: &[Source],
         tracker: Arc<AckTracker>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -260,7 +260,7 @@ impl Publisher {
             resume_below: AtomicU64::new(NOT_WAITING),
             metrics,
             health,
-            tables: tables.iter().map(|t| t.table.clone()).collect(),
+            tables: sources.iter().map(|s| s.name.clone()).collect(),
             published: RwLock::new(Vec::new()),
         });
         let producer: Arc<BaseProducer<Delivery>> =
@@ -274,7 +274,7 @@ impl Publisher {
             reports,
             shared,
             routes: Mutex::new(Routes::default()),
-            cloudevents: tables.iter().map(OutboxConfig::cloudevents).collect(),
+            cloudevents: sources.iter().map(|s| s.cloudevents.clone()).collect(),
             nudging: Arc::new(AtomicBool::new(false)),
             last_nudge: Mutex::new(Instant::now()),
         })

@@ -12,15 +12,17 @@ use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
 use crate::ack::{AckTracker, DeliveryFailure, Progress, TxnId};
-use crate::config::{Config, PostgresConfig};
+use crate::config::{Config, PostgresConfig, Source};
 use crate::lsn::Lsn;
+use crate::message::MessageMapper;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{OutboxMapper, Record};
 use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
 use crate::publisher::{Publisher, SendError};
 use crate::replication::{
-    secs_since, ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
+    pg_now_micros, secs_since, ReplicationConnection, ReplicationError, ReplicationEvent,
+    ReplicationStream,
 };
 use crate::setup::{self, SetupError};
 
@@ -88,10 +90,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     };
 
     let (tracker, progress) = AckTracker::new(slot.confirmed_flush);
+    let sources = config.sources();
     let publisher = Arc::new(
         Publisher::new(
             &config.kafka,
-            &config.outbox,
+            &sources,
             tracker.clone(),
             metrics.clone(),
             health.clone(),
@@ -116,6 +119,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         config: &config,
         endpoint: &endpoint,
         mapper: OutboxMapper::new(&config.outbox),
+        messages: MessageMapper::new(&config.message, config.outbox.len()),
+        sources,
         tracker,
         publisher,
         progress,
@@ -315,6 +320,10 @@ struct Pipeline<'c> {
     config: &'c Config,
     endpoint: &'c PgEndpoint,
     mapper: OutboxMapper,
+    /// The table-less outbox's mapper (`[[message]]`).
+    messages: MessageMapper,
+    /// Every source's name and CloudEvents attributes, by `Record::table`.
+    sources: Vec<Source>,
     tracker: Arc<AckTracker>,
     publisher: Arc<Publisher>,
     progress: watch::Receiver<Progress>,
@@ -381,7 +390,9 @@ fn classify(e: ReplicationError, pg: &PostgresConfig, during: &str) -> SessionEn
         Some(code) if code.starts_with("28") => {
             SessionEnd::Fatal(anyhow::Error::new(e).context(format!("{during}: PostgreSQL refused the credentials")))
         }
-        Some(code) if code.starts_with("42") || code.starts_with("0A") => {
+        // 22023 invalid_parameter_value: an option pgoutput does not know (e.g. messages
+        // before PostgreSQL 14); retrying cannot help.
+        Some(code) if code.starts_with("42") || code.starts_with("0A") || code == "22023" => {
             SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
         }
         Some(_) | None => match e {
@@ -408,7 +419,12 @@ impl Pipeline<'_> {
             }
         };
         let start = conn
-            .start_replication(slot, &self.config.postgres.publication, Lsn(0))
+            .start_replication(
+                slot,
+                &self.config.postgres.publication,
+                Lsn(0),
+                !self.messages.is_empty(),
+            )
             .await;
         let mut stream = match start {
             Ok(s) => s,
@@ -651,49 +667,64 @@ impl Pipeline<'_> {
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
-                self.tracker.sending(txn);
-                let mut handover = Handover {
-                    publisher: &self.publisher,
-                    tracker: &self.tracker,
-                    status: &mut self.status,
-                    progress: &self.progress,
-                    pg: &self.config.postgres,
+                handover!(self).publish(stream, txn, &record).await?;
+                self.events += 1;
+            }
+            Message::Logical {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                let time = if transactional {
+                    self.commit_time
+                } else {
+                    pg_now_micros()
                 };
-                if let Err(failure) = handover.send(stream, txn, &record).await? {
-                    self.metrics
-                        .publish_errors
-                        .with_label_values(&[record.topic, "refused"])
-                        .inc();
-                    let Some(dead_letters) = &self.config.kafka.dead_letter_topic else {
-                        self.tracker.delivered(txn, Err(failure));
-                        failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
-                        return Err(SessionEnd::Fatal(anyhow!("Kafka refused a record")));
-                    };
-                    // The refused record stays counted as pending; the note takes its place.
-                    let note = dead_letter_note(
-                        &self.config.outbox[record.table].table,
-                        &record,
-                        &failure,
-                    );
-                    let letter = Record {
-                        topic: dead_letters,
-                        payload: Some(note.as_bytes()),
-                        extra_headers: vec![
-                            ("original_topic", Some(record.topic.as_bytes())),
-                            ("error", Some(failure.error.as_bytes())),
-                        ],
-                        // The chosen partition is the original topic's, not the letters'.
-                        partition: None,
-                        ..record
-                    };
-                    tracing::warn!(
-                        "{failure}; sent a note to dead_letter_topic {dead_letters} instead"
-                    );
-                    if let Err(again) = handover.send(stream, txn, &letter).await? {
-                        self.tracker.delivered(txn, Err(again));
-                        failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
-                        return Err(SessionEnd::Fatal(anyhow!("Kafka refused a dead letter")));
+                let source = self.messages.source_of(prefix);
+                let note;
+                let record = match self.messages.map(prefix, content) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        let prefix = String::from_utf8_lossy(prefix);
+                        let Some(dead_letters) = &self.config.kafka.dead_letter_topic else {
+                            return Err(SessionEnd::Fatal(anyhow!(
+                                "logical decoding message {prefix:?} at {lsn}: {e}; the slot stays before it: fix the writer, or set [kafka] dead_letter_topic to set such messages aside there, and restart"
+                            )));
+                        };
+                        tracing::warn!(
+                            "logical decoding message {prefix:?} at {lsn}: {e}; sent it to dead_letter_topic {dead_letters} instead"
+                        );
+                        note = bad_message_note(&prefix, lsn, content, &e.to_string());
+                        Record {
+                            table: source.unwrap_or(usize::MAX),
+                            topic: dead_letters,
+                            key: None,
+                            payload: Some(note.as_bytes()),
+                            id: None,
+                            kind: None,
+                            extra_headers: vec![("error", Some(b"malformed envelope"))],
+                            partition: None,
+                            time: 0,
+                        }
                     }
+                };
+                let record = Record { time, ..record };
+                // A non-transactional message was decoded on its own, outside any transaction
+                // (even one that rolled back): it is a transaction of one event, ending at its LSN.
+                let (txn, alone) = match (transactional, self.txn) {
+                    (true, Some(txn)) => (txn, false),
+                    (true, None) => {
+                        return Err(SessionEnd::Fatal(anyhow!(
+                            "pgoutput sent a transactional message outside a transaction"
+                        )))
+                    }
+                    (false, _) => (self.tracker.begin(time), true),
+                };
+                handover!(self).publish(stream, txn, &record).await?;
+                if alone {
+                    self.tracker.commit(txn, lsn);
                 }
                 self.events += 1;
             }
@@ -738,16 +769,86 @@ impl Pipeline<'_> {
 }
 
 /// What handing a record to the producer needs from the pipeline, borrowed field by field
-/// so that the record (which borrows the mapper) can stay alive meanwhile.
+/// so that the record (which borrows a mapper) can stay alive meanwhile.
 struct Handover<'p> {
     publisher: &'p Publisher,
     tracker: &'p AckTracker,
     status: &'p mut Status,
     progress: &'p watch::Receiver<Progress>,
-    pg: &'p PostgresConfig,
+    config: &'p Config,
+    metrics: &'p Metrics,
+    sources: &'p [Source],
 }
 
+/// A [`Handover`] borrowing the pipeline's fields (not the mappers, which the record borrows).
+macro_rules! handover {
+    ($pipeline:expr) => {
+        Handover {
+            publisher: &$pipeline.publisher,
+            tracker: &$pipeline.tracker,
+            status: &mut $pipeline.status,
+            progress: &$pipeline.progress,
+            config: $pipeline.config,
+            metrics: &$pipeline.metrics,
+            sources: &$pipeline.sources,
+        }
+    };
+}
+use handover;
+
 impl Handover<'_> {
+    /// Publishes one record of `txn`; a record the producer refuses for good goes to the
+    /// dead-letter topic when one is configured, else it stops the relay.
+    async fn publish(
+        &mut self,
+        stream: &mut ReplicationStream,
+        txn: TxnId,
+        record: &Record<'_>,
+    ) -> Result<(), SessionEnd> {
+        self.tracker.sending(txn);
+        let Err(failure) = self.send(stream, txn, record).await? else {
+            return Ok(());
+        };
+        self.metrics
+            .publish_errors
+            .with_label_values(&[record.topic, "refused"])
+            .inc();
+        let Some(dead_letters) = &self.config.kafka.dead_letter_topic else {
+            return Err(self.refused(txn, failure, "Kafka refused a record"));
+        };
+        // The refused record stays counted as pending; the note takes its place.
+        let source = self
+            .sources
+            .get(record.table)
+            .map_or("?", |s| s.name.as_str());
+        let note = dead_letter_note(source, record, &failure);
+        let letter = Record {
+            topic: dead_letters,
+            payload: Some(note.as_bytes()),
+            extra_headers: vec![
+                ("original_topic", Some(record.topic.as_bytes())),
+                ("error", Some(failure.error.as_bytes())),
+            ],
+            // The chosen partition is the original topic's, not the letters'.
+            partition: None,
+            ..*record
+        };
+        tracing::warn!("{failure}; sent a note to dead_letter_topic {dead_letters} instead");
+        if let Err(again) = self.send(stream, txn, &letter).await? {
+            return Err(self.refused(txn, again, "Kafka refused a dead letter"));
+        }
+        Ok(())
+    }
+
+    /// Records the refusal and says why the relay stops.
+    fn refused(&self, txn: TxnId, failure: DeliveryFailure, what: &str) -> SessionEnd {
+        self.tracker.delivered(txn, Err(failure));
+        match failed(self.progress, self.status.reported) {
+            Err(e) => SessionEnd::Fatal(e),
+            Ok(()) => SessionEnd::Fatal(anyhow!("{what}")),
+        }
+    }
+
     /// Hands `record` to the producer, waiting while its queue is full; `Ok(Err(_))` when the
     /// producer refused it for good.
     async fn send(
@@ -771,7 +872,9 @@ impl Handover<'_> {
                     self.status
                         .send(stream, self.progress, false)
                         .await
-                        .map_err(|e| classify(e, self.pg, "sending a status update failed"))?;
+                        .map_err(|e| {
+                            classify(e, &self.config.postgres, "sending a status update failed")
+                        })?;
                     failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
                 }
             }
@@ -789,6 +892,20 @@ fn dead_letter_note(table: &str, record: &Record<'_>, failure: &DeliveryFailure)
         "key": record.key.map(String::from_utf8_lossy),
         "payload_bytes": record.payload.map_or(0, <[u8]>::len),
         "error": failure.error,
+    })
+    .to_string()
+}
+
+/// The dead letter for a message whose envelope is malformed: what, where and why, with the
+/// content itself (as text, cut at 64 KiB) so that it can be looked at and sent again.
+fn bad_message_note(prefix: &str, lsn: Lsn, content: &[u8], error: &str) -> String {
+    const KEEP: usize = 64 * 1024;
+    serde_json::json!({
+        "source": format!("message:{prefix}"),
+        "lsn": lsn.to_string(),
+        "error": error,
+        "content": String::from_utf8_lossy(&content[..content.len().min(KEEP)]),
+        "content_bytes": content.len(),
     })
     .to_string()
 }

@@ -302,16 +302,19 @@ impl ReplicationConnection {
         })
     }
 
-    /// Starts streaming the slot from `start` (`0/0`: the slot's confirmed position).
+    /// Starts streaming the slot from `start` (`0/0`: the slot's confirmed position); with
+    /// `messages`, pgoutput also sends logical decoding messages (PostgreSQL 14 and later).
     pub async fn start_replication(
         mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
+        messages: bool,
     ) -> Result<ReplicationStream> {
         // Names were validated to [a-z0-9_], so quoting them is enough.
+        let messages = if messages { ", messages 'true'" } else { "" };
         let sql = format!(
-            "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '1', publication_names '\"{publication}\"')"
+            "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '1', publication_names '\"{publication}\"'{messages})"
         );
         frontend::query(&sql, &mut self.wbuf)?;
         self.flush().await?;

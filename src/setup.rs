@@ -287,10 +287,17 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
         .map(quoted)
         .collect::<Vec<_>>()
         .join(", ");
+    // With only [[message]] sources the publication lists no table: pgoutput needs one by
+    // name, and logical decoding messages are sent whatever it lists.
+    let for_tables = if tables.is_empty() {
+        String::new()
+    } else {
+        format!("FOR TABLE {tables} ")
+    };
     let sql = format!(
         // Via the partition root: a partitioned outbox's rows then arrive under its own name
         // (without it they arrive as the partitions' and match no [[outbox]] entry).
-        "CREATE PUBLICATION {} FOR TABLE {tables} WITH (publish = 'insert', publish_via_partition_root = true)",
+        "CREATE PUBLICATION {} {for_tables}WITH (publish = 'insert', publish_via_partition_root = true)",
         quote_ident(publication)
     );
     match client.batch_execute(&sql).await {

@@ -99,15 +99,7 @@ async fn read(broker: &Broker, relay: &mut Relay, topics: &[&str], n: usize) -> 
 
 /// Waits until the slot is confirmed up to the WAL end as of now (everything before is done).
 async fn assert_caught_up(pg: &Pg, relay: &mut Relay, what: &str) {
-    relay.assert_running();
-    let target = pg.current_wal_lsn().await;
-    let (reached, last) = pg.wait_confirmed(SLOT, target, CONFIRM).await;
-    assert!(
-        reached,
-        "{what}: confirmed_flush_lsn {} did not reach {} within {CONFIRM:?}",
-        last.map_or("NULL".into(), lsn_text),
-        lsn_text(target)
-    );
+    common::assert_caught_up(pg, relay, what, CONFIRM).await;
 }
 
 /// Waits for the relay to exit on its own; asserts it failed with a one-line error and

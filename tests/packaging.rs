@@ -1059,7 +1059,8 @@ fn config_keys() -> Vec<String> {
     out.into_inner()
 }
 
-/// The example with its commented-out optional keys (`# key = value`) switched on.
+/// The example with its commented-out optional keys (`# key = value`) and sections
+/// (`# [[message]]`) switched on.
 fn uncommented_example() -> String {
     read("config/relay.example.toml")
         .lines()
@@ -1073,7 +1074,14 @@ fn uncommented_example() -> String {
                         .chars()
                         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             });
-            if is_key_value {
+            // An optional section, e.g. `# [[message]]`, is switched on with its keys.
+            let is_section = rest.starts_with('[')
+                && rest.ends_with(']')
+                && rest
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '.' || c == '_');
+            if is_key_value || is_section {
                 rest.to_owned()
             } else {
                 line.to_owned()

@@ -2085,3 +2085,16 @@ pub async fn assert_slot_holds(pg: &Pg, id: &str, what: &str) {
          would skip it"
     );
 }
+
+/// Waits until the slot is confirmed up to the WAL end as of now (everything before is done).
+pub async fn assert_caught_up(pg: &Pg, relay: &mut Relay, what: &str, within: Duration) {
+    relay.assert_running();
+    let target = pg.current_wal_lsn().await;
+    let (reached, last) = pg.wait_confirmed(SLOT, target, within).await;
+    assert!(
+        reached,
+        "{what}: confirmed_flush_lsn {} did not reach {} within {within:?}",
+        last.map_or("NULL".into(), lsn_text),
+        lsn_text(target)
+    );
+}
