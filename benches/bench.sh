@@ -47,6 +47,8 @@ Usage: benches/bench.sh [options]
   --scale-events N        scaling: events per payload/table run (default 200000)
   --scale-payloads LIST   scaling: payload sizes (default 100,1000,10000)
   --scale-tables LIST     scaling: outbox table counts, at most 16 (default 1,4,16)
+  --scale-sources LIST    scaling: where events come from: table (outbox rows), message
+                          (pg_logical_emit_message, the table-less outbox) (default table,message)
   --scale-backlogs LIST   scaling: backlog sizes (default 100000,1000000)
   --quota-pct P           quota: CPU limit in % of one core (default 25)
   --sections LIST         any of drain,quota,latency,memory,scaling,compare (default: all
@@ -78,6 +80,7 @@ FREEZE_SECS=5
 SCALE_N=200000
 SCALE_PAYLOADS=100,1000,10000
 SCALE_TABLES=1,4,16
+SCALE_SOURCES=table,message
 SCALE_BACKLOGS=100000,1000000
 QUOTA_PCT=25
 SECTIONS=drain,quota,latency,memory,scaling
@@ -106,6 +109,7 @@ while [ $# -gt 0 ]; do
     --scale-events) SCALE_N=$2 && shift ;;
     --scale-payloads) SCALE_PAYLOADS=$2 && shift ;;
     --scale-tables) SCALE_TABLES=$2 && shift ;;
+    --scale-sources) SCALE_SOURCES=$2 && shift ;;
     --scale-backlogs) SCALE_BACKLOGS=$2 && shift ;;
     --quota-pct) QUOTA_PCT=$2 && shift ;;
     --sections) SECTIONS=$2 && shift ;;
@@ -259,8 +263,24 @@ rows_sql() {
         WHERE (g / 2) % $k = $((t - 1))"
 }
 
+# msgs_sql FIRST LAST PAYLOAD: the same events as rows_sql, emitted as logical decoding
+# messages (the table-less outbox, [[message]] prefix "outbox") instead of table rows.
+msgs_sql() {
+    local first=$1 last=$2 payload=$3 note
+    note=$((payload > 66 ? payload - 66 : 1))
+    echo "SELECT count(pg_logical_emit_message(true, 'outbox', jsonb_build_object(
+               'id', gen_random_uuid(),
+               'aggregatetype', CASE WHEN g % 2 = 0 THEN 'order' ELSE 'customer' END,
+               'aggregateid', 'key-' || (g % $KEYS), 'type', 'Created',
+               'payload', jsonb_build_object('seq', g, 'customer', 'c-' || (g % 977),
+                   'note', left(f.s, $note), 'total', g * 1.5))::text))
+        FROM generate_series($first::bigint, $last::bigint) g
+        JOIN $SCHEMA.filler f ON f.i = g % 997"
+}
+
 # new_backlog N PAYLOAD TABLES: empty tables, a fresh publication and slot, then N events in
-# transactions of $TXN spread over TABLES tables. Sets TARGET (the WAL position after the last
+# transactions of $TXN spread over TABLES tables (TABLES = message: emitted as logical
+# decoding messages, no table). Sets TARGET (the WAL position after the last
 # commit), BYTES (payload bytes as published) and PAYLOAD_AVG; keeps a pristine copy of the
 # slot so that every reader starts from the same place.
 new_backlog() {
@@ -269,16 +289,25 @@ new_backlog() {
     {
         echo "TRUNCATE $(table_list 16);"
         echo "DROP PUBLICATION IF EXISTS $PUB;"
-        echo "CREATE PUBLICATION $PUB FOR TABLE $(table_list "$k") WITH (publish = 'insert');"
+        if [ "$k" = message ]; then
+            echo "CREATE PUBLICATION $PUB WITH (publish = 'insert');"
+        else
+            echo "CREATE PUBLICATION $PUB FOR TABLE $(table_list "$k") WITH (publish = 'insert');"
+        fi
         echo "SELECT pg_create_logical_replication_slot('$SLOT', 'pgoutput');"
     } | bpsql >/dev/null
+    local wal_start
+    wal_start=$(bpsql -At -c "SELECT pg_current_wal_lsn()")
     if [ "$n" -gt 0 ]; then
         say "writing $n events ($payload-byte payloads, $k table(s), transactions of $TXN)"
         {
             for ((off = 0; off < n; off += TXN)); do
                 m=$((n - off < TXN ? n - off : TXN))
                 echo "BEGIN;"
-                for ((t = 1; t <= k; t++)); do
+                if [ "$k" = message ]; then
+                    echo "$(msgs_sql $((off + 1)) $((off + m)) "$payload");"
+                fi
+                for ((t = 1; t <= ${k/message/0}; t++)); do
                     echo "$(rows_sql "$(table_name "$t")" $((off + 1)) $((off + m)) "$payload" "$k" "$t");"
                 done
                 echo "COMMIT;"
@@ -289,15 +318,26 @@ new_backlog() {
     # Don't let a checkpoint triggered by the writes land in the middle of a measurement
     # (needs superuser or pg_checkpoint; skipped otherwise).
     bpsql -c "CHECKPOINT" >/dev/null 2>&1 || true
-    read -r BYTES PAYLOAD_AVG < <(bpsql -At -F ' ' -c "SELECT coalesce(sum(b), 0), coalesce(avg(b), 0) FROM (
-        $(for ((t = 1; t <= k; t++)); do
-            [ "$t" = 1 ] || echo "UNION ALL"
-            echo "SELECT octet_length(payload::text) AS b FROM $(table_name "$t")"
-        done)) x")
+    local wal_bytes
+    wal_bytes=$(bpsql -At -c "SELECT pg_wal_lsn_diff('$TARGET', '$wal_start')")
+    if [ "$k" = message ]; then
+        # The same payload expression as msgs_sql, measured without emitting anything.
+        read -r BYTES PAYLOAD_AVG < <(bpsql -At -F ' ' -c "SELECT coalesce(sum(b), 0), coalesce(avg(b), 0) FROM (
+            SELECT octet_length(jsonb_build_object('seq', g, 'customer', 'c-' || (g % 977),
+                'note', left(f.s, $((payload > 66 ? payload - 66 : 1))), 'total', g * 1.5)::text) AS b
+            FROM generate_series(1::bigint, $n::bigint) g JOIN $SCHEMA.filler f ON f.i = g % 997) x")
+    else
+        read -r BYTES PAYLOAD_AVG < <(bpsql -At -F ' ' -c "SELECT coalesce(sum(b), 0), coalesce(avg(b), 0) FROM (
+            $(for ((t = 1; t <= k; t++)); do
+                [ "$t" = 1 ] || echo "UNION ALL"
+                echo "SELECT octet_length(payload::text) AS b FROM $(table_name "$t")"
+            done)) x")
+    fi
     bpsql -c "SELECT pg_copy_logical_replication_slot('$SLOT', '$BASE_SLOT')" >/dev/null
     BL_TABLES=$k
+    decode_opts
     BL_FIELDS=("n=$n" "txn=$TXN" "payload=$payload" "payload_avg=$PAYLOAD_AVG" "bytes=$BYTES"
-        "tables=$k" "keys=$KEYS" "partitions=$PARTITIONS")
+        "tables=$k" "keys=$KEYS" "partitions=$PARTITIONS" "wal_bytes=$wal_bytes")
 }
 
 # Resets slot $1 to the pristine copy.
@@ -312,7 +352,10 @@ relay_config() {
     local file=$1 k=$2 listen=${3:-} t
     {
         printf '[postgres]\nurl = "%s"\nslot = "%s"\npublication = "%s"\n' "$PG_URL" "$SLOT" "$PUB"
-        for ((t = 1; t <= k; t++)); do
+        if [ "$k" = message ]; then
+            printf '[[message]]\nprefix = "outbox"\ntopic = "%s{aggregatetype}"\n' "$TOPIC_PREFIX"
+        fi
+        for ((t = 1; t <= ${k/message/0}; t++)); do
             printf '[[outbox]]\ntable = "%s"\ntopic = "%s{aggregatetype}"\n' "$(table_name "$t")" "$TOPIC_PREFIX"
         done
         printf '[kafka]\nbrokers = "%s"\n' "$KAFKA_BROKERS"
@@ -344,7 +387,13 @@ on_copy() {
 measure_decode() {
     on_copy decode "pg_recvlogical (decode limit)" "$@" -- \
         pg_recvlogical -d "$PG_URL" -S "$COPY_SLOT" --start --no-loop --endpos "$TARGET" \
-        -o proto_version=1 -o publication_names="$PUB" -f /dev/null
+        -o proto_version=1 -o publication_names="$PUB" "${DECODE_OPTS[@]}" -f /dev/null
+}
+
+# pgoutput options for the backlog's source: messages too, for the table-less one.
+decode_opts() {
+    DECODE_OPTS=()
+    [ "$BL_TABLES" != message ] || DECODE_OPTS=(-o messages=true)
 }
 
 # measure_sql_decode LABEL FIELDS...: the same decoding inside a backend, no client and no
@@ -354,7 +403,7 @@ measure_sql_decode() {
     on_copy sqldecode "decoding in SQL (pg_logical_slot_peek_binary_changes)" "$@" -- \
         psql -X -q -At -v ON_ERROR_STOP=1 -d "$PG_URL" -c "SELECT count(*) FROM
             pg_logical_slot_peek_binary_changes('$COPY_SLOT', '$TARGET', NULL,
-                'proto_version', '1', 'publication_names', '$PUB')"
+                'proto_version', '1', 'publication_names', '$PUB'$([ "$BL_TABLES" != message ] || echo ", 'messages', 'true'"))"
 }
 
 # measure_relay LABEL [--quota] [--perf FILE] FIELDS...: the relay on the backlog (--quota:
@@ -619,6 +668,12 @@ if has_section scaling; then
         new_backlog "$SCALE_N" "$PAYLOAD" "$k"
         measure_decode "$k tables" section=scaling dim=tables variant="$k"
         measure_relay "$k tables" section=scaling dim=tables variant="$k"
+    done
+    for src in ${SCALE_SOURCES//,/ }; do
+        new_broker
+        new_backlog "$SCALE_N" "$PAYLOAD" "${src/table/1}"
+        measure_decode "source $src" section=scaling dim=source variant="$src"
+        measure_relay "source $src" section=scaling dim=source variant="$src"
     done
     for b in ${SCALE_BACKLOGS//,/ }; do
         new_broker

@@ -385,7 +385,10 @@ def render_scaling(res, out):
     if not sc:
         return
     groups = [("payload", "Payload size", lambda r: f"{r['payload_avg']:,.0f} B"),
-              ("tables", "Outbox tables", lambda r: f"{r['tables']} table{'s' if r['tables'] > 1 else ''}"),
+              ("tables", "Outbox tables",
+               lambda r: f"{r['tables']} table{'s' if int(r['tables']) > 1 else ''}"),
+              ("source", "Source of events",
+               lambda r: "pg_logical_emit_message" if r["tables"] == "message" else "outbox table"),
               ("backlog", "Backlog size", lambda r: f"{r['n']:,} events")]
     for dim, title, label in groups:
         rs = [r for r in sc if r["dim"] == dim]
@@ -413,13 +416,14 @@ def render_scaling(res, out):
                 fmt(1e6 * m["cpu_s"] / m["n"], 2) if m else "n/a",
                 fmt(per100k(m.get("walsender_cpu_s"), m["n"]), 3) if m else "n/a",
                 fmt(mb(m.get("hwm_kb")), 1) if m else "n/a",
+                fmt(base["wal_bytes"] / 1e6, 1) if base.get("wal_bytes") is not None else "n/a",
             ])
         first = rs[0]
         out.append(f"### Scaling: {title.lower()} (transactions of {first['txn']:,})\n")
         out.append(table([title.split()[0].lower(), "events", "decode limit events/s",
                           "relay events/s", "× decode limit", "relay MB/s",
                           "relay CPU s / 100k", "relay CPU µs / event", "walsender CPU s / 100k",
-                          "peak RSS MB"], rows))
+                          "peak RSS MB", "backlog WAL MB"], rows))
         out.append("")
 
 

@@ -6,8 +6,9 @@
 //! string's contents, like a text column), headers `id` and `type`. Only the envelope's top
 //! level is looked at; the payload's JSON is passed through, not parsed into values.
 
-use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::config::MessageConfig;
@@ -59,6 +60,41 @@ pub struct MessageMapper {
     topic: String,
     /// Per slot, room for a JSON string's unescaped contents.
     bufs: Vec<String>,
+}
+
+/// Reads an envelope's top level, keeping only the raw values of the fields a plan needs (by
+/// slot): no map is built, and other fields are skipped over unparsed.
+struct Pick<'p, 'a> {
+    fields: &'p [String],
+    raw: &'p mut Vec<Option<&'a RawValue>>,
+}
+
+impl<'de, 'p> DeserializeSeed<'de> for Pick<'p, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 'p> Visitor<'de> for Pick<'p, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(key) = map.next_key::<&'de str>()? {
+            match self.fields.iter().position(|f| f == key) {
+                Some(slot) => self.raw[slot] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl MessageMapper {
@@ -120,14 +156,21 @@ impl MessageMapper {
         let Some(plan) = self.plans.iter().find(|p| p.prefix == prefix) else {
             return Ok(None);
         };
-        let envelope: BTreeMap<&'a str, &'a RawValue> =
-            serde_json::from_slice(content).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
+        let mut raw = vec![None; plan.fields.len()];
+        let not_json = |e: serde_json::Error| EnvelopeError::NotJson(e.to_string());
+        let mut de = serde_json::Deserializer::from_slice(content);
+        Pick {
+            fields: &plan.fields,
+            raw: &mut raw,
+        }
+        .deserialize(&mut de)
+        .map_err(not_json)?;
+        de.end().map_err(not_json)?;
         if self.bufs.len() < plan.fields.len() {
             self.bufs.resize_with(plan.fields.len(), String::new);
         }
         let mut values = Vec::with_capacity(plan.fields.len());
-        for (field, buf) in plan.fields.iter().zip(self.bufs.iter_mut()) {
-            let raw = envelope.get(field.as_str()).copied();
+        for (raw, buf) in raw.into_iter().zip(self.bufs.iter_mut()) {
             values.push(raw.map_or(Ok(None), |raw| text_of(raw, buf))?);
         }
         let id = values[ID_SLOT].ok_or(EnvelopeError::NoId)?;
