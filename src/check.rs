@@ -111,9 +111,10 @@ pub async fn run(path: &Path, emit: &mut dyn FnMut(&CheckLine)) -> bool {
     let config = match Config::load(path) {
         Ok(config) => {
             report.ok(format!(
-                "config {} parses: {} outbox table(s), slot {}, publication {}",
+                "config {} parses: {} outbox table(s), {} [[message]] prefix(es), slot {}, publication {}",
                 path.display(),
                 config.outbox.len(),
+                config.message.len(),
                 config.postgres.slot,
                 config.postgres.publication
             ));
@@ -539,8 +540,7 @@ async fn publication_absent(
         ));
         return;
     };
-    let how =
-        format!("CREATE PUBLICATION {publication} FOR TABLE {list} WITH (publish = 'insert', publish_via_partition_root = true)");
+    let how = setup::create_publication_sql(publication, &list);
     if role.superuser {
         report.ok(format!(
             "publication {publication} does not exist; the relay will create it at start ({how}; role {} is a superuser)",

@@ -275,6 +275,22 @@ async fn is_partitioned(client: &Client, table: &OutboxConfig) -> Result<bool, S
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
+/// The statement that creates the publication for `tables` (quoted, comma-separated).
+pub fn create_publication_sql(publication: &str, tables: &str) -> String {
+    // With only [[message]] sources the publication lists no table: pgoutput needs one by
+    // name, and logical decoding messages are sent whatever it lists.
+    let for_tables = if tables.is_empty() {
+        String::new()
+    } else {
+        format!("FOR TABLE {tables} ")
+    };
+    // Via the partition root: a partitioned outbox's rows then arrive under its own name
+    // (without it they arrive as the partitions' and match no [[outbox]] entry).
+    format!(
+        "CREATE PUBLICATION {publication} {for_tables}WITH (publish = 'insert', publish_via_partition_root = true)"
+    )
+}
+
 /// Creates the publication if missing; checks an existing one covers every outbox table.
 pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), SetupError> {
     let publication = &config.postgres.publication;
@@ -287,19 +303,7 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
         .map(quoted)
         .collect::<Vec<_>>()
         .join(", ");
-    // With only [[message]] sources the publication lists no table: pgoutput needs one by
-    // name, and logical decoding messages are sent whatever it lists.
-    let for_tables = if tables.is_empty() {
-        String::new()
-    } else {
-        format!("FOR TABLE {tables} ")
-    };
-    let sql = format!(
-        // Via the partition root: a partitioned outbox's rows then arrive under its own name
-        // (without it they arrive as the partitions' and match no [[outbox]] entry).
-        "CREATE PUBLICATION {} {for_tables}WITH (publish = 'insert', publish_via_partition_root = true)",
-        quote_ident(publication)
-    );
+    let sql = create_publication_sql(&quote_ident(publication), &tables);
     match client.batch_execute(&sql).await {
         Ok(()) => {
             tracing::info!(publication = %publication, tables = %tables, "created publication");

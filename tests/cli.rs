@@ -245,6 +245,25 @@ async fn check_passes_on_a_good_setup_before_and_after_the_relay_ran() {
 }
 
 #[tokio::test]
+async fn check_passes_with_only_a_table_less_outbox() {
+    let pg = Pg::start();
+    let broker = Broker::start();
+    let config = format!(
+        "[postgres]\nurl = \"{}\"\n\n[[message]]\nprefix = \"outbox\"\n\n[kafka]\nbrokers = \"{}\"\n",
+        pg.url(),
+        broker.bootstrap()
+    );
+    let out = check(&config).await;
+    out.assert_all_ok();
+    assert!(
+        out.stdout
+            .contains("sends logical decoding messages for [[message]] prefixes"),
+        "{}",
+        out.show()
+    );
+}
+
+#[tokio::test]
 async fn check_passes_for_the_least_privilege_role_of_the_migrations() {
     let (pg, broker) = good_setup().await;
     // The documented setup: the owner runs the migrations; the relay's role owns nothing.
