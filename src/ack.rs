@@ -50,8 +50,9 @@ struct Txn {
     pending: u64,
     end_lsn: Option<Lsn>,
     failed: bool,
-    /// Commit time in microseconds since 2000-01-01, for the commit-to-ack histogram.
-    commit_time: i64,
+    /// Commit time in microseconds since 2000-01-01, for the commit-to-ack histogram; `None`
+    /// for the initial snapshot, whose rows committed at unknown times.
+    commit_time: Option<i64>,
     /// When its first record was handed to the producer, for stall detection.
     since: Option<Instant>,
 }
@@ -120,6 +121,16 @@ impl AckTracker {
 
     /// Opens a transaction (pgoutput Begin) committed at `commit_time` (µs since 2000).
     pub fn begin(&self, commit_time: i64) -> TxnId {
+        self.open(Some(commit_time))
+    }
+
+    /// Opens the initial snapshot's records as one transaction, kept out of the
+    /// commit-to-ack histogram (its rows' commit times are unknown and may be years old).
+    pub fn begin_untimed(&self) -> TxnId {
+        self.open(None)
+    }
+
+    fn open(&self, commit_time: Option<i64>) -> TxnId {
         let mut s = self.lock();
         s.txns.push_back(Txn {
             pending: 0,
@@ -168,7 +179,7 @@ impl AckTracker {
             if result.is_err() {
                 t.failed = true;
             }
-            done.commit_time = Some(t.commit_time);
+            done.commit_time = t.commit_time;
         }
         match result {
             Ok(()) => self.release(&mut s),

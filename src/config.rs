@@ -124,6 +124,10 @@ pub struct PostgresConfig {
     /// Upper bound between two standby status updates, in seconds.
     #[serde(default = "default_status_interval")]
     pub status_interval_secs: u64,
+    /// When the relay creates the slot, first publish the rows already in the outbox tables,
+    /// read in the snapshot the slot's creation exports (see `snapshot`).
+    #[serde(default)]
+    pub initial_snapshot: bool,
 }
 
 /// `[[outbox]]`: one outbox table and how its rows become records.
@@ -162,6 +166,10 @@ pub struct OutboxConfig {
     /// The `content-type` header (the event's `datacontenttype`); `application/json` when unset.
     #[serde(default)]
     pub cloudevents_content_type: Option<String>,
+    /// The column the initial snapshot reads rows in (ascending), so that per-key order of
+    /// existing rows can follow a sequence or timestamp; physical order when unset.
+    #[serde(default)]
+    pub snapshot_order_by: Option<String>,
 }
 
 /// `[[message]]`: events emitted with `pg_logical_emit_message(true, prefix, envelope)`, a
@@ -297,6 +305,17 @@ fn default_topic() -> String {
     "outbox.event.{aggregatetype}".into()
 }
 
+/// The suffix of the temporary slot the initial snapshot is taken with.
+pub const SNAPSHOT_SLOT_SUFFIX: &str = "_snapshot";
+
+impl PostgresConfig {
+    /// The temporary slot the initial snapshot is exported by: its name is what keeps two
+    /// replicas from taking the snapshot at once (slot names are unique server-wide).
+    pub fn snapshot_slot(&self) -> String {
+        format!("{}{SNAPSHOT_SLOT_SUFFIX}", self.slot)
+    }
+}
+
 impl OutboxConfig {
     /// The CloudEvents attributes of this table's records, if enabled; the default
     /// `ce_source` is `/outbox-relay/<schema>.<table>`.
@@ -406,6 +425,14 @@ impl Config {
                 ));
             }
         }
+        if self.postgres.initial_snapshot && self.postgres.snapshot_slot().len() > 63 {
+            return Err(format!(
+                "with initial_snapshot = true the slot name may have at most {} characters (the snapshot is taken with a temporary slot named {:?}, and slot names have at most 63): {:?}",
+                63 - SNAPSHOT_SLOT_SUFFIX.len(),
+                self.postgres.snapshot_slot(),
+                self.postgres.slot
+            ));
+        }
         if self.postgres.status_interval_secs == 0 {
             return Err("[postgres] status_interval_secs must be at least 1".into());
         }
@@ -425,6 +452,15 @@ impl Config {
                 ));
             }
             tables.push(key);
+            if o.snapshot_order_by
+                .as_deref()
+                .is_some_and(|c| c.trim().is_empty())
+            {
+                return Err(format!(
+                    "[[outbox]] table {:?}: snapshot_order_by is empty; name a column (e.g. \"created_at\") or remove the key",
+                    o.table
+                ));
+            }
             check_template("[[outbox]]", &o.topic)?;
         }
         let mut prefixes = Vec::new();
@@ -571,6 +607,51 @@ mod tests {
             "table = \"public.outbox\"\n topic = \"x.{aggregatetype\"",
         );
         assert!(Config::parse(&text, "relay.toml", env).is_err());
+    }
+
+    #[test]
+    fn initial_snapshot_is_off_by_default_and_parses() {
+        let c = Config::parse(MINIMAL, "relay.toml", env).unwrap();
+        assert!(!c.postgres.initial_snapshot);
+        assert_eq!(c.outbox[0].snapshot_order_by, None);
+        let text = MINIMAL
+            .replace("[[outbox]]", "initial_snapshot = true\n[[outbox]]")
+            .replace(
+                "table = \"public.outbox\"",
+                "table = \"public.outbox\"\nsnapshot_order_by = \"created_at\"",
+            );
+        let c = Config::parse(&text, "relay.toml", env).unwrap();
+        assert!(c.postgres.initial_snapshot);
+        assert_eq!(c.postgres.snapshot_slot(), "outbox_relay_snapshot");
+        assert_eq!(c.outbox[0].snapshot_order_by.as_deref(), Some("created_at"));
+    }
+
+    #[test]
+    fn initial_snapshot_needs_room_for_the_temporary_slot_name() {
+        let long = "s".repeat(60);
+        let text = MINIMAL.replace(
+            "[[outbox]]",
+            &format!("slot = \"{long}\"\ninitial_snapshot = true\n[[outbox]]"),
+        );
+        let err = Config::parse(&text, "relay.toml", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 54") && err.contains(&long), "{err}");
+        // Without the snapshot the same name is fine.
+        let text = MINIMAL.replace("[[outbox]]", &format!("slot = \"{long}\"\n[[outbox]]"));
+        assert!(Config::parse(&text, "relay.toml", env).is_ok());
+    }
+
+    #[test]
+    fn empty_snapshot_order_by_is_rejected() {
+        let text = MINIMAL.replace(
+            "table = \"public.outbox\"",
+            "table = \"public.outbox\"\nsnapshot_order_by = \" \"",
+        );
+        let err = Config::parse(&text, "relay.toml", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snapshot_order_by"), "{err}");
     }
 
     #[test]

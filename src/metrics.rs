@@ -38,6 +38,8 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// 1 for the slot's current `wal_status` (reserved, extended, unreserved, lost, missing).
     pub slot_wal_status: IntGaugeVec,
+    /// Rows of the initial snapshot handed to the producer, by outbox table.
+    pub snapshot_events: IntCounterVec,
 }
 
 /// `wal_status` values exported, so a dashboard sees zeros rather than gaps.
@@ -128,8 +130,16 @@ impl Metrics {
                 &["status"],
             )
             .expect("static metric definition"),
+            snapshot_events: IntCounterVec::new(
+                opts(
+                    "snapshot_events_total",
+                    "Rows of the initial snapshot handed to the producer",
+                ),
+                &["table"],
+            )
+            .expect("static metric definition"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(m.events_published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.transactions.clone()),
@@ -143,6 +153,7 @@ impl Metrics {
             Box::new(m.leader.clone()),
             Box::new(m.reconnects.clone()),
             Box::new(m.slot_wal_status.clone()),
+            Box::new(m.snapshot_events.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

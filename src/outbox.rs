@@ -168,6 +168,8 @@ struct Plan {
     /// `(column, slot)` for every value a record needs, in column order, so one pass over
     /// the row picks them all.
     picks: Vec<(usize, usize)>,
+    /// The column of each slot, for rows whose values are fetched by column.
+    columns_by_slot: Vec<usize>,
 }
 
 /// One record ready for the producer; borrows the row and the mapper's scratch space.
@@ -216,12 +218,18 @@ impl<'a> Record<'a> {
 pub struct OutboxMapper {
     tables: Vec<OutboxConfig>,
     plans: FxHashMap<u32, Option<Plan>>,
+    scratch: Scratch,
+    /// Per slot, where its value lies in the row's bytes (`None`: NULL or unchanged).
+    spans: Vec<Option<(usize, usize)>>,
+}
+
+/// Where a record's topic and decoded bytea values are built; reused from row to row.
+#[derive(Debug, Default)]
+struct Scratch {
     topic: String,
     key_buf: Vec<u8>,
     payload_buf: Vec<u8>,
     header_bufs: Vec<Vec<u8>>,
-    /// Per slot, where its value lies in the row's bytes (`None`: NULL or unchanged).
-    spans: Vec<Option<(usize, usize)>>,
 }
 
 impl OutboxMapper {
@@ -230,10 +238,7 @@ impl OutboxMapper {
         OutboxMapper {
             tables: tables.to_vec(),
             plans: FxHashMap::default(),
-            topic: String::new(),
-            key_buf: Vec::new(),
-            payload_buf: Vec::new(),
-            header_bufs: Vec::new(),
+            scratch: Scratch::default(),
             spans: Vec::new(),
         }
     }
@@ -267,16 +272,25 @@ impl OutboxMapper {
         matches!(self.plans.get(&relation_id), Some(Some(_)))
     }
 
+    /// The plan for `relation_id`; `None` when the table is not an outbox.
+    fn plan(
+        plans: &FxHashMap<u32, Option<Plan>>,
+        relation_id: u32,
+    ) -> Result<Option<&Plan>, MappingError> {
+        match plans.get(&relation_id) {
+            Some(plan) => Ok(plan.as_ref()),
+            None => Err(MappingError::UnknownRelation(relation_id)),
+        }
+    }
+
     /// The record for a row of `relation_id`, or `None` when the table is not an outbox.
     pub fn map<'a>(
         &'a mut self,
         relation_id: u32,
         tuple: &Tuple<'a>,
     ) -> Result<Option<Record<'a>>, MappingError> {
-        let plan = match self.plans.get(&relation_id) {
-            Some(Some(plan)) => plan,
-            Some(None) => return Ok(None),
-            None => return Err(MappingError::UnknownRelation(relation_id)),
+        let Some(plan) = Self::plan(&self.plans, relation_id)? else {
+            return Ok(None);
         };
         if tuple.len() < plan.columns {
             return Err(MappingError::ShortRow {
@@ -314,65 +328,93 @@ impl OutboxMapper {
         let text = |slot: usize| -> Option<&'a [u8]> {
             spans[slot].map(|(start, len)| &data[start..start + len])
         };
-        let event_id = || {
-            text(ID_SLOT)
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_else(|| "?".into())
-        };
-
-        render_topic(&plan.topic, &mut self.topic, text).map_err(|column| {
-            MappingError::NullTopicColumn {
-                table: plan.table.clone(),
-                event_id: event_id(),
-                column: column.to_owned(),
-            }
-        })?;
-
-        let bad_bytea = |col: &str| MappingError::BadBytea {
-            table: plan.table.clone(),
-            column: col.to_owned(),
-        };
-        let config = &self.tables[plan.index];
-        let key = decode_col(text(KEY_SLOT), plan.key, &mut self.key_buf)
-            .ok_or_else(|| bad_bytea(&config.key_column))?;
-        let payload = decode_col(text(PAYLOAD_SLOT), plan.payload, &mut self.payload_buf)
-            .ok_or_else(|| bad_bytea(&config.payload_column))?;
-
-        let mut extra_headers = Vec::new();
-        if !plan.headers.is_empty() {
-            extra_headers.reserve_exact(plan.headers.len());
-            self.header_bufs.resize_with(plan.headers.len(), Vec::new);
-            for ((name, col), buf) in plan.headers.iter().zip(self.header_bufs.iter_mut()) {
-                let v = decode_col(text(col.slot), *col, buf).ok_or_else(|| bad_bytea(name))?;
-                extra_headers.push((name.as_str(), v));
-            }
-        }
-        let partition = match plan.partition {
-            None => None,
-            Some(col) => match text(col.slot) {
-                None => None,
-                Some(v) => Some(
-                    parse_partition(v).ok_or_else(|| MappingError::BadPartition {
-                        table: plan.table.clone(),
-                        event_id: event_id(),
-                        column: config.partition_column.clone().unwrap_or_default(),
-                        value: String::from_utf8_lossy(v).into_owned(),
-                    })?,
-                ),
-            },
-        };
-        Ok(Some(Record {
-            table: plan.index,
-            topic: &self.topic,
-            key,
-            payload,
-            id: text(ID_SLOT),
-            kind: text(KIND_SLOT),
-            extra_headers,
-            partition,
-            time: 0,
-        }))
+        build(plan, &self.tables[plan.index], &mut self.scratch, text).map(Some)
     }
+
+    /// The record for a row of `relation_id` whose values are not in a pgoutput tuple (the
+    /// initial snapshot reads them with SQL): `column(i)` is the text of the Relation's
+    /// column `i`, `None` for NULL. `None` when the table is not an outbox.
+    pub fn map_columns<'a>(
+        &'a mut self,
+        relation_id: u32,
+        column: impl Fn(usize) -> Option<&'a [u8]>,
+    ) -> Result<Option<Record<'a>>, MappingError> {
+        let Some(plan) = Self::plan(&self.plans, relation_id)? else {
+            return Ok(None);
+        };
+        let text = |slot: usize| column(plan.columns_by_slot[slot]);
+        build(plan, &self.tables[plan.index], &mut self.scratch, text).map(Some)
+    }
+}
+
+/// The record of one row whose value for each slot `text` hands out.
+fn build<'a>(
+    plan: &'a Plan,
+    config: &OutboxConfig,
+    scratch: &'a mut Scratch,
+    text: impl Fn(usize) -> Option<&'a [u8]>,
+) -> Result<Record<'a>, MappingError> {
+    let Scratch {
+        topic,
+        key_buf,
+        payload_buf,
+        header_bufs,
+    } = scratch;
+    let event_id = || {
+        text(ID_SLOT)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+
+    render_topic(&plan.topic, topic, &text).map_err(|column| MappingError::NullTopicColumn {
+        table: plan.table.clone(),
+        event_id: event_id(),
+        column: column.to_owned(),
+    })?;
+
+    let bad_bytea = |col: &str| MappingError::BadBytea {
+        table: plan.table.clone(),
+        column: col.to_owned(),
+    };
+    let key = decode_col(text(KEY_SLOT), plan.key, key_buf)
+        .ok_or_else(|| bad_bytea(&config.key_column))?;
+    let payload = decode_col(text(PAYLOAD_SLOT), plan.payload, payload_buf)
+        .ok_or_else(|| bad_bytea(&config.payload_column))?;
+
+    let mut extra_headers = Vec::new();
+    if !plan.headers.is_empty() {
+        extra_headers.reserve_exact(plan.headers.len());
+        header_bufs.resize_with(plan.headers.len(), Vec::new);
+        for ((name, col), buf) in plan.headers.iter().zip(header_bufs.iter_mut()) {
+            let v = decode_col(text(col.slot), *col, buf).ok_or_else(|| bad_bytea(name))?;
+            extra_headers.push((name.as_str(), v));
+        }
+    }
+    let partition = match plan.partition {
+        None => None,
+        Some(col) => match text(col.slot) {
+            None => None,
+            Some(v) => Some(
+                parse_partition(v).ok_or_else(|| MappingError::BadPartition {
+                    table: plan.table.clone(),
+                    event_id: event_id(),
+                    column: config.partition_column.clone().unwrap_or_default(),
+                    value: String::from_utf8_lossy(v).into_owned(),
+                })?,
+            ),
+        },
+    };
+    Ok(Record {
+        table: plan.index,
+        topic: topic.as_str(),
+        key,
+        payload,
+        id: text(ID_SLOT),
+        kind: text(KIND_SLOT),
+        extra_headers,
+        partition,
+        time: 0,
+    })
 }
 
 /// The value as raw bytes: text passes through; bytea hex is decoded into `buf`.
@@ -458,6 +500,8 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         .as_deref()
         .map(|p| find(p, "partition_column"))
         .transpose()?;
+    // Picks were made in slot order; keep that before sorting them by column.
+    let columns_by_slot = picks.iter().map(|&(column, _)| column).collect();
     picks.sort_unstable();
     Ok(Plan {
         index,
@@ -468,6 +512,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         headers,
         partition,
         picks,
+        columns_by_slot,
         table,
     })
 }
@@ -739,6 +784,42 @@ mod tests {
                 );
             });
         }
+    }
+
+    #[test]
+    fn values_by_column_map_to_the_record_the_stream_gives() {
+        // The initial snapshot reads rows with SQL and hands values out by column; the
+        // record must be the one the same row gives when it arrives from the stream.
+        let config = outbox_config(
+            "topic = \"{aggregatetype}.{type}\"\nheader_columns = [\"trace\", \"aggregatetype\"]",
+        );
+        let mut cols = DEFAULT_COLUMNS.to_vec();
+        cols.push(("trace", BYTEA_OID));
+        let values: [Option<&[u8]>; 6] = [
+            Some(b"e1"),
+            Some(b"order"),
+            Some(b"k"),
+            Some(b"Created"),
+            Some(b"{\"a\": 1}"),
+            Some(b"\\x00ff"),
+        ];
+        let mut streamed = OutboxMapper::new(std::slice::from_ref(&config));
+        learn(&mut streamed, &relation_bytes(7, "outbox", &cols)).unwrap();
+        let from_stream = map_row(&mut streamed, &insert_bytes(7, &values), |r| {
+            format!("{:?}", r.unwrap().unwrap())
+        });
+        // Only the columns the mapping reads, in another order, as the snapshot selects them.
+        let order = [4, 0, 2, 3, 1, 5];
+        let picked: Vec<(&str, u32)> = order.iter().map(|&i| cols[i]).collect();
+        let mut read = OutboxMapper::new(&[config]);
+        learn(&mut read, &relation_bytes(9, "outbox", &picked)).unwrap();
+        let from_sql = read.map_columns(9, |i| values[order[i]]).unwrap().unwrap();
+        assert_eq!(format!("{from_sql:?}"), from_stream);
+        assert_eq!(from_sql.topic, "order.Created");
+        assert_eq!(
+            from_sql.headers().nth(2),
+            Some(("trace", Some(&[0, 0xff][..])))
+        );
     }
 
     #[test]

@@ -1056,6 +1056,7 @@ mod tests {
             slot: "s".into(),
             publication: "p".into(),
             status_interval_secs: 10,
+            initial_snapshot: false,
         };
         PgEndpoint::new(&pg).map_err(|e| e.to_string())
     }

@@ -11,20 +11,22 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
-use crate::ack::{AckTracker, DeliveryFailure, Progress, TxnId};
+use crate::ack::{AckTracker, Progress, TxnId};
 use crate::config::{Config, PostgresConfig, Source};
+use crate::handover::{Handover, HandoverError, Waiting};
 use crate::lsn::Lsn;
 use crate::message::MessageMapper;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{OutboxMapper, Record};
 use crate::pgconn::PgEndpoint;
 use crate::pgoutput::{self, Message};
-use crate::publisher::{Publisher, SendError};
+use crate::publisher::Publisher;
 use crate::replication::{
     pg_now_micros, secs_since, ReplicationConnection, ReplicationError, ReplicationEvent,
     ReplicationStream,
 };
 use crate::setup::{self, SetupError};
+use crate::snapshot::{Outcome, Snapshot, SnapshotError};
 
 /// How often the loop looks at the confirmed LSN to report it; bounds status-update chattiness.
 const CONFIRM_TICK: Duration = Duration::from_millis(100);
@@ -64,15 +66,79 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
     let max_backoff = Duration::from_secs(config.relay.reconnect_max_backoff_secs.max(1));
 
-    // Start-up checks: configuration problems are fatal, an unreachable server is retried.
+    // Where the tracker starts does not matter: it is moved to the slot's position below.
+    let (tracker, progress) = AckTracker::new(Lsn(0));
+    let sources = config.sources();
+    let new_publisher = || -> anyhow::Result<Arc<Publisher>> {
+        Ok(Arc::new(
+            Publisher::new(
+                &config.kafka,
+                &sources,
+                tracker.clone(),
+                metrics.clone(),
+                health.clone(),
+            )
+            .context("cannot create the Kafka producer")?,
+        ))
+    };
+    // Made once the database is known to be usable (or the snapshot needs it).
+    let mut publisher = None;
+
+    // Start-up checks, and the initial snapshot when it is the relay's to take: configuration
+    // problems are fatal, an unreachable server is retried.
     let mut backoff = Backoff::new(max_backoff);
-    let slot = loop {
+    let mut standby = false;
+    let confirmed = loop {
         let attempt = async {
             let admin = endpoint.connect_sql().await.map_err(SetupError::from)?;
             setup::prepare(&admin, &config).await
         };
-        match attempt.await {
-            Ok(slot) => break slot,
+        let pause = match attempt.await {
+            Ok(Some(slot)) => break slot.confirmed_flush,
+            Ok(None) => {
+                let publisher = match &publisher {
+                    Some(p) => p,
+                    None => publisher.insert(new_publisher()?),
+                };
+                let snapshot = Snapshot {
+                    config: &config,
+                    sources: &sources,
+                    endpoint: &endpoint,
+                    publisher,
+                    tracker: &tracker,
+                    progress: &progress,
+                    metrics: &metrics,
+                    health: &health,
+                };
+                let taken = tokio::select! {
+                    taken = snapshot.take() => taken,
+                    _ = shutdown.as_mut() => {
+                        tracing::info!("stopped during the initial snapshot; the next start takes it again");
+                        return Ok(());
+                    }
+                };
+                match taken {
+                    Ok(Outcome::Created(lsn)) => break lsn,
+                    // Another replica made the slot: the checks above now find it.
+                    Ok(Outcome::SlotExists) => Duration::ZERO,
+                    Err(SnapshotError::Busy(why)) => {
+                        health.set_not_streaming(format!("standby: {why}"));
+                        if !standby {
+                            tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
+                            standby = true;
+                        }
+                        STANDBY_RETRY
+                    }
+                    Err(SnapshotError::Transient(e)) => {
+                        let wait = backoff.next();
+                        tracing::warn!("initial snapshot failed: {e}; retrying in {wait:?}");
+                        health.set_not_streaming(format!("initial snapshot failed: {e}"));
+                        metrics.reconnects.with_label_values(&["postgres"]).inc();
+                        wait
+                    }
+                    Err(SnapshotError::Fatal(e)) => return Err(anyhow!(e)),
+                }
+            }
             Err(SetupError::Connect(e)) => {
                 let wait = backoff.next();
                 tracing::warn!(
@@ -81,26 +147,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                 );
                 health.set_not_streaming(format!("cannot connect to PostgreSQL: {e}"));
                 metrics.reconnects.with_label_values(&["postgres"]).inc();
-                if sleep_or_shutdown(wait, shutdown.as_mut()).await {
-                    return Ok(());
-                }
+                wait
             }
             Err(e) => return Err(e.into()),
+        };
+        if sleep_or_shutdown(pause, shutdown.as_mut()).await {
+            return Ok(());
         }
     };
-
-    let (tracker, progress) = AckTracker::new(slot.confirmed_flush);
-    let sources = config.sources();
-    let publisher = Arc::new(
-        Publisher::new(
-            &config.kafka,
-            &sources,
-            tracker.clone(),
-            metrics.clone(),
-            health.clone(),
-        )
-        .context("cannot create the Kafka producer")?,
-    );
+    tracker.rebase(confirmed);
+    let publisher = match publisher {
+        Some(p) => p,
+        None => new_publisher()?,
+    };
     let (problems, problem) = watch::channel(None);
     let monitor = tokio::spawn(
         Monitor {
@@ -129,13 +188,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         health: health.clone(),
         status: Status {
             every: Duration::from_secs(config.postgres.status_interval_secs),
-            received: slot.confirmed_flush,
-            reported: slot.confirmed_flush,
+            received: confirmed,
+            reported: confirmed,
             last: Instant::now(),
         },
         txn: None,
         commit_time: 0,
-        idle_end: slot.confirmed_flush,
+        idle_end: confirmed,
         events: 0,
     };
     let mut backoff = Backoff::new(max_backoff);
@@ -667,7 +726,7 @@ impl Pipeline<'_> {
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
-                handover!(self).publish(stream, txn, &record).await?;
+                publish!(self, stream, txn, &record)?;
                 self.events += 1;
             }
             Message::Logical {
@@ -722,7 +781,7 @@ impl Pipeline<'_> {
                     }
                     (false, _) => (self.tracker.begin(time), true),
                 };
-                handover!(self).publish(stream, txn, &record).await?;
+                publish!(self, stream, txn, &record)?;
                 if alone {
                     self.tracker.commit(txn, lsn);
                 }
@@ -768,133 +827,57 @@ impl Pipeline<'_> {
     }
 }
 
-/// What handing a record to the producer needs from the pipeline, borrowed field by field
-/// so that the record (which borrows a mapper) can stay alive meanwhile.
-struct Handover<'p> {
-    publisher: &'p Publisher,
-    tracker: &'p AckTracker,
+/// While the producer's queue is full the relay stops reading the socket (the walsender
+/// blocks on TCP), but keeps the server from timing it out.
+struct KeepAlive<'p> {
+    stream: &'p mut ReplicationStream,
     status: &'p mut Status,
     progress: &'p watch::Receiver<Progress>,
-    config: &'p Config,
-    metrics: &'p Metrics,
-    sources: &'p [Source],
+    pg: &'p PostgresConfig,
 }
 
-/// A [`Handover`] borrowing the pipeline's fields (not the mappers, which the record borrows).
-macro_rules! handover {
-    ($pipeline:expr) => {
-        Handover {
+impl Waiting for KeepAlive<'_> {
+    type Error = SessionEnd;
+
+    async fn tick(&mut self) -> Result<(), SessionEnd> {
+        self.status
+            .send(self.stream, self.progress, false)
+            .await
+            .map_err(|e| classify(e, self.pg, "sending a status update failed"))?;
+        failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)
+    }
+}
+
+/// Publishes one record of `txn` from the pipeline's fields, borrowed one by one (not the
+/// mappers, which the record borrows); a record refused for good stops the relay unless a
+/// dead-letter topic takes it.
+macro_rules! publish {
+    ($pipeline:expr, $stream:expr, $txn:expr, $record:expr) => {{
+        let handover = Handover {
             publisher: &$pipeline.publisher,
             tracker: &$pipeline.tracker,
+            metrics: &$pipeline.metrics,
+            config: $pipeline.config,
+            sources: &$pipeline.sources,
+        };
+        let mut waiting = KeepAlive {
+            stream: $stream,
             status: &mut $pipeline.status,
             progress: &$pipeline.progress,
-            config: $pipeline.config,
-            metrics: &$pipeline.metrics,
-            sources: &$pipeline.sources,
-        }
-    };
-}
-use handover;
-
-impl Handover<'_> {
-    /// Publishes one record of `txn`; a record the producer refuses for good goes to the
-    /// dead-letter topic when one is configured, else it stops the relay.
-    async fn publish(
-        &mut self,
-        stream: &mut ReplicationStream,
-        txn: TxnId,
-        record: &Record<'_>,
-    ) -> Result<(), SessionEnd> {
-        self.tracker.sending(txn);
-        let Err(failure) = self.send(stream, txn, record).await? else {
-            return Ok(());
+            pg: &$pipeline.config.postgres,
         };
-        self.metrics
-            .publish_errors
-            .with_label_values(&[record.topic, "refused"])
-            .inc();
-        let Some(dead_letters) = &self.config.kafka.dead_letter_topic else {
-            return Err(self.refused(txn, failure, "Kafka refused a record"));
-        };
-        // The refused record stays counted as pending; the note takes its place.
-        let source = self
-            .sources
-            .get(record.table)
-            .map_or("?", |s| s.name.as_str());
-        let note = dead_letter_note(source, record, &failure);
-        let letter = Record {
-            topic: dead_letters,
-            payload: Some(note.as_bytes()),
-            extra_headers: vec![
-                ("original_topic", Some(record.topic.as_bytes())),
-                ("error", Some(failure.error.as_bytes())),
-            ],
-            // The chosen partition is the original topic's, not the letters'.
-            partition: None,
-            ..*record
-        };
-        tracing::warn!("{failure}; sent a note to dead_letter_topic {dead_letters} instead");
-        if let Err(again) = self.send(stream, txn, &letter).await? {
-            return Err(self.refused(txn, again, "Kafka refused a dead letter"));
+        match handover.deliver(&mut waiting, $txn, $record).await {
+            Ok(()) => Ok(()),
+            Err(HandoverError::Waiting(end)) => Err(end),
+            Err(HandoverError::Refused(what)) => Err(SessionEnd::Fatal(
+                failed(&$pipeline.progress, $pipeline.status.reported)
+                    .err()
+                    .unwrap_or_else(|| anyhow!("{what}")),
+            )),
         }
-        Ok(())
-    }
-
-    /// Records the refusal and says why the relay stops.
-    fn refused(&self, txn: TxnId, failure: DeliveryFailure, what: &str) -> SessionEnd {
-        self.tracker.delivered(txn, Err(failure));
-        match failed(self.progress, self.status.reported) {
-            Err(e) => SessionEnd::Fatal(e),
-            Ok(()) => SessionEnd::Fatal(anyhow!("{what}")),
-        }
-    }
-
-    /// Hands `record` to the producer, waiting while its queue is full; `Ok(Err(_))` when the
-    /// producer refused it for good.
-    async fn send(
-        &mut self,
-        stream: &mut ReplicationStream,
-        txn: TxnId,
-        record: &Record<'_>,
-    ) -> Result<Result<(), DeliveryFailure>, SessionEnd> {
-        loop {
-            match self.publisher.send(txn, record) {
-                Ok(()) => return Ok(Ok(())),
-                Err(SendError::Refused(failure)) => return Ok(Err(failure)),
-                Err(SendError::QueueFull) => {
-                    // Backpressure: stop reading the socket (the walsender blocks on TCP) but
-                    // keep the server from timing us out.
-                    let refill_at = self.tracker.in_flight() / 2;
-                    tokio::select! {
-                        _ = self.publisher.space_below(refill_at) => {}
-                        _ = tokio::time::sleep(CONFIRM_TICK) => {}
-                    }
-                    self.status
-                        .send(stream, self.progress, false)
-                        .await
-                        .map_err(|e| {
-                            classify(e, &self.config.postgres, "sending a status update failed")
-                        })?;
-                    failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
-                }
-            }
-        }
-    }
+    }};
 }
-
-/// The dead letter's value: what was refused and why, as one small JSON object (the refused
-/// payload itself is what did not fit).
-fn dead_letter_note(table: &str, record: &Record<'_>, failure: &DeliveryFailure) -> String {
-    serde_json::json!({
-        "id": failure.event_id,
-        "table": table,
-        "topic": record.topic,
-        "key": record.key.map(String::from_utf8_lossy),
-        "payload_bytes": record.payload.map_or(0, <[u8]>::len),
-        "error": failure.error,
-    })
-    .to_string()
-}
+use publish;
 
 /// The dead letter for a message whose envelope is malformed: what, where and why, with the
 /// content itself (as text, cut at 64 KiB) so that it can be looked at and sent again.

@@ -67,6 +67,16 @@ enum Frame {
     Other(backend::Message),
 }
 
+/// A temporary slot and the snapshot its creation exported.
+#[derive(Debug, Clone)]
+pub struct ExportedSnapshot {
+    /// Where the slot's stream starts: every transaction committed before it is in the
+    /// snapshot, every one committed after it is in the stream.
+    pub consistent_point: Lsn,
+    /// The snapshot's name, for `SET TRANSACTION SNAPSHOT`.
+    pub name: String,
+}
+
 /// A replication-mode connection, before and during streaming.
 pub struct ReplicationConnection {
     socket: Box<dyn Socket>,
@@ -300,6 +310,33 @@ impl ReplicationConnection {
             timeline: field(1).and_then(|t| t.parse().ok()).ok_or_else(bad)?,
             xlog_pos: field(2).and_then(|l| l.parse().ok()).ok_or_else(bad)?,
         })
+    }
+
+    /// `CREATE_REPLICATION_SLOT … TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT`: a slot that
+    /// lives only as long as this connection (so a crash leaves nothing behind), and the
+    /// snapshot its creation exported. The snapshot can be imported only until this
+    /// connection runs its next command. (This spelling, not the parenthesised one of
+    /// PostgreSQL 15, is accepted by every supported major.)
+    pub async fn create_temporary_slot(&mut self, slot: &str) -> Result<ExportedSnapshot> {
+        // Names were validated to [a-z0-9_], so quoting them is enough.
+        let rows = self
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT \"{slot}\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+            ))
+            .await?;
+        let field = |i: usize| rows.first().and_then(|r| r.get(i)).cloned().flatten();
+        let bad = || ReplicationError::Protocol("malformed CREATE_REPLICATION_SLOT answer".into());
+        Ok(ExportedSnapshot {
+            consistent_point: field(1).and_then(|l| l.parse().ok()).ok_or_else(bad)?,
+            name: field(2).ok_or_else(bad)?,
+        })
+    }
+
+    /// Ends the session politely (Terminate); a temporary slot goes with it.
+    pub async fn close(mut self) -> Result<()> {
+        frontend::terminate(&mut self.wbuf);
+        self.flush().await?;
+        Ok(())
     }
 
     /// Starts streaming the slot from `start` (`0/0`: the slot's confirmed position); with

@@ -144,8 +144,9 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Checks the database and creates the publication and slot where missing.
-pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, SetupError> {
+/// Checks the database and creates the publication and slot where missing. `None`: the slot
+/// is missing and, with `initial_snapshot`, is left for the snapshot to create.
+pub async fn prepare(client: &Client, config: &Config) -> Result<Option<SlotState>, SetupError> {
     check_wal_level(client).await?;
     for table in &config.outbox {
         check_table(client, table).await?;
@@ -155,17 +156,20 @@ pub async fn prepare(client: &Client, config: &Config) -> Result<SlotState, Setu
         client,
         &config.postgres.slot,
         &config.postgres.publication,
+        !config.postgres.initial_snapshot,
         0,
     )
     .await
 }
 
-fn quoted(table: &OutboxConfig) -> String {
+/// The table's name for SQL: schema and name, each quoted.
+pub fn quoted(table: &OutboxConfig) -> String {
     let (schema, name) = table.schema_and_name();
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
-fn quote_ident(s: &str) -> String {
+/// An identifier for SQL, quoted.
+pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
@@ -207,6 +211,12 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
             .partition_column
             .as_deref()
             .map(|c| (c, "partition_column")),
+    );
+    wanted.extend(
+        table
+            .snapshot_order_by
+            .as_deref()
+            .map(|c| (c, "snapshot_order_by")),
     );
     for (column, role) in wanted {
         if !columns.iter().any(|c| c == column) {
@@ -332,7 +342,7 @@ fn marker_prefix(slot: &str) -> String {
 }
 
 /// Whether the slot exists now.
-async fn slot_exists(client: &Client, slot: &str) -> Result<bool, SetupError> {
+pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, SetupError> {
     Ok(client
         .query_opt(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
@@ -347,12 +357,33 @@ async fn slot_exists(client: &Client, slot: &str) -> Result<bool, SetupError> {
 /// before giving up on it.
 const SLOT_CREATION_PATIENCE: u32 = 150;
 
+/// Records on the publication that this relay created `slot` at `lsn` (see [`marker_prefix`]);
+/// without the publication's ownership only a warning, since the slot itself is fine.
+pub async fn write_marker(client: &Client, slot: &str, publication: &str, lsn: &str) {
+    let comment = format!(
+        "{} at {lsn}; if the slot disappears outbox-relay refuses to create a new one until this comment is cleared",
+        marker_prefix(slot)
+    );
+    let sql = format!(
+        "COMMENT ON PUBLICATION {} IS {}",
+        quote_ident(publication),
+        quote_literal(&comment)
+    );
+    if let Err(e) = client.batch_execute(&sql).await {
+        tracing::warn!(
+            "cannot mark publication {publication} with the slot's creation ({}); a slot lost in a failover will then not be detected at start",
+            pg(e)
+        );
+    }
+}
+
 async fn ensure_slot(
     client: &Client,
     slot: &str,
     publication: &str,
+    create: bool,
     attempt: u32,
-) -> Result<SlotState, SetupError> {
+) -> Result<Option<SlotState>, SetupError> {
     let slot_err = |problem: String| SetupError::Slot {
         slot: slot.to_owned(),
         problem,
@@ -379,13 +410,16 @@ async fn ensure_slot(
             // Another replica may have created the slot (and written the marker) between
             // our two queries: only a slot that is still missing now has vanished.
             if attempt == 0 && slot_exists(client, slot).await? {
-                return Box::pin(ensure_slot(client, slot, publication, attempt + 1)).await;
+                return Box::pin(ensure_slot(client, slot, publication, create, attempt + 1)).await;
             }
             return Err(SetupError::SlotVanished {
                 slot: slot.to_owned(),
                 publication: publication.to_owned(),
                 marker: format!("publication {publication} records {marker:?}"),
             });
+        }
+        if !create {
+            return Ok(None);
         }
         let created = client
             .query_one(
@@ -397,29 +431,15 @@ async fn ensure_slot(
             Ok(row) => {
                 let lsn: String = row.get(0);
                 tracing::info!(slot, lsn = %lsn, "created replication slot");
-                let comment = format!(
-                    "{} at {lsn}; if the slot disappears outbox-relay refuses to create a new one until this comment is cleared",
-                    marker_prefix(slot)
-                );
-                let sql = format!(
-                    "COMMENT ON PUBLICATION {} IS {}",
-                    quote_ident(publication),
-                    quote_literal(&comment)
-                );
-                if let Err(e) = client.batch_execute(&sql).await {
-                    tracing::warn!(
-                        "cannot mark publication {publication} with the slot's creation ({}); a slot lost in a failover will then not be detected at start",
-                        pg(e)
-                    );
-                }
-                Ok(SlotState {
+                write_marker(client, slot, publication, &lsn).await;
+                Ok(Some(SlotState {
                     confirmed_flush: lsn.parse().map_err(|e| slot_err(format!("{e}")))?,
                     created: true,
-                })
+                }))
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
                 // Another replica created it a moment ago; use it.
-                Box::pin(ensure_slot(client, slot, publication, attempt + 1)).await
+                Box::pin(ensure_slot(client, slot, publication, create, attempt + 1)).await
             }
             Err(e) => Err(slot_err(format!(
                 "cannot create it: {}; the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)",
@@ -455,15 +475,15 @@ async fn ensure_slot(
         // replica is building its snapshot, which waits for running transactions): wait.
         if attempt < SLOT_CREATION_PATIENCE {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            return Box::pin(ensure_slot(client, slot, publication, attempt + 1)).await;
+            return Box::pin(ensure_slot(client, slot, publication, create, attempt + 1)).await;
         }
         return Err(slot_err(
             "has had no confirmed_flush_lsn for 30 s: its creation did not finish; drop it and restart the relay".into(),
         ));
     };
     let confirmed = confirmed.parse().map_err(|e| slot_err(format!("{e}")))?;
-    Ok(SlotState {
+    Ok(Some(SlotState {
         confirmed_flush: confirmed,
         created: false,
-    })
+    }))
 }

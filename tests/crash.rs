@@ -9,36 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::checker::{events, Rng};
+use common::checker::{commit_until, Rng};
 use common::{
-    basic_config, check_delivery, insert_outbox, lsn_text, settle, wait_until, Broker, Event,
-    Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    basic_config, check_delivery, lsn_text, settle, wait_until, Broker, Patience, Pg, Relay, Seqs,
+    OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 8;
 const TOPICS: [&str; 2] = ["outbox.event.order", "outbox.event.customer"];
 const KILLS: usize = 5;
-
-/// Commits transactions of 1–50 events over 12 keys until `stop` is set; returns every
-/// committed event in commit order.
-async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) -> Vec<Event> {
-    let mut client = common::connect(&url).await.expect("writer connects");
-    let mut rng = Rng::new(seed);
-    let mut seqs = Seqs::default();
-    let mut committed = Vec::new();
-    let mut txn = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        txn += 1;
-        let n = rng.range(1, 50);
-        let rows = events(&mut rng, &mut seqs, n, 12, None, &format!("txn-{txn}"));
-        let tx = client.transaction().await.expect("begin");
-        let events = insert_outbox(&tx, &rows).await;
-        tx.commit().await.expect("commit");
-        committed.extend(events);
-        tokio::time::sleep(Duration::from_millis(rng.range(0, 30))).await;
-    }
-    committed
-}
 
 #[tokio::test]
 async fn kill_9_and_restart_loses_nothing_and_keeps_per_key_order() {
@@ -68,7 +47,15 @@ async fn kill_9_and_restart_loses_nothing_and_keeps_per_key_order() {
         .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = tokio::spawn(writer(pg.url(), rng.next() | 1, stop.clone()));
+    let writing = tokio::spawn(commit_until(
+        pg.url(),
+        Rng::new(rng.next() | 1),
+        Seqs::default(),
+        50,
+        30,
+        stop.clone(),
+        Arc::new(AtomicBool::new(false)),
+    ));
 
     // Killed relays are kept (dead) so that a failure prints each one's stderr.
     let mut killed: Vec<Relay> = Vec::new();
@@ -98,7 +85,7 @@ async fn kill_9_and_restart_loses_nothing_and_keeps_per_key_order() {
     // Let the last relay work alongside the writer for a while, then stop writing.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
-    let expected = writing.await.expect("writer task");
+    let (expected, _) = writing.await.expect("writer task");
     let target = pg.current_wal_lsn().await;
     eprintln!("{} events committed in total", expected.len());
 

@@ -137,6 +137,39 @@ pub fn events(
         .collect()
 }
 
+/// A writer for tests without database faults: commits transactions of 1..=`max_rows`
+/// events over 12 keys, pausing up to `max_pause_ms` between them, until `stop` is set.
+/// Returns every committed event in commit order, and how many were committed before `mark`
+/// was set (all of them if it never was).
+pub async fn commit_until(
+    url: String,
+    mut rng: Rng,
+    mut seqs: Seqs,
+    max_rows: u64,
+    max_pause_ms: u64,
+    stop: Arc<AtomicBool>,
+    mark: Arc<AtomicBool>,
+) -> (Vec<Event>, usize) {
+    let mut client = connect(&url).await.expect("writer connects");
+    let mut committed = Vec::new();
+    let mut before_mark = 0;
+    let mut txn = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        txn += 1;
+        let n = rng.range(1, max_rows);
+        let rows = events(&mut rng, &mut seqs, n, 12, None, &format!("txn-{txn}"));
+        let tx = client.transaction().await.expect("begin");
+        let events = super::insert_outbox(&tx, &rows).await;
+        tx.commit().await.expect("commit");
+        committed.extend(events);
+        if !mark.load(Ordering::Relaxed) {
+            before_mark = committed.len();
+        }
+        tokio::time::sleep(Duration::from_millis(rng.range(0, max_pause_ms))).await;
+    }
+    (committed, before_mark)
+}
+
 /// How a transaction ended, as the writer saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

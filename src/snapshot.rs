@@ -1,0 +1,402 @@
+//! The initial snapshot (`[postgres] initial_snapshot`): when the relay creates the slot,
+//! it first publishes the rows already in the outbox tables, read in the snapshot that the
+//! slot's creation exports, so that the snapshot and the stream together hold every event
+//! once: the snapshot every transaction committed before the slot's consistent point, the
+//! stream every one committed after it.
+//!
+//! Crash safety rests on a temporary slot: it is created with the snapshot, lives only as long
+//! as its replication connection, and is copied into the permanent slot (same consistent
+//! point) only after Kafka acknowledged every snapshot record. A relay that dies before the
+//! copy leaves no slot behind, so the next start takes the snapshot again (duplicates, never
+//! loss). The temporary slot's name is also the lock between replicas: only one can hold it.
+
+use std::sync::Arc;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::ack::{AckTracker, Progress, TxnId};
+use crate::config::{Config, OutboxConfig, Source};
+use crate::handover::{reported_failure, Handover, HandoverError, Waiting, WAIT_TICK};
+use crate::lsn::Lsn;
+use crate::metrics::{Health, Metrics};
+use crate::outbox::OutboxMapper;
+use crate::pgconn::PgEndpoint;
+use crate::pgoutput::{Column, Relation};
+use crate::publisher::Publisher;
+use crate::replication::{ReplicationConnection, ReplicationError};
+use crate::setup::{self, pg_message, quote_ident, quoted};
+
+/// Rows fetched per round trip: memory is bounded by this many rows, not by the table.
+const FETCH_ROWS: usize = 500;
+
+/// How a snapshot attempt ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The snapshot is in Kafka and the slot exists now, streaming from this LSN.
+    Created(Lsn),
+    /// The slot exists already (another instance made it): no snapshot is needed.
+    SlotExists,
+}
+
+/// Why a snapshot attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Another instance is taking the snapshot right now: wait and look again.
+    #[error("{0}")]
+    Busy(String),
+    /// A connection failed; another attempt may work (and takes the snapshot again).
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying will not help: privileges, a table that no longer fits, a refused record.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// What taking the snapshot needs from the relay.
+pub struct Snapshot<'c> {
+    /// The configuration.
+    pub config: &'c Config,
+    /// Every source's name, for dead letters.
+    pub sources: &'c [Source],
+    /// Where PostgreSQL is.
+    pub endpoint: &'c PgEndpoint,
+    /// The producer the stream will use too, so snapshot records precede streamed ones.
+    pub publisher: &'c Publisher,
+    /// Counts the snapshot's records as one transaction.
+    pub tracker: &'c AckTracker,
+    /// Refusals reported by Kafka.
+    pub progress: &'c tokio::sync::watch::Receiver<Progress>,
+    /// `snapshot_events_total`.
+    pub metrics: &'c Arc<Metrics>,
+    /// `/readyz` says a snapshot is under way.
+    pub health: &'c Health,
+}
+
+impl Snapshot<'_> {
+    /// One attempt: takes the snapshot, publishes it, waits for Kafka, creates the slot.
+    pub async fn take(&self) -> Result<Outcome, SnapshotError> {
+        let pg = &self.config.postgres;
+        let temporary = pg.snapshot_slot();
+        let mut repl = ReplicationConnection::connect(self.endpoint)
+            .await
+            .map_err(|e| replication_error(e, "cannot open a replication connection"))?;
+        let exported = match repl.create_temporary_slot(&temporary).await {
+            Ok(exported) => exported,
+            // Slot names are unique server-wide: the name is held by another instance.
+            Err(e) if e.sqlstate() == Some(SqlState::DUPLICATE_OBJECT.code()) => {
+                return Err(SnapshotError::Busy(format!(
+                    "another instance is taking the initial snapshot (temporary slot {temporary} exists)"
+                )))
+            }
+            Err(e) => {
+                return Err(replication_error(
+                    e,
+                    &format!("cannot create the temporary slot {temporary} for the initial snapshot"),
+                ))
+            }
+        };
+        // The exported snapshot is valid only until the replication connection's next
+        // command, so it is imported before anything else is sent there.
+        let client = self
+            .endpoint
+            .connect_sql()
+            .await
+            .map_err(|e| sql_error(&e, "cannot connect to read the initial snapshot"))?;
+        client
+            .batch_execute(&format!(
+                // Hex, as the stream sends bytea; a server default of 'escape' would not map.
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'; SET LOCAL bytea_output = 'hex'",
+                exported.name.replace('\'', "''")
+            ))
+            .await
+            .map_err(|e| sql_error(&e, "cannot import the initial snapshot"))?;
+        // An instance that finished a snapshot created the slot before its temporary slot
+        // went away, so holding the temporary slot now means this check is final.
+        // (pg_replication_slots is not versioned: the snapshot does not hide a new slot.)
+        if setup::slot_exists(&client, &pg.slot)
+            .await
+            .map_err(|e| SnapshotError::Transient(e.to_string()))?
+        {
+            tracing::info!(slot = %pg.slot, "the slot exists already: no initial snapshot");
+            let _ = repl.close().await;
+            return Ok(Outcome::SlotExists);
+        }
+        tracing::info!(
+            temporary_slot = %temporary,
+            consistent_point = %exported.consistent_point,
+            "initial snapshot: publishing the rows already in the outbox tables"
+        );
+        self.health
+            .set_not_streaming("publishing the initial snapshot");
+        let txn = self.tracker.begin_untimed();
+        let published = self.publish_tables(&client, txn).await;
+        // Closed at the consistent point when complete; otherwise at 0/0, so the records
+        // already sent leave the tracker when acknowledged without confirming anything.
+        let end = match published {
+            Ok(_) => exported.consistent_point,
+            Err(_) => Lsn(0),
+        };
+        self.tracker.commit(txn, end);
+        let rows = published?;
+        self.acknowledged().await?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| sql_error(&e, "cannot end the initial snapshot's transaction"))?;
+        let copied = client
+            .query_one(
+                "SELECT lsn::text FROM pg_copy_logical_replication_slot($1, $2, false)",
+                &[&temporary, &pg.slot],
+            )
+            .await;
+        let lsn: String = match copied {
+            Ok(row) => row.get(0),
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {
+                // Made meanwhile by something other than a snapshotting replica (which would
+                // have held the temporary slot): its stream has its own start, and what was
+                // just published is duplicates of rows that are, or were, in the outbox.
+                tracing::warn!(
+                    slot = %pg.slot,
+                    "the slot was created by someone else during the initial snapshot; using it (the {rows} snapshot records are duplicates)"
+                );
+                let _ = repl.close().await;
+                return Ok(Outcome::SlotExists);
+            }
+            // The temporary slot went with its connection: this snapshot cannot be copied.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
+                return Err(SnapshotError::Transient(format!(
+                    "the temporary slot {temporary} vanished before it was copied ({}); taking the snapshot again",
+                    pg_message(&e)
+                )))
+            }
+            Err(e) => {
+                return Err(sql_error(
+                    &e,
+                    &format!("cannot copy the temporary slot {temporary} to {}", pg.slot),
+                ))
+            }
+        };
+        setup::write_marker(&client, &pg.slot, &pg.publication, &lsn).await;
+        // Dropping the temporary slot only now keeps other replicas waiting until the slot
+        // exists.
+        let _ = repl.close().await;
+        tracing::info!(
+            slot = %pg.slot,
+            lsn = %lsn,
+            rows,
+            "initial snapshot done: every row is in Kafka; created replication slot"
+        );
+        Ok(Outcome::Created(exported.consistent_point))
+    }
+
+    /// Publishes every row of every outbox table; the number of rows.
+    async fn publish_tables(&self, client: &Client, txn: TxnId) -> Result<u64, SnapshotError> {
+        let mut mapper = OutboxMapper::new(&self.config.outbox);
+        let mut total = 0;
+        for (index, table) in self.config.outbox.iter().enumerate() {
+            let relation = relation(client, table).await?;
+            mapper
+                .relation(&relation)
+                .map_err(|e| SnapshotError::Fatal(e.to_string()))?;
+            let rows = self
+                .publish_table(client, txn, &mut mapper, &relation, index)
+                .await?;
+            tracing::info!(table = %table.table, rows, "initial snapshot: table published");
+            total += rows;
+        }
+        Ok(total)
+    }
+
+    async fn publish_table(
+        &self,
+        client: &Client,
+        txn: TxnId,
+        mapper: &mut OutboxMapper,
+        relation: &Relation,
+        index: usize,
+    ) -> Result<u64, SnapshotError> {
+        let table = &self.config.outbox[index];
+        let columns = relation
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let order = table
+            .snapshot_order_by
+            .as_deref()
+            .map(|c| format!(" ORDER BY {}", quote_ident(c)))
+            .unwrap_or_default();
+        let cursor = format!("outbox_relay_snapshot_{index}");
+        client
+            .batch_execute(&format!(
+                "DECLARE {cursor} NO SCROLL CURSOR FOR SELECT {columns} FROM {}{order}",
+                quoted(table)
+            ))
+            .await
+            .map_err(|e| sql_error(&e, &format!("cannot read outbox table {}", table.table)))?;
+        let handover = Handover {
+            publisher: self.publisher,
+            tracker: self.tracker,
+            metrics: self.metrics,
+            config: self.config,
+            sources: self.sources,
+        };
+        let counter = self
+            .metrics
+            .snapshot_events
+            .with_label_values(&[&table.table]);
+        let fetch = format!("FETCH {FETCH_ROWS} FROM {cursor}");
+        let mut rows = 0;
+        loop {
+            let batch = client
+                .simple_query(&fetch)
+                .await
+                .map_err(|e| sql_error(&e, &format!("cannot read outbox table {}", table.table)))?;
+            let mut fetched = 0;
+            for message in &batch {
+                let SimpleQueryMessage::Row(row) = message else {
+                    continue;
+                };
+                fetched += 1;
+                let value = |i: usize| row.try_get(i).ok().flatten().map(str::as_bytes);
+                let record = match mapper.map_columns(relation.id, value) {
+                    Ok(Some(record)) => record,
+                    Ok(None) => continue,
+                    Err(e) => return Err(SnapshotError::Fatal(e.to_string())),
+                };
+                match handover
+                    .deliver(&mut CheckRefusals(self.progress), txn, &record)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(HandoverError::Waiting(e)) => return Err(e),
+                    Err(HandoverError::Refused(_)) => return Err(refused(self.progress)),
+                }
+                counter.inc();
+                rows += 1;
+            }
+            if fetched == 0 {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Waits until Kafka acknowledged every record sent so far (nothing else is sending).
+    async fn acknowledged(&self) -> Result<(), SnapshotError> {
+        let mut waiting = CheckRefusals(self.progress);
+        while self.tracker.in_flight() > 0 {
+            tokio::select! {
+                _ = self.publisher.space_below(0) => {}
+                _ = tokio::time::sleep(WAIT_TICK) => {}
+            }
+            waiting.tick().await?;
+        }
+        waiting.tick().await
+    }
+}
+
+/// While the producer's queue is full, nothing needs keeping alive (the replication
+/// connection is idle between commands): only a refusal Kafka reported stops the snapshot.
+struct CheckRefusals<'p>(&'p tokio::sync::watch::Receiver<Progress>);
+
+impl Waiting for CheckRefusals<'_> {
+    type Error = SnapshotError;
+
+    async fn tick(&mut self) -> Result<(), SnapshotError> {
+        match reported_failure(self.0) {
+            Some(_) => Err(refused(self.0)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The fatal error for a record Kafka refused during the snapshot.
+fn refused(progress: &tokio::sync::watch::Receiver<Progress>) -> SnapshotError {
+    let what = reported_failure(progress)
+        .map_or_else(|| "Kafka refused a record".to_owned(), |f| f.to_string());
+    SnapshotError::Fatal(format!(
+        "{what} during the initial snapshot; no slot was created: fix the cause and restart (the snapshot is taken again)"
+    ))
+}
+
+/// The columns the mapping reads, with their types, as the Relation message the stream
+/// would announce, if the table had only those columns.
+async fn relation(client: &Client, table: &OutboxConfig) -> Result<Relation, SnapshotError> {
+    let wanted: Vec<&str> = table.required_columns();
+    let rows = client
+        .query(
+            "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a \
+             JOIN pg_class c ON c.oid = a.attrelid \
+             WHERE c.oid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+               AND a.attname = ANY($2)",
+            &[&quoted(table), &wanted],
+        )
+        .await
+        .map_err(|e| sql_error(&e, &format!("cannot read the columns of {}", table.table)))?;
+    let (schema, name) = table.schema_and_name();
+    let mut columns = Vec::with_capacity(wanted.len());
+    let mut id = 0;
+    for column in &wanted {
+        // A missing column is named by the mapper when it plans the relation.
+        if let Some(row) = rows.iter().find(|r| r.get::<_, String>(1) == *column) {
+            id = row.get::<_, u32>(0);
+            columns.push(Column {
+                flags: 0,
+                name: (*column).to_owned(),
+                type_oid: row.get(2),
+                type_modifier: row.get(3),
+            });
+        }
+    }
+    Ok(Relation {
+        id,
+        namespace: schema.to_owned(),
+        name: name.to_owned(),
+        replica_identity: b'd',
+        columns,
+    })
+}
+
+/// A failed SQL step: a lost connection or a server going away is worth another attempt,
+/// anything else (privileges, a missing table) is not.
+fn sql_error(e: &tokio_postgres::Error, during: &str) -> SnapshotError {
+    let message = format!("{during}: {}", pg_message(e));
+    match e.code().map(SqlState::code) {
+        None => SnapshotError::Transient(message),
+        Some(code)
+            if ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class)) =>
+        {
+            SnapshotError::Transient(message)
+        }
+        // invalid snapshot identifier: the export ended before the import (a lost connection).
+        Some("22023") => SnapshotError::Transient(message),
+        Some(code) if code.starts_with("42") => SnapshotError::Fatal(format!(
+            "{message}; the relay's role needs SELECT on every outbox table and the REPLICATION attribute"
+        )),
+        Some(_) => SnapshotError::Fatal(message),
+    }
+}
+
+/// A failed replication command, sorted like [`sql_error`].
+fn replication_error(e: ReplicationError, during: &str) -> SnapshotError {
+    let message = format!("{during}: {e}");
+    match (&e, e.sqlstate()) {
+        (ReplicationError::Io(_), _) => SnapshotError::Transient(message),
+        (_, Some(code))
+            if ["08", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class)) =>
+        {
+            SnapshotError::Transient(message)
+        }
+        (_, Some(code)) if code.starts_with("42") => SnapshotError::Fatal(format!(
+            "{message}; the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)"
+        )),
+        _ => SnapshotError::Fatal(message),
+    }
+}
