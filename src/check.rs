@@ -18,7 +18,7 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use tokio_postgres::Client;
 
-use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig};
+use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig, PostgresConfig};
 use crate::pgconn::PgEndpoint;
 use crate::replication::{ReplicationConnection, ReplicationError};
 use crate::setup::pg_message;
@@ -293,7 +293,7 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
     }
 
     check_publication(report, &client, config, role.as_ref(), &tables).await;
-    check_slot(report, &client, &config.postgres.slot, role.as_ref()).await;
+    check_slot(report, &client, &config.postgres, role.as_ref()).await;
 }
 
 async fn check_role(report: &mut Report<'_>, client: &Client) -> Option<Role> {
@@ -621,7 +621,13 @@ impl SlotRow {
     }
 }
 
-async fn check_slot(report: &mut Report<'_>, client: &Client, slot: &str, role: Option<&Role>) {
+async fn check_slot(
+    report: &mut Report<'_>,
+    client: &Client,
+    pg: &PostgresConfig,
+    role: Option<&Role>,
+) {
+    let slot = pg.slot.as_str();
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type::text, database::text, current_database()::text, \
@@ -641,7 +647,7 @@ async fn check_slot(report: &mut Report<'_>, client: &Client, slot: &str, role: 
         }
     };
     let Some(row) = row else {
-        return slot_absent(report, client, slot, role).await;
+        return slot_absent(report, client, pg, role).await;
     };
     let SlotRow {
         plugin,
@@ -708,7 +714,13 @@ async fn check_slot(report: &mut Report<'_>, client: &Client, slot: &str, role: 
     ));
 }
 
-async fn slot_absent(report: &mut Report<'_>, client: &Client, slot: &str, role: Option<&Role>) {
+async fn slot_absent(
+    report: &mut Report<'_>,
+    client: &Client,
+    pg: &PostgresConfig,
+    role: Option<&Role>,
+) {
+    let slot = pg.slot.as_str();
     match role {
         Some(role) if !role.can_replicate => {
             report.skip(format!(
@@ -725,7 +737,9 @@ async fn slot_absent(report: &mut Report<'_>, client: &Client, slot: &str, role:
         }
         Some(_) => {}
     }
-    // The relay creates the slot at start; that fails when every slot is taken.
+    // The relay creates the slot at start; that fails when every slot is taken. The initial
+    // snapshot holds its temporary slot while it copies it into the permanent one: two.
+    let needed = if pg.initial_snapshot { 2 } else { 1 };
     let room = client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_replication_slots), \
@@ -735,8 +749,12 @@ async fn slot_absent(report: &mut Report<'_>, client: &Client, slot: &str, role:
         .await
         .and_then(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)));
     match room {
-        Ok((used, max)) if used >= max => report.fail(format!(
-            "replication slot {slot} does not exist and all {max} max_replication_slots are in use, so the relay cannot create it; raise max_replication_slots (restart) or drop an unused slot"
+        Ok((used, max)) if used + needed > max => report.fail(format!(
+            "replication slot {slot} does not exist and {used} of {max} max_replication_slots are in use, so the relay cannot create it (it needs {needed}); raise max_replication_slots (restart) or drop an unused slot"
+        )),
+        Ok(_) if pg.initial_snapshot => report.ok(format!(
+            "replication slot {slot} does not exist; the relay will create it at start (pgoutput), after publishing the rows already in the outbox (initial_snapshot, temporary slot {})",
+            pg.snapshot_slot()
         )),
         Ok(_) => report.ok(format!(
             "replication slot {slot} does not exist; the relay will create it at start (pgoutput)"

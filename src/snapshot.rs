@@ -11,6 +11,7 @@
 //! loss). The temporary slot's name is also the lock between replicas: only one can hold it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -29,6 +30,8 @@ use crate::setup::{self, pg_message, quote_ident, quoted};
 
 /// Rows fetched per round trip: memory is bounded by this many rows, not by the table.
 const FETCH_ROWS: usize = 500;
+/// How often a long snapshot says how far it got.
+const LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// How a snapshot attempt ended well.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,14 +88,14 @@ impl Snapshot<'_> {
             Ok(exported) => exported,
             // Slot names are unique server-wide: the name is held by another instance.
             Err(e) if e.sqlstate() == Some(SqlState::DUPLICATE_OBJECT.code()) => {
-                return Err(SnapshotError::Busy(format!(
-                    "another instance is taking the initial snapshot (temporary slot {temporary} exists)"
-                )))
+                return Err(self.name_taken(&temporary).await)
             }
             Err(e) => {
                 return Err(replication_error(
                     e,
-                    &format!("cannot create the temporary slot {temporary} for the initial snapshot"),
+                    &format!(
+                        "cannot create the temporary slot {temporary} for the initial snapshot"
+                    ),
                 ))
             }
         };
@@ -190,6 +193,31 @@ impl Snapshot<'_> {
         Ok(Outcome::Created(exported.consistent_point))
     }
 
+    /// The temporary slot's name is taken: by another replica taking the snapshot (wait), or
+    /// by a permanent slot that is not the relay's (waiting would never end).
+    async fn name_taken(&self, temporary: &str) -> SnapshotError {
+        let busy = || {
+            SnapshotError::Busy(format!(
+                "another instance is taking the initial snapshot (temporary slot {temporary} exists)"
+            ))
+        };
+        let Ok(client) = self.endpoint.connect_sql().await else {
+            return busy();
+        };
+        let row = client
+            .query_opt(
+                "SELECT temporary FROM pg_replication_slots WHERE slot_name = $1",
+                &[&temporary],
+            )
+            .await;
+        match row {
+            Ok(Some(row)) if !row.get::<_, bool>(0) => SnapshotError::Fatal(format!(
+                "replication slot {temporary} exists and is not temporary, but initial_snapshot takes its snapshot with a temporary slot of that name: drop it (SELECT pg_drop_replication_slot('{temporary}')) or configure another [postgres] slot"
+            )),
+            _ => busy(),
+        }
+    }
+
     /// Publishes every row of every outbox table; the number of rows.
     async fn publish_tables(&self, client: &Client, txn: TxnId) -> Result<u64, SnapshotError> {
         let mut mapper = OutboxMapper::new(&self.config.outbox);
@@ -249,6 +277,7 @@ impl Snapshot<'_> {
             .with_label_values(&[&table.table]);
         let fetch = format!("FETCH {FETCH_ROWS} FROM {cursor}");
         let mut rows = 0;
+        let mut logged = Instant::now();
         loop {
             let batch = client
                 .simple_query(&fetch)
@@ -279,6 +308,10 @@ impl Snapshot<'_> {
             }
             if fetched == 0 {
                 break;
+            }
+            if logged.elapsed() >= LOG_EVERY {
+                tracing::info!(table = %table.table, rows, "initial snapshot: rows published so far");
+                logged = Instant::now();
             }
         }
         Ok(rows)

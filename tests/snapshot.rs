@@ -88,6 +88,25 @@ fn count_lines(relay: &Relay, needle: &str) -> usize {
         .count()
 }
 
+/// What `outbox-relay check` prints for `config`.
+async fn check_output(config: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).expect("write relay.toml");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run outbox-relay check")
+    })
+    .await
+    .expect("join");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 const PATIENCE: Patience = Patience {
     delivery: Duration::from_secs(180),
     confirm: Duration::from_secs(30),
@@ -142,6 +161,13 @@ async fn rows_already_in_the_outbox_arrive_once_and_the_stream_follows() {
             "",
             "header_columns = [\"trace\", \"aggregatetype\"]"
         )
+    );
+    let check = check_output(&config).await;
+    assert!(
+        check.lines().any(|l| l.starts_with("ok ")
+            && l.contains("does not exist")
+            && l.contains("initial_snapshot")),
+        "check should say the slot is made after the snapshot:\n{check}"
     );
     let mut relay = Relay::start(&config);
     relay
@@ -435,4 +461,24 @@ async fn a_role_that_may_not_read_the_outbox_stops_with_one_line_and_no_slot() {
         "one line naming the cause and the fix: {last}"
     );
     assert!(slots(&pg).await.is_empty(), "no slot left behind");
+}
+
+#[tokio::test]
+async fn a_permanent_slot_with_the_temporary_slots_name_stops_with_one_line() {
+    let (pg, broker) = setup().await;
+    pg.sql("SELECT pg_create_logical_replication_slot('outbox_relay_snapshot', 'pgoutput')")
+        .await;
+    let mut relay = Relay::start(&snapshot_config(&pg, &broker, "", ""));
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let stderr = relay.stderr();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the relay should stop rather than wait for ever: {status:?}\n{stderr}"
+    );
+    let last = common::last_line(&stderr);
+    assert!(
+        last.contains(SNAPSHOT_SLOT) && last.contains("pg_drop_replication_slot"),
+        "one line naming the slot and the fix: {last}"
+    );
+    assert_eq!(slots(&pg).await, [SNAPSHOT_SLOT], "no slot of the relay's");
 }
