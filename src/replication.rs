@@ -147,6 +147,11 @@ impl ReplicationConnection {
                 ("replication", "database"),
                 ("application_name", "outbox-relay"),
                 ("client_encoding", "UTF8"),
+                // A slot created with EXPORT_SNAPSHOT keeps the walsender in a transaction
+                // until its next command (sent once the snapshot is imported): a short
+                // server-wide idle_in_transaction_session_timeout must not end the session
+                // meanwhile, which would take the temporary slot with it.
+                ("idle_in_transaction_session_timeout", "0"),
             ],
             &mut conn.wbuf,
         )?;

@@ -106,14 +106,31 @@ impl Snapshot<'_> {
             .connect_sql()
             .await
             .map_err(|e| sql_error(&e, "cannot connect to read the initial snapshot"))?;
+        // No timeouts for this session: its transaction idles whenever Kafka applies
+        // backpressure, and the first FETCH of an ordered read may sort the whole table.
+        // (Through pg_settings, since transaction_timeout exists only from PostgreSQL 17 on.)
+        client
+            .batch_execute(
+                "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN \
+                 ('statement_timeout', 'idle_in_transaction_session_timeout', 'transaction_timeout')",
+            )
+            .await
+            .map_err(|e| sql_error(&e, "cannot prepare the initial snapshot's session"))?;
         client
             .batch_execute(&format!(
-                // Hex, as the stream sends bytea; a server default of 'escape' would not map.
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'; SET LOCAL bytea_output = 'hex'",
+                // Hex, as the stream sends bytea (a server default of 'escape' would not map).
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'; \
+                 SET LOCAL bytea_output = 'hex'",
                 exported.name.replace('\'', "''")
             ))
             .await
             .map_err(|e| sql_error(&e, "cannot import the initial snapshot"))?;
+        // Imported: the walsender may let go of the export now. Its next command ends the
+        // transaction that held it, which would otherwise idle for the whole snapshot (and
+        // run into idle_in_transaction_session_timeout or transaction_timeout).
+        repl.identify_system()
+            .await
+            .map_err(|e| replication_error(e, "the replication connection failed"))?;
         // An instance that finished a snapshot created the slot before its temporary slot
         // went away, so holding the temporary slot now means this check is final.
         // (pg_replication_slots is not versioned: the snapshot does not hide a new slot.)

@@ -88,6 +88,17 @@ fn count_lines(relay: &Relay, needle: &str) -> usize {
         .count()
 }
 
+/// Waits for the relay to stop with an error (rather than retry for ever); its last line.
+async fn stop_line(relay: &mut Relay) -> String {
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let stderr = relay.stderr();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the relay should stop: {status:?}\n{stderr}"
+    );
+    common::last_line(&stderr)
+}
+
 /// What `outbox-relay check` prints for `config`.
 async fn check_output(config: &str) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -151,6 +162,22 @@ async fn rows_already_in_the_outbox_arrive_once_and_the_stream_follows() {
         slots(&pg).await.is_empty(),
         "no slot before the relay starts"
     );
+    // The snapshot's transaction idles while Kafka holds it back (here a long linger.ms and
+    // a small queue): a server-wide timeout for idle transactions must not end it.
+    pg.sql("ALTER DATABASE postgres SET idle_in_transaction_session_timeout = '100ms'")
+        .await;
+    // Nor one for long transactions (PostgreSQL 17 on): the snapshot takes a few seconds.
+    let version: i32 = pg
+        .client()
+        .await
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .expect("server_version_num")
+        .get(0);
+    if version >= 170000 {
+        pg.sql("ALTER DATABASE postgres SET transaction_timeout = '500ms'")
+            .await;
+    }
 
     let port = free_port();
     let config = format!(
@@ -161,7 +188,7 @@ async fn rows_already_in_the_outbox_arrive_once_and_the_stream_follows() {
             "",
             "header_columns = [\"trace\", \"aggregatetype\"]"
         )
-    );
+    ) + "\n[kafka.properties]\n\"linger.ms\" = \"300\"\n\"queue.buffering.max.messages\" = \"500\"\n";
     let check = check_output(&config).await;
     assert!(
         check.lines().any(|l| l.starts_with("ok ")
@@ -447,14 +474,7 @@ async fn a_role_that_may_not_read_the_outbox_stops_with_one_line_and_no_slot() {
         "\ninitial_snapshot = true\n\n[[outbox]]\n",
         1,
     );
-    let mut relay = Relay::start(&config);
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    let stderr = relay.stderr();
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "the relay should stop: {status:?}\n{stderr}"
-    );
-    let last = common::last_line(&stderr);
+    let last = stop_line(&mut Relay::start(&config)).await;
     eprintln!("without SELECT: {last}");
     assert!(
         last.contains("permission denied") && last.contains("SELECT"),
@@ -468,14 +488,7 @@ async fn a_permanent_slot_with_the_temporary_slots_name_stops_with_one_line() {
     let (pg, broker) = setup().await;
     pg.sql("SELECT pg_create_logical_replication_slot('outbox_relay_snapshot', 'pgoutput')")
         .await;
-    let mut relay = Relay::start(&snapshot_config(&pg, &broker, "", ""));
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    let stderr = relay.stderr();
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "the relay should stop rather than wait for ever: {status:?}\n{stderr}"
-    );
-    let last = common::last_line(&stderr);
+    let last = stop_line(&mut Relay::start(&snapshot_config(&pg, &broker, "", ""))).await;
     assert!(
         last.contains(SNAPSHOT_SLOT) && last.contains("pg_drop_replication_slot"),
         "one line naming the slot and the fix: {last}"
