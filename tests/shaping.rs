@@ -12,14 +12,7 @@ const STARTUP: Duration = Duration::from_secs(60);
 const DELIVERY: Duration = Duration::from_secs(120);
 const PARTITIONS: i32 = 4;
 
-const DDL: &str = "CREATE TABLE public.orders_outbox (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    aggregatetype text NOT NULL DEFAULT 'order',
-    aggregateid text NOT NULL,
-    type text NOT NULL,
-    payload jsonb,
-    part int
-)";
+use common::ORDERS_OUTBOX_DDL as DDL;
 
 fn config(pg: &Pg, broker: &Broker, extra: &str) -> String {
     format!(

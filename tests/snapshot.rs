@@ -495,3 +495,56 @@ async fn a_permanent_slot_with_the_temporary_slots_name_stops_with_one_line() {
     );
     assert_eq!(slots(&pg).await, [SNAPSHOT_SLOT], "no slot of the relay's");
 }
+
+#[tokio::test]
+async fn snapshot_records_keep_partition_column_and_cloudevents_headers() {
+    let pg = Pg::start();
+    let broker = Broker::start();
+    pg.sql(common::ORDERS_OUTBOX_DDL).await;
+    pg.sql(
+        "INSERT INTO public.orders_outbox (aggregateid, type, payload, part)
+         SELECT 'o-' || i, 'OrderPlaced', ('{\"n\": ' || i || '}')::jsonb, i % 4
+         FROM generate_series(0, 19) i",
+    )
+    .await;
+    broker.create_topic("orders", PARTITIONS).await;
+    let config = format!(
+        "[postgres]\nurl = \"{}\"\ninitial_snapshot = true\n\n\
+         [[outbox]]\ntable = \"public.orders_outbox\"\ntopic = \"orders\"\n\
+         partition_column = \"part\"\ncloudevents = true\n\n\
+         [kafka]\nbrokers = \"{}\"\n",
+        pg.url(),
+        broker.bootstrap()
+    );
+    let mut relay = Relay::start(&config);
+    relay
+        .wait_for_slot(&pg, SLOT, Duration::from_secs(120))
+        .await;
+    pg.sql(
+        "INSERT INTO public.orders_outbox (aggregateid, type, payload, part) \
+         VALUES ('o-streamed', 'OrderPlaced', '{}', 3)",
+    )
+    .await;
+    let recs = broker
+        .read_all(&["orders"], 21, Duration::from_secs(120))
+        .await;
+    relay.assert_running();
+    assert_eq!(recs.len(), 21, "20 snapshot records and 1 streamed");
+    for r in &recs {
+        let key = r.key_str().unwrap_or_default();
+        let want = match key.strip_prefix("o-").and_then(|n| n.parse::<i32>().ok()) {
+            Some(n) => n % 4,
+            None => 3,
+        };
+        assert_eq!(r.partition, want, "partition_column for {key}");
+        assert_eq!(r.header_str("ce_id"), r.header_str("id"), "ce_id of {key}");
+        assert_eq!(r.header_str("ce_type").as_deref(), Some("OrderPlaced"));
+        // The snapshot does not know when a row committed; the stream does.
+        assert_eq!(
+            r.header("ce_time").is_some(),
+            key == "o-streamed",
+            "ce_time of {key}: {:?}",
+            r.header_str("ce_time")
+        );
+    }
+}

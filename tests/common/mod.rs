@@ -195,6 +195,17 @@ pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
     payload jsonb
 )";
 
+/// An outbox with a fixed aggregate type and a `part` column for `partition_column`
+/// (tests/shaping.rs, tests/snapshot.rs).
+pub const ORDERS_OUTBOX_DDL: &str = "CREATE TABLE public.orders_outbox (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregatetype text NOT NULL DEFAULT 'order',
+    aggregateid text NOT NULL,
+    type text NOT NULL,
+    payload jsonb,
+    part int
+)";
+
 /// A throwaway PostgreSQL 15 cluster with `wal_level=logical`, trusting loopback connections
 /// as `postgres`. Stopped (immediate mode) and deleted on drop.
 pub struct Pg {
