@@ -151,13 +151,11 @@ impl Snapshot<'_> {
             .set_not_streaming("publishing the initial snapshot");
         let txn = self.tracker.begin_untimed();
         let published = self.publish_tables(&client, txn).await;
-        // Closed at the consistent point when complete; otherwise at 0/0, so the records
-        // already sent leave the tracker when acknowledged without confirming anything.
-        let end = match published {
-            Ok(_) => exported.consistent_point,
-            Err(_) => Lsn(0),
-        };
-        self.tracker.commit(txn, end);
+        // Closed at 0/0: the records leave the tracker once acknowledged but confirm nothing
+        // themselves. Only a slot copied from this snapshot starts at its consistent point;
+        // a slot someone else made may start earlier, before rows this snapshot lacks
+        // (deleted after their commit), and must be streamed from there.
+        self.tracker.commit(txn, Lsn(0));
         let rows = published?;
         self.acknowledged().await?;
         client
@@ -228,7 +226,7 @@ impl Snapshot<'_> {
             )
             .await;
         match row {
-            Ok(Some(row)) if !row.get::<_, bool>(0) => SnapshotError::Fatal(format!(
+            Ok(Some(row)) if matches!(row.try_get::<_, bool>(0), Ok(false)) => SnapshotError::Fatal(format!(
                 "replication slot {temporary} exists and is not temporary, but initial_snapshot takes its snapshot with a temporary slot of that name: drop it (SELECT pg_drop_replication_slot('{temporary}')) or configure another [postgres] slot"
             )),
             _ => busy(),
