@@ -48,11 +48,11 @@ if [ "$binaries" -eq 0 ] || [ "$passed" -eq 0 ]; then
     exit 1
 fi
 
-# The whole suite (no arguments) also runs the end-to-end tests on the other supported
-# PostgreSQL majors (about a minute, binaries cached in ~/.cache/outbox-relay/pg);
+# The whole suite (no arguments) also runs the end-to-end and table-less outbox tests on the
+# other supported PostgreSQL majors (about a minute, binaries cached in ~/.cache/outbox-relay/pg);
 # OUTBOX_SKIP_PG_MATRIX=1 skips it. scripts/pg-matrix.sh alone runs the longer matrix.
 if [ "$#" -eq 0 ] && [ -z "${OUTBOX_SKIP_PG_MATRIX:-}" ]; then
     echo
-    PG_MATRIX_TESTS=e2e bash scripts/pg-matrix.sh 14 16 17 18
+    PG_MATRIX_TESTS="e2e messages" bash scripts/pg-matrix.sh 14 16 17 18
 fi
 echo "OK"
