@@ -92,11 +92,24 @@ pub struct Stats {
 pub struct AckTracker {
     state: Mutex<State>,
     progress: watch::Sender<Progress>,
+    /// Exactly-once mode: acknowledgements never move the confirmed LSN by themselves; only
+    /// [`AckTracker::confirm_committed`] does, after the Kafka transaction committed.
+    committed_only: bool,
 }
 
 impl AckTracker {
     /// A tracker whose confirmed position starts at `start`.
     pub fn new(start: Lsn) -> (Arc<Self>, watch::Receiver<Progress>) {
+        Self::with_mode(start, false)
+    }
+
+    /// Exactly-once mode: like [`AckTracker::new`], but the confirmed LSN moves only through
+    /// [`AckTracker::confirm_committed`] (an acknowledged record may still be aborted).
+    pub fn committed_only(start: Lsn) -> (Arc<Self>, watch::Receiver<Progress>) {
+        Self::with_mode(start, true)
+    }
+
+    fn with_mode(start: Lsn, committed_only: bool) -> (Arc<Self>, watch::Receiver<Progress>) {
         let (tx, rx) = watch::channel(Progress {
             confirmed: start,
             failure: None,
@@ -109,6 +122,7 @@ impl AckTracker {
                 done: 0,
             }),
             progress: tx,
+            committed_only,
         };
         (Arc::new(tracker), rx)
     }
@@ -200,7 +214,7 @@ impl AckTracker {
     /// in flight, so an idle outbox never holds WAL back.
     pub fn idle(&self, wal_end: Lsn) {
         let s = self.lock();
-        if s.txns.is_empty() {
+        if s.txns.is_empty() && !self.committed_only {
             self.advance(wal_end);
         }
     }
@@ -242,6 +256,16 @@ impl AckTracker {
         self.advance(slot_confirmed);
     }
 
+    /// Exactly-once mode: everything before `lsn` is in committed Kafka transactions.
+    pub fn confirm_committed(&self, lsn: Lsn) {
+        self.rebase(lsn);
+    }
+
+    /// Whether a record was refused for good.
+    pub fn has_failed(&self) -> bool {
+        self.progress.borrow().failure.is_some()
+    }
+
     /// The confirmed LSN now.
     pub fn confirmed(&self) -> Lsn {
         self.progress.borrow().confirmed
@@ -258,8 +282,9 @@ impl AckTracker {
             s.head += 1;
             s.done += 1;
         }
-        if let Some(lsn) = confirmed {
-            self.advance(lsn);
+        match confirmed {
+            Some(lsn) if !self.committed_only => self.advance(lsn),
+            _ => {}
         }
     }
 
@@ -406,6 +431,19 @@ mod tests {
         let s = t.stats();
         assert_eq!((s.in_flight, s.transactions), (1, 1));
         assert!(s.oldest_wait.is_some());
+    }
+
+    #[test]
+    fn committed_only_confirms_what_was_committed_not_what_was_acked() {
+        let (t, rx) = AckTracker::committed_only(Lsn(0));
+        let a = t.begin(0);
+        t.sending(a);
+        t.commit(a, Lsn(100));
+        t.delivered(a, Ok(()));
+        t.idle(Lsn(200));
+        assert_eq!(rx.borrow().confirmed, Lsn(0));
+        t.confirm_committed(Lsn(100));
+        assert_eq!(rx.borrow().confirmed, Lsn(100));
     }
 
     #[test]

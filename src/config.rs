@@ -281,6 +281,32 @@ pub struct KafkaConfig {
     /// librdkafka properties, passed through verbatim; they override the relay's defaults.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// At-least-once (the default) or exactly-once through Kafka transactions.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Exactly-once only: the producer's `transactional.id`; `outbox-relay-{slot}` when unset.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// Exactly-once only: the topic holding the committed position (one partition, compacted).
+    #[serde(default)]
+    pub offsets_topic: Option<String>,
+    /// Exactly-once only: a Kafka transaction is committed once it is this old (milliseconds).
+    #[serde(default)]
+    pub transaction_max_ms: Option<u64>,
+    /// Exactly-once only: a Kafka transaction is committed once it holds this many events.
+    #[serde(default)]
+    pub transaction_max_events: Option<u64>,
+}
+
+/// `[kafka] delivery`: what a consumer may see after a crash.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Every event at least once; duplicates after a crash (consumers dedup by `id`).
+    #[default]
+    AtLeastOnce,
+    /// Every event once for `isolation.level=read_committed` consumers (Kafka transactions).
+    ExactlyOnce,
 }
 
 fn default_name() -> String {
@@ -439,6 +465,7 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return Err("[kafka] brokers is empty; set it to host:port[,host:port]".into());
         }
+        crate::exactly_once::validate(&self.kafka, self.postgres.initial_snapshot)?;
         let mut tables = Vec::new();
         for o in &self.outbox {
             if o.table.trim().is_empty() {
@@ -534,10 +561,11 @@ fn expand_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid file; it ends inside `[kafka]`, so more keys of it may follow.
+    pub(crate) const MINIMAL: &str = r#"
         [postgres]
         url = "postgres://relay:${PGPASSWORD}@db:5432/app"
         [[outbox]]

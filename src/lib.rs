@@ -6,6 +6,7 @@ pub mod ack;
 pub mod check;
 pub mod cloudevents;
 pub mod config;
+pub mod exactly_once;
 pub mod fxhash;
 pub mod handover;
 pub mod http;

@@ -80,6 +80,9 @@ const NOT_WAITING: u64 = u64::MAX;
 const SERVE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 /// Report events served per turn before the task yields to the replication loop.
 const SERVE_BURST: usize = 256;
+/// The opaque of an exactly-once position record: not an outbox event, so the tracker never
+/// hears of it; its fate is its transaction's.
+const POSITION_TOKEN: usize = usize::MAX;
 
 /// Routes seen so far: each (outbox table, topic) pair gets a number and a counter.
 #[derive(Default)]
@@ -99,6 +102,8 @@ struct Shared {
     tables: Vec<String>,
     /// `events_published_total{table,topic}` by route number.
     published: RwLock<Vec<IntCounter>>,
+    /// Exactly-once mode: a position record got its delivery report.
+    position: Notify,
 }
 
 struct Delivery(Arc<Shared>);
@@ -141,6 +146,13 @@ impl ProducerContext for Delivery {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+        if token == POSITION_TOKEN {
+            if let Err((err, _)) = result {
+                tracing::debug!("position record not delivered: {err}");
+            }
+            self.0.position.notify_one();
+            return;
+        }
         let shared = &*self.0;
         let txn = (token >> ROUTE_BITS) as TxnId;
         let route = token & ROUTE_MASK;
@@ -158,6 +170,16 @@ impl ProducerContext for Delivery {
                         .with_label_values(&["other", msg.topic()])
                         .inc(),
                 }
+                Ok(())
+            }
+            // An aborted Kafka transaction (exactly-once mode) purges what it held: those
+            // events are sent again from the committed position, not refused.
+            Err((err, _))
+                if matches!(
+                    err.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+                ) =>
+            {
                 Ok(())
             }
             Err((err, msg)) => {
@@ -262,6 +284,7 @@ impl Publisher {
             health,
             tables: sources.iter().map(|s| s.name.clone()).collect(),
             published: RwLock::new(Vec::new()),
+            position: Notify::new(),
         });
         let producer: Arc<BaseProducer<Delivery>> =
             Arc::new(client.create_with_context(Delivery(shared.clone()))?);
@@ -434,6 +457,58 @@ impl Publisher {
     /// Records queued or in flight inside librdkafka.
     pub fn queued(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+}
+
+/// Kafka transactions, for exactly-once mode (`crate::exactly_once` decides when). The calls
+/// that wait for the brokers run on a blocking thread, so the relay's thread keeps serving
+/// delivery reports meanwhile: commit and abort wait for every queued record's report.
+impl Publisher {
+    /// Runs a waiting producer call on a blocking thread.
+    async fn blocking(
+        self: &Arc<Self>,
+        call: impl FnOnce(&BaseProducer<Delivery>) -> Result<(), KafkaError> + Send + 'static,
+    ) -> Result<(), KafkaError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || call(&this.producer))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+    }
+
+    /// Registers the `transactional.id`, fencing any older producer that used it.
+    pub async fn init_transactions(self: &Arc<Self>, timeout: Duration) -> Result<(), KafkaError> {
+        self.blocking(move |p| p.init_transactions(timeout)).await
+    }
+
+    /// Starts a Kafka transaction (a local step: it waits for no broker).
+    pub fn begin_transaction(&self) -> Result<(), KafkaError> {
+        self.producer.begin_transaction()
+    }
+
+    /// Resolves once a position record got its delivery report, or after `timeout`. Commit
+    /// after it: rust-rdkafka's commit first flushes, and a flush that finds a record still
+    /// queued polls for at least 100 ms, which would cost every Kafka transaction that much.
+    pub async fn position_delivered(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.shared.position.notified()).await;
+    }
+
+    /// Commits the open Kafka transaction.
+    pub async fn commit_transaction(self: &Arc<Self>, timeout: Duration) -> Result<(), KafkaError> {
+        self.blocking(move |p| p.commit_transaction(timeout)).await
+    }
+
+    /// Aborts the open Kafka transaction; its queued records are purged.
+    pub async fn abort_transaction(self: &Arc<Self>, timeout: Duration) -> Result<(), KafkaError> {
+        self.blocking(move |p| p.abort_transaction(timeout)).await
+    }
+
+    /// Hands a position record to the producer, for partition 0 of `topic`.
+    pub fn send_position(&self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), KafkaError> {
+        let record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, POSITION_TOKEN)
+            .partition(0)
+            .key(key)
+            .payload(value);
+        self.producer.send(record).map_err(|(err, _)| err)
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::ack::{AckTracker, Progress, TxnId};
 use crate::config::{Config, PostgresConfig, Source};
+use crate::exactly_once::{self, ExactlyOnce, TxnError};
 use crate::handover::{Handover, HandoverError, Waiting};
 use crate::lsn::Lsn;
 use crate::message::MessageMapper;
@@ -67,12 +68,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let max_backoff = Duration::from_secs(config.relay.reconnect_max_backoff_secs.max(1));
 
     // Where the tracker starts does not matter: it is moved to the slot's position below.
-    let (tracker, progress) = AckTracker::new(Lsn(0));
+    let eos = ExactlyOnce::new(&config);
+    let (tracker, progress, kafka) = match eos {
+        None => {
+            let (t, p) = AckTracker::new(Lsn(0));
+            (t, p, config.kafka.clone())
+        }
+        Some(_) => {
+            let (t, p) = AckTracker::committed_only(Lsn(0));
+            (t, p, exactly_once::producer_config(&config))
+        }
+    };
     let sources = config.sources();
     let new_publisher = || -> anyhow::Result<Arc<Publisher>> {
         Ok(Arc::new(
             Publisher::new(
-                &config.kafka,
+                &kafka,
                 &sources,
                 tracker.clone(),
                 metrics.clone(),
@@ -196,6 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         commit_time: 0,
         idle_end: confirmed,
         events: 0,
+        eos,
     };
     let mut backoff = Backoff::new(max_backoff);
     let mut standby = false;
@@ -230,6 +242,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                 let wait = backoff.next();
                 tracing::warn!("{e:#}; reconnecting in {wait:?}");
                 health.set_not_streaming(format!("reconnecting to PostgreSQL: {e:#}"));
+                if let Err(e) = pipeline.abandon().await {
+                    break Err(e);
+                }
                 if pipeline.drain(shutdown.as_mut()).await
                     || sleep_or_shutdown(wait, shutdown.as_mut()).await
                 {
@@ -398,6 +413,8 @@ struct Pipeline<'c> {
     /// The newest keepalive WAL end seen outside a transaction: everything before it was sent.
     idle_end: Lsn,
     events: u64,
+    /// Exactly-once mode's Kafka transactions; None in at-least-once mode.
+    eos: Option<ExactlyOnce>,
 }
 
 /// What the server was last told, and when.
@@ -499,6 +516,11 @@ impl Pipeline<'_> {
         if let Err(e) = self.rebase().await {
             return SessionEnd::Transient(e);
         }
+        if let Some(eos) = &mut self.eos {
+            if let Err(e) = eos.start(&self.publisher, &self.tracker).await {
+                return txn_end(&self.progress, self.status.reported, e);
+            }
+        }
         self.health.set_streaming();
         self.metrics.leader.set(1);
         tracing::info!(
@@ -579,17 +601,21 @@ impl Pipeline<'_> {
                     // The server sends one keepalive when it catches up; if records were still
                     // in flight then, confirm its WAL end once they are acknowledged, rather
                     // than waiting ~15 s for the next one.
-                    self.tracker.idle(self.idle_end);
+                    self.idle(self.idle_end);
                     self.update_metrics();
                     if last_log.elapsed() >= LOG_EVERY && self.status.reported != logged {
                         tracing::info!(confirmed = %self.status.reported, events = self.events, "confirmed");
                         logged = self.status.reported;
                         last_log = Instant::now();
                     }
-                    self.status
-                        .send(stream, &self.progress, false)
-                        .await
-                        .map_err(|e| classify(e, &self.config.postgres, "sending a status update failed"))
+                    match self.eos_pause(false).await {
+                        Ok(()) => self
+                            .status
+                            .send(stream, &self.progress, false)
+                            .await
+                            .map_err(|e| classify(e, &self.config.postgres, "sending a status update failed")),
+                        Err(end) => Err(end),
+                    }
                 }
                 event = stream.next_event() => match event {
                     Ok(event) => self.handle_burst(stream, event, stopping.is_some()).await,
@@ -624,6 +650,7 @@ impl Pipeline<'_> {
                     if self.events != before {
                         self.publisher.nudge();
                     }
+                    self.eos_pause(true).await?;
                     break;
                 }
                 Err(e) => {
@@ -664,7 +691,7 @@ impl Pipeline<'_> {
                 self.status.received = self.status.received.max(wal_end);
                 if self.txn.is_none() {
                     self.idle_end = self.idle_end.max(wal_end);
-                    self.tracker.idle(wal_end);
+                    self.idle(wal_end);
                 }
                 if reply_requested {
                     self.status
@@ -696,17 +723,25 @@ impl Pipeline<'_> {
         message: Message<'_>,
     ) -> Result<(), SessionEnd> {
         match message {
-            Message::Begin { commit_time, .. } => {
+            Message::Begin {
+                commit_time,
+                final_lsn,
+                ..
+            } => {
                 self.metrics
                     .commit_to_receive_seconds
                     .observe(secs_since(commit_time));
                 self.txn = Some(self.tracker.begin(commit_time));
                 self.commit_time = commit_time;
+                if let Some(eos) = &mut self.eos {
+                    eos.begin(final_lsn);
+                }
             }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
                     self.tracker.commit(txn, end_lsn);
                 }
+                eos_end!(self, end_lsn);
             }
             Message::Relation(rel) => self
                 .mapper
@@ -726,8 +761,14 @@ impl Pipeline<'_> {
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
+                if eos_skips!(self) {
+                    return Ok(());
+                }
                 publish!(self, stream, txn, &record)?;
                 self.events += 1;
+                if let Some(eos) = &mut self.eos {
+                    eos.sent();
+                }
             }
             Message::Logical {
                 transactional,
@@ -781,13 +822,57 @@ impl Pipeline<'_> {
                     }
                     (false, _) => (self.tracker.begin(time), true),
                 };
+                if let (true, Some(eos)) = (alone, &mut self.eos) {
+                    // Exactly-once: a transaction of one event, known by its own LSN.
+                    eos.begin_alone(lsn)
+                        .map_err(|e| SessionEnd::Fatal(anyhow!(e)))?;
+                }
+                if eos_skips!(self) {
+                    if alone {
+                        self.tracker.commit(txn, lsn);
+                        eos_end!(self, lsn);
+                    }
+                    return Ok(());
+                }
                 publish!(self, stream, txn, &record)?;
                 if alone {
                     self.tracker.commit(txn, lsn);
                 }
                 self.events += 1;
+                if let Some(eos) = &mut self.eos {
+                    eos.sent();
+                }
+                if alone {
+                    eos_end!(self, lsn);
+                }
             }
             Message::Skipped(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A keepalive's WAL end outside any transaction: confirm it if nothing is outstanding.
+    fn idle(&self, wal_end: Lsn) {
+        self.tracker.idle(wal_end);
+        if let Some(eos) = &self.eos {
+            eos.idle(wal_end, &self.tracker);
+        }
+    }
+
+    /// Exactly-once mode, the stream paused (`caught_up` with the server, or a tick): commit
+    /// the open Kafka transaction if it should not wait any longer.
+    async fn eos_pause(&mut self, caught_up: bool) -> Result<(), SessionEnd> {
+        let Some(eos) = &mut self.eos else {
+            return Ok(());
+        };
+        let done = eos.pause(caught_up, &self.publisher, &self.tracker).await;
+        done.map_err(|e| txn_end(&self.progress, self.status.reported, e))
+    }
+
+    /// Exactly-once mode, the session ended: abort the open Kafka transaction.
+    async fn abandon(&mut self) -> anyhow::Result<()> {
+        if let Some(eos) = &mut self.eos {
+            eos.abandon(&self.publisher).await?;
         }
         Ok(())
     }
@@ -814,13 +899,16 @@ impl Pipeline<'_> {
         self.health.set_not_streaming("stopping");
         tracing::info!("stopping: waiting for Kafka to acknowledge queued records");
         let deadline = Duration::from_secs(self.config.relay.shutdown_timeout_secs);
+        if let Some(eos) = &mut self.eos {
+            eos.finish(&self.publisher, &self.tracker).await?;
+        }
         if !self.publisher.flush(deadline).await {
             tracing::warn!(
                 queued = self.publisher.queued(),
                 "some records were not acknowledged in time; they will be sent again after restart"
             );
         }
-        self.tracker.idle(self.idle_end);
+        self.idle(self.idle_end);
         self.status.send(stream, &self.progress, true).await?;
         tracing::info!(confirmed = %self.status.reported, events = self.events, "stopped");
         Ok(())
@@ -847,6 +935,41 @@ impl Waiting for KeepAlive<'_> {
         failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)
     }
 }
+
+/// Exactly-once mode, before an event is handed over: true if it is in committed Kafka
+/// transactions already (skip it); else a Kafka transaction is open for it. Field by field,
+/// like [`publish`], so that the record may stay borrowed.
+macro_rules! eos_skips {
+    ($pipeline:expr) => {
+        match &mut $pipeline.eos {
+            None => false,
+            Some(eos) => {
+                eos.skips() || {
+                    let ready = eos
+                        .before_send(&$pipeline.publisher, &$pipeline.tracker)
+                        .await;
+                    ready
+                        .map_err(|e| txn_end(&$pipeline.progress, $pipeline.status.reported, e))?;
+                    false
+                }
+            }
+        }
+    };
+}
+use eos_skips;
+
+/// Exactly-once mode: a PostgreSQL transaction (or a lone message) ended at `$end`.
+macro_rules! eos_end {
+    ($pipeline:expr, $end:expr) => {
+        if let Some(eos) = &mut $pipeline.eos {
+            let done = eos
+                .end($end, &$pipeline.publisher, &$pipeline.tracker)
+                .await;
+            done.map_err(|e| txn_end(&$pipeline.progress, $pipeline.status.reported, e))?;
+        }
+    };
+}
+use eos_end;
 
 /// Publishes one record of `txn` from the pipeline's fields, borrowed one by one (not the
 /// mappers, which the record borrows); a record refused for good stops the relay unless a
@@ -891,6 +1014,18 @@ fn bad_message_note(prefix: &str, lsn: Lsn, content: &[u8], error: &str) -> Stri
         "content_bytes": content.len(),
     })
     .to_string()
+}
+
+/// How a failed Kafka transaction step ends the session; a refused record comes first, as it
+/// does in at-least-once mode.
+fn txn_end(progress: &watch::Receiver<Progress>, confirmed: Lsn, e: TxnError) -> SessionEnd {
+    if let Err(refused) = failed(progress, confirmed) {
+        return SessionEnd::Fatal(refused);
+    }
+    match e {
+        TxnError::Fatal(why) => SessionEnd::Fatal(anyhow!(why)),
+        TxnError::Retry(why) => SessionEnd::Transient(anyhow!(why)),
+    }
 }
 
 /// The fatal error for a refused record, if one was reported.

@@ -269,8 +269,18 @@ pub struct Writer {
 
 impl Writer {
     pub fn spawn(url: String, seed: u64, max_rows: u64) -> Writer {
+        Writer::spawn_for(url, seed, max_rows, None)
+    }
+
+    /// Like [`Writer::spawn`], every event of `aggregate` if given (so of one topic).
+    pub fn spawn_for(
+        url: String,
+        seed: u64,
+        max_rows: u64,
+        aggregate: Option<&'static str>,
+    ) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(write_until(url, seed, max_rows, stop.clone()));
+        let task = tokio::spawn(write_until(url, seed, max_rows, aggregate, stop.clone()));
         Writer { stop, task }
     }
 
@@ -281,7 +291,13 @@ impl Writer {
     }
 }
 
-async fn write_until(url: String, seed: u64, max_rows: u64, stop: Arc<AtomicBool>) -> Ledger {
+async fn write_until(
+    url: String,
+    seed: u64,
+    max_rows: u64,
+    aggregate: Option<&str>,
+    stop: Arc<AtomicBool>,
+) -> Ledger {
     let mut rng = Rng::new(seed);
     let mut seqs = Seqs::default();
     let mut ledger = Ledger::default();
@@ -300,7 +316,7 @@ async fn write_until(url: String, seed: u64, max_rows: u64, stop: Arc<AtomicBool
         };
         txn += 1;
         let n = rng.range(1, max_rows);
-        let rows = events(&mut rng, &mut seqs, n, 12, None, &format!("txn-{txn}"));
+        let rows = events(&mut rng, &mut seqs, n, 12, aggregate, &format!("txn-{txn}"));
         let rollback = rng.chance(10);
         if matches!(
             ledger.transact(c, &rows, rollback).await,
@@ -476,16 +492,20 @@ impl Check<'_> {
     }
 
     async fn outbox_ids(&self) -> HashSet<String> {
-        self.pg
-            .client()
-            .await
-            .query("SELECT id::text FROM public.outbox", &[])
-            .await
-            .expect("read the outbox table's ids")
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
+        outbox_ids(self.pg).await
     }
+}
+
+/// The ids in `public.outbox` now: resolves events whose COMMIT was in doubt.
+pub async fn outbox_ids(pg: &Pg) -> HashSet<String> {
+    pg.client()
+        .await
+        .query("SELECT id::text FROM public.outbox", &[])
+        .await
+        .expect("read the outbox table's ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// Counts records, distinct deliveries, duplicates, phantoms, per-key order violations (over

@@ -657,7 +657,7 @@ impl Broker {
         let bootstrap = self.bootstrap();
         let topic_name = name.to_owned();
         let shown = tokio::task::spawn_blocking(move || {
-            let consumer = reader_consumer(&bootstrap);
+            let consumer = reader_consumer(&bootstrap, &[]);
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if partition_count(&consumer, &topic_name) == Some(partitions) {
@@ -674,7 +674,7 @@ impl Broker {
 
     /// A reader of `topics` from the beginning of all their partitions.
     pub fn reader(&self, topics: &[&str]) -> Reader {
-        Reader::new(&self.bootstrap(), topics)
+        Reader::new(&self.bootstrap(), topics, &[])
     }
 
     /// Reads `topics` from the beginning until at least `expected` records arrived and then
@@ -709,8 +709,13 @@ impl Drop for Broker {
 }
 
 /// A consumer that joins no group: partitions are assigned explicitly, nothing is committed.
-fn reader_consumer(bootstrap: &str) -> BaseConsumer {
-    ClientConfig::new()
+/// `extra` properties are set last (e.g. `isolation.level`).
+fn reader_consumer(bootstrap: &str, extra: &[(&str, &str)]) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    for (k, v) in extra {
+        config.set(*k, *v);
+    }
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "outbox-relay-test-reader")
         .set("enable.auto.commit", "false")
@@ -750,8 +755,8 @@ pub struct Reader {
 }
 
 impl Reader {
-    fn new(bootstrap: &str, topics: &[&str]) -> Reader {
-        let consumer = reader_consumer(bootstrap);
+    fn new(bootstrap: &str, topics: &[&str], extra: &[(&str, &str)]) -> Reader {
+        let consumer = reader_consumer(bootstrap, extra);
         let mut assignment = TopicPartitionList::new();
         for topic in topics {
             let n = partition_count(&consumer, topic)
@@ -869,6 +874,12 @@ pub fn basic_config(pg_url: &str, bootstrap: &str) -> String {
     )
 }
 
+/// The relay binary under test: this build's, or `OUTBOX_RELAY_BIN` (e.g. a release build
+/// for a throughput measurement).
+pub fn relay_bin() -> String {
+    std::env::var("OUTBOX_RELAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").into())
+}
+
 /// A running `outbox-relay run --config relay.toml`, its stderr captured to a file.
 /// Killed on drop; if the test is panicking, its stderr is printed.
 pub struct Relay {
@@ -891,7 +902,7 @@ impl Relay {
         fs::write(&config_path, config).expect("write relay.toml");
         let stderr = File::create(dir.path().join("stderr.log")).expect("create stderr.log");
         let stdout = File::create(dir.path().join("stdout.log")).expect("create stdout.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        let child = Command::new(relay_bin())
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -1392,7 +1403,7 @@ impl Relay {
         fs::write(&config_path, config).expect("write relay.toml");
         let stderr = File::create(dir.path().join("stderr.log")).expect("create stderr.log");
         let stdout = File::create(dir.path().join("stdout.log")).expect("create stdout.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        let mut cmd = Command::new(relay_bin());
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -2053,7 +2064,12 @@ impl Reader {
     /// A reader of `topics` on the cluster at `bootstrap` (e.g. an `rdkafka::mocking`
     /// cluster rather than a [`Broker`]), from the beginning of every partition.
     pub fn at(bootstrap: &str, topics: &[&str]) -> Reader {
-        Reader::new(bootstrap, topics)
+        Reader::new(bootstrap, topics, &[])
+    }
+
+    /// Like [`Reader::at`], as a consumer with `isolation.level=read_committed`.
+    pub fn read_committed(bootstrap: &str, topics: &[&str]) -> Reader {
+        Reader::new(bootstrap, topics, &[("isolation.level", "read_committed")])
     }
 }
 
