@@ -261,11 +261,13 @@ impl ExactlyOnce {
     }
 
     /// Once per process, after the slot is ours: fences older producers with our
-    /// transactional id and reads the committed position back.
+    /// transactional id and reads the committed position back; `server_wal` is the
+    /// database's current WAL position, which a position written against it never passes.
     pub async fn start(
         &mut self,
         publisher: &Arc<Publisher>,
         tracker: &AckTracker,
+        server_wal: Lsn,
     ) -> Result<(), TxnError> {
         if self.started {
             return Ok(());
@@ -279,6 +281,14 @@ impl ExactlyOnce {
             .await
             .map_err(|e| TxnError::Retry(format!("reading the position failed: {e}")))??;
         if let Some(position) = found {
+            if position.commit_lsn.max(position.confirm_lsn) > server_wal {
+                // Written against another database, or this one before a restore rewound its
+                // WAL: resuming after it would skip this history's events up to there.
+                return Err(TxnError::Fatal(format!(
+                    "{} holds a position (commit {}, confirmed {}) past this server's WAL ({server_wal}) for transactional id {}: it belongs to another database or to WAL before a restore, and resuming from it would skip events; set a new [kafka] transactional_id (or offsets_topic) and restart",
+                    self.topic, position.commit_lsn, position.confirm_lsn, self.key
+                )));
+            }
             tracing::info!(
                 commit_lsn = %position.commit_lsn,
                 events = position.events,

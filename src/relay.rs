@@ -513,11 +513,12 @@ impl Pipeline<'_> {
             }
         };
         // We hold the slot now; nobody else moves it. Never report below where it stands.
-        if let Err(e) = self.rebase().await {
-            return SessionEnd::Transient(e);
-        }
+        let server_wal = match self.rebase().await {
+            Ok(wal) => wal,
+            Err(e) => return SessionEnd::Transient(e),
+        };
         if let Some(eos) = &mut self.eos {
-            if let Err(e) = eos.start(&self.publisher, &self.tracker).await {
+            if let Err(e) = eos.start(&self.publisher, &self.tracker, server_wal).await {
                 return txn_end(&self.progress, self.status.reported, e);
             }
         }
@@ -538,16 +539,20 @@ impl Pipeline<'_> {
         end
     }
 
-    async fn rebase(&mut self) -> anyhow::Result<()> {
+    /// Takes the slot's confirmed position as the floor of what is reported; returns the
+    /// server's current WAL position.
+    async fn rebase(&mut self) -> anyhow::Result<Lsn> {
         let client = self.endpoint.connect_sql().await.map_err(setup::pg)?;
         let row = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            .query_one(
+                "SELECT (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+                        pg_current_wal_lsn()::text",
                 &[&self.config.postgres.slot],
             )
             .await
             .map_err(setup::pg)?;
-        if let Some(lsn) = row.and_then(|r| r.get::<_, Option<String>>(0)) {
+        let server_wal: Lsn = row.try_get::<_, String>(1)?.parse()?;
+        if let Some(lsn) = row.try_get::<_, Option<String>>(0)? {
             let lsn: Lsn = lsn.parse()?;
             self.tracker.rebase(lsn);
             let confirmed = self.tracker.confirmed();
@@ -555,7 +560,7 @@ impl Pipeline<'_> {
             self.status.received = self.status.received.max(confirmed);
             self.idle_end = self.idle_end.max(confirmed);
         }
-        Ok(())
+        Ok(server_wal)
     }
 
     async fn stream(

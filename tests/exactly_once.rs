@@ -43,10 +43,11 @@ use common::{
     Relay, Seqs, OUTBOX_DDL, SLOT,
 };
 use outbox_relay::exactly_once::{Position, DEFAULT_OFFSETS_TOPIC};
+use outbox_relay::lsn::Lsn;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const TOPIC: &str = "outbox.event.order";
@@ -547,6 +548,51 @@ async fn a_broker_without_transactions_is_named_and_nothing_is_committed() {
         rig.pg.confirmed_flush_lsn(SLOT).await,
         start,
         "the slot stays"
+    );
+}
+
+#[tokio::test]
+async fn a_position_past_the_servers_wal_stops_the_relay_instead_of_skipping() {
+    let rig = rig("").await;
+    // What the offsets topic holds after the database was restored to an earlier point (or
+    // the relay pointed at another database): a position far ahead of this WAL.
+    let stale = Position {
+        commit_lsn: Lsn(0xFF_0000_0000),
+        events: 3,
+        complete: true,
+        confirm_lsn: Lsn(0xFF_0000_0100),
+        records: 4,
+    };
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", rig.cluster.bootstrap_servers())
+        .create()
+        .expect("create a producer");
+    let value = stale.to_json();
+    producer
+        .send(
+            BaseRecord::to(OFFSETS)
+                .key("outbox-relay-outbox_relay")
+                .payload(&value),
+        )
+        .map_err(|(e, _)| e)
+        .expect("queue the stale position");
+    producer
+        .flush(Duration::from_secs(10))
+        .expect("write the stale position");
+    let mut relay = Relay::start(&rig.config);
+    let status = relay.wait_exit(Duration::from_secs(120)).await;
+    let line = last_line(&relay.stderr());
+    println!("stale position: {line}");
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}: {line}");
+    assert!(
+        line.contains("past this server's WAL") && line.contains("transactional_id"),
+        "{line}"
+    );
+    // Nothing was confirmed on the stale position's word.
+    let confirmed = rig.pg.confirmed_flush_lsn(SLOT).await.unwrap_or(0);
+    assert!(
+        confirmed < 0xFF_0000_0000,
+        "slot confirmed to {confirmed:X}"
     );
 }
 
