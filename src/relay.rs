@@ -766,14 +766,7 @@ impl Pipeline<'_> {
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
-                if eos_skips!(self) {
-                    return Ok(());
-                }
-                publish!(self, stream, txn, &record)?;
-                self.events += 1;
-                if let Some(eos) = &mut self.eos {
-                    eos.sent();
-                }
+                event!(self, stream, txn, &record);
             }
             Message::Logical {
                 transactional,
@@ -786,7 +779,6 @@ impl Pipeline<'_> {
                 } else {
                     pg_now_micros()
                 };
-                let source = self.messages.source_of(prefix);
                 let note;
                 let record = match self.messages.map(prefix, content) {
                     Ok(Some(r)) => r,
@@ -803,7 +795,10 @@ impl Pipeline<'_> {
                         );
                         note = bad_message_note(&prefix, lsn, content, &e.to_string());
                         Record {
-                            table: source.unwrap_or(usize::MAX),
+                            table: self
+                                .messages
+                                .source_of(prefix.as_bytes())
+                                .unwrap_or(usize::MAX),
                             topic: dead_letters,
                             key: None,
                             payload: Some(note.as_bytes()),
@@ -832,22 +827,9 @@ impl Pipeline<'_> {
                     eos.begin_alone(lsn)
                         .map_err(|e| SessionEnd::Fatal(anyhow!(e)))?;
                 }
-                if eos_skips!(self) {
-                    if alone {
-                        self.tracker.commit(txn, lsn);
-                        eos_end!(self, lsn);
-                    }
-                    return Ok(());
-                }
-                publish!(self, stream, txn, &record)?;
+                event!(self, stream, txn, &record);
                 if alone {
                     self.tracker.commit(txn, lsn);
-                }
-                self.events += 1;
-                if let Some(eos) = &mut self.eos {
-                    eos.sent();
-                }
-                if alone {
                     eos_end!(self, lsn);
                 }
             }
@@ -962,6 +944,21 @@ macro_rules! eos_skips {
     };
 }
 use eos_skips;
+
+/// One outbox event of `$txn`: skipped when exactly-once mode already committed it, else
+/// published and counted.
+macro_rules! event {
+    ($pipeline:expr, $stream:expr, $txn:expr, $record:expr) => {
+        if !eos_skips!($pipeline) {
+            publish!($pipeline, $stream, $txn, $record)?;
+            $pipeline.events += 1;
+            if let Some(eos) = &mut $pipeline.eos {
+                eos.sent();
+            }
+        }
+    };
+}
+use event;
 
 /// Exactly-once mode: a PostgreSQL transaction (or a lone message) ended at `$end`.
 macro_rules! eos_end {
