@@ -163,7 +163,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
         ..Default::default()
     };
     let producer: BaseProducer<Acks> =
-        outbox_relay::publisher::client_config(&kafka, "outbox-bench-floor")
+        outbox_relay::kafka::producer::client_config(&kafka, "outbox-bench-floor")
             .create_with_context(Acks::default())
             .context("cannot create the producer")?;
     let filler = "x".repeat(args.payload.saturating_sub(52));

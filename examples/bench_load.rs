@@ -325,7 +325,7 @@ fn direct(args: &Args) -> anyhow::Result<String> {
         ..Default::default()
     };
     let producer: ThreadedProducer<Acks> =
-        outbox_relay::publisher::client_config(&kafka, "outbox-bench-direct")
+        outbox_relay::kafka::producer::client_config(&kafka, "outbox-bench-direct")
             .create_with_context(Acks(std::sync::Mutex::new(Vec::new())))
             .context("cannot create the producer")?;
     // Warm-up, not measured: one record per topic, so that the connection and the topics'

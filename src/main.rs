@@ -104,7 +104,7 @@ fn check(config_path: &Path) -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    let passed = runtime.block_on(outbox_relay::check::run(config_path, &mut |line| {
+    let passed = runtime.block_on(outbox_relay::ops::check::run(config_path, &mut |line| {
         // A closed stdout (`| head`) must not panic; the exit code still tells the result.
         let _ = writeln!(stdout, "{line}");
         let _ = stdout.flush();
@@ -118,7 +118,7 @@ fn check(config_path: &Path) -> ExitCode {
 
 fn status(config_path: &Path, json: bool) -> ExitCode {
     let status = runtime().and_then(|rt| {
-        rt.block_on(outbox_relay::status::read(config_path))
+        rt.block_on(outbox_relay::ops::status::read(config_path))
             .map_err(anyhow::Error::from)
     });
     let status = match status {
@@ -129,9 +129,9 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
         }
     };
     let text = if json {
-        outbox_relay::status::render_json(&status) + "\n"
+        outbox_relay::ops::status::render_json(&status) + "\n"
     } else {
-        outbox_relay::status::render_text(&status)
+        outbox_relay::ops::status::render_text(&status)
     };
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(text.as_bytes());
@@ -148,7 +148,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(outbox_relay::relay::run(config, shutdown_signal()))
+    runtime.block_on(outbox_relay::pipeline::session::run(
+        config,
+        shutdown_signal(),
+    ))
 }
 
 async fn shutdown_signal() {

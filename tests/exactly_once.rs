@@ -42,7 +42,7 @@ use common::{
     basic_config, check_delivery, insert_outbox, last_line, lsn_text, Event, Pg, Reader, Rec,
     Relay, Seqs, OUTBOX_DDL, SLOT,
 };
-use outbox_relay::exactly_once::{Position, DEFAULT_OFFSETS_TOPIC};
+use outbox_relay::kafka::exactly_once::{Position, DEFAULT_OFFSETS_TOPIC};
 use outbox_relay::lsn::Lsn;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

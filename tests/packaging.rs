@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use outbox_relay::config::Config;
-use outbox_relay::metrics::Metrics;
+use outbox_relay::ops::metrics::Metrics;
 use yaml_rust2::{Yaml, YamlLoader};
 
 // ---------------------------------------------------------------------------------------------
@@ -1159,7 +1159,7 @@ fn example_config_shows_the_real_defaults() {
             Some((k.to_owned(), v.split('"').next()?.to_owned()))
         })
         .collect();
-    let actual: Vec<(String, String)> = outbox_relay::publisher::DEFAULT_PROPERTIES
+    let actual: Vec<(String, String)> = outbox_relay::kafka::producer::DEFAULT_PROPERTIES
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
@@ -1220,7 +1220,7 @@ fn example_kafka_tls_and_sasl_settings_are_accepted_by_librdkafka() {
         config.properties.insert(key.to_owned(), value);
     }
     assert!(config.properties.len() >= 5, "{:?}", config.properties);
-    outbox_relay::publisher::client_config(&config, "packaging-test")
+    outbox_relay::kafka::producer::client_config(&config, "packaging-test")
         .create::<BaseProducer>()
         .unwrap_or_else(|e| panic!("librdkafka refuses {:?}: {e}", config.properties));
 }

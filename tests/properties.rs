@@ -2,13 +2,13 @@
 //! text the config file holds, the relay's parsers never panic; they return a valid value or a
 //! typed error whose message is one line.
 //!
-//! - pgoutput decoder (`outbox_relay::pgoutput::decode`): arbitrary bytes, arbitrary bytes
+//! - pgoutput decoder (`outbox_relay::postgres::pgoutput::decode`): arbitrary bytes, arbitrary bytes
 //!   behind each parsed tag, and mutations (truncation, flipped and inserted bytes, bogus
 //!   counts and lengths) of the messages PostgreSQL 15 produced in
 //!   `tests/fixtures/pgoutput/messages.hex`. Every `Ok` must be a real message: it re-encodes
 //!   to exactly the bytes it was decoded from, and an Insert's values all decode.
 //! - Generated valid messages decode to what was encoded (round trip).
-//! - Outbox mapping (`outbox_relay::outbox::OutboxMapper`) on arbitrary relations and tuples:
+//! - Outbox mapping (`outbox_relay::mapping::outbox::OutboxMapper`) on arbitrary relations and tuples:
 //!   never a panic; on well-formed outbox rows, the record is the Debezium-style contract
 //!   (topic, key, value, event id, bytea hex decoded to raw bytes).
 //! - Config parser (`outbox_relay::config::Config::parse`) on arbitrary text and on mutations
@@ -20,8 +20,8 @@
 
 use outbox_relay::config::{Config, OutboxConfig};
 use outbox_relay::lsn::Lsn;
-use outbox_relay::outbox::{MappingError, OutboxMapper};
-use outbox_relay::pgoutput::{decode, Column, DecodeError, Message, Relation, Value};
+use outbox_relay::mapping::outbox::{MappingError, OutboxMapper};
+use outbox_relay::postgres::pgoutput::{decode, Column, DecodeError, Message, Relation, Value};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 

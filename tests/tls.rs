@@ -14,8 +14,8 @@ use common::{
     TestPki, OUTBOX_DDL, SLOT,
 };
 use outbox_relay::config::Config;
-use outbox_relay::pgconn::{tls_config_error, OpenError, PgEndpoint, SslMode};
-use outbox_relay::replication::{ReplicationConnection, ReplicationError};
+use outbox_relay::postgres::connect::{tls_config_error, OpenError, PgEndpoint, SslMode};
+use outbox_relay::postgres::replication::{ReplicationConnection, ReplicationError};
 
 const PARTITIONS: i32 = 3;
 const TOPIC: &str = "outbox.event.order";

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::ack::{AckTracker, DeliveryFailure, Progress, TxnId};
 use crate::config::{Config, Source};
-use crate::metrics::Metrics;
-use crate::outbox::Record;
-use crate::publisher::{Publisher, SendError};
+use crate::kafka::producer::{Publisher, SendError};
+use crate::mapping::outbox::Record;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::ack::{AckTracker, DeliveryFailure, Progress, TxnId};
 
 /// How long one wait for room in the producer's queue lasts at most before [`Waiting::tick`].
 pub const WAIT_TICK: Duration = Duration::from_millis(100);

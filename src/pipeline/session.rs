@@ -11,23 +11,23 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use tokio::sync::watch;
 
-use crate::ack::{AckTracker, Progress, TxnId};
 use crate::config::{Config, PostgresConfig, Source};
-use crate::exactly_once::{self, ExactlyOnce, TxnError};
-use crate::handover::{Handover, HandoverError, Waiting};
+use crate::kafka::exactly_once::{self, ExactlyOnce, TxnError};
+use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
-use crate::message::MessageMapper;
-use crate::metrics::{Health, Metrics};
-use crate::outbox::{OutboxMapper, Record};
-use crate::pgconn::PgEndpoint;
-use crate::pgoutput::{self, Message};
-use crate::publisher::Publisher;
-use crate::replication::{
+use crate::mapping::message::MessageMapper;
+use crate::mapping::outbox::{OutboxMapper, Record};
+use crate::ops::metrics::{Health, Metrics};
+use crate::pipeline::ack::{AckTracker, Progress, TxnId};
+use crate::pipeline::handover::{Handover, HandoverError, Waiting};
+use crate::pipeline::setup::{self, SetupError};
+use crate::pipeline::snapshot::{Outcome, Snapshot, SnapshotError};
+use crate::postgres::connect::PgEndpoint;
+use crate::postgres::pgoutput::{self, Message};
+use crate::postgres::replication::{
     pg_now_micros, secs_since, ReplicationConnection, ReplicationError, ReplicationEvent,
     ReplicationStream,
 };
-use crate::setup::{self, SetupError};
-use crate::snapshot::{Outcome, Snapshot, SnapshotError};
 
 /// How often the loop looks at the confirmed LSN to report it; bounds status-update chattiness.
 const CONFIRM_TICK: Duration = Duration::from_millis(100);
@@ -59,7 +59,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let health = Arc::new(Health::default());
     health.set_not_streaming("starting");
     if let Some(addr) = &config.metrics.listen {
-        let bound = crate::http::serve(addr, metrics.clone(), health.clone())
+        let bound = crate::ops::http::serve(addr, metrics.clone(), health.clone())
             .await
             .with_context(|| format!("cannot listen on [metrics] listen = {addr:?}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz, /readyz");

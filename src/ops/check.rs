@@ -19,10 +19,10 @@ use rdkafka::ClientContext;
 use tokio_postgres::Client;
 
 use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig, PostgresConfig};
-use crate::pgconn::PgEndpoint;
-use crate::replication::{ReplicationConnection, ReplicationError};
-use crate::setup::pg_message;
-use crate::setup::{self, SetupError};
+use crate::pipeline::setup::pg_message;
+use crate::pipeline::setup::{self, SetupError};
+use crate::postgres::connect::PgEndpoint;
+use crate::postgres::replication::{ReplicationConnection, ReplicationError};
 
 /// How long to wait for PostgreSQL to accept a connection before calling it unreachable.
 pub const PG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,7 +145,7 @@ pub async fn run(path: &Path, emit: &mut dyn FnMut(&CheckLine)) -> bool {
 }
 
 /// `user@host:port/dbname` from the parsed URL: names the target without any password, also
-/// for key=value connection strings, which [`crate::pgconn::redact`] leaves as they are.
+/// for key=value connection strings, which [`crate::postgres::connect::redact`] leaves as they are.
 pub fn describe_target(config: &tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
     let ports = config.get_ports();
@@ -830,7 +830,7 @@ struct ClusterInfo {
 /// requested: asking for one topic by name can make a broker with auto-create on create it,
 /// and `check` must not create anything.
 fn fetch_cluster(kafka: &KafkaConfig, timeout: Duration) -> Result<ClusterInfo, String> {
-    let producer: BaseProducer<QuietContext> = crate::publisher::client_config(kafka, "outbox-relay-check")
+    let producer: BaseProducer<QuietContext> = crate::kafka::producer::client_config(kafka, "outbox-relay-check")
         .create_with_context(QuietContext::default())
         .map_err(|e| {
             format!("cannot create a Kafka client from [kafka]: {e}; fix or remove the offending [kafka.properties] entry")

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::ChannelBinding;
 
 use crate::lsn::Lsn;
-use crate::pgconn::{PgEndpoint, Socket};
+use crate::postgres::connect::{PgEndpoint, Socket};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;

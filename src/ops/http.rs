@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::metrics::{Health, Metrics};
+use crate::ops::metrics::{Health, Metrics};
 
 /// A request line and headers larger than this are refused; probes send a few hundred bytes.
 const MAX_REQUEST: usize = 8 * 1024;

@@ -8,10 +8,10 @@ use std::path::Path;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::check::{describe_target, PG_TIMEOUT};
 use crate::config::{Config, ConfigError};
-use crate::pgconn::PgEndpoint;
-use crate::setup::pg_message;
+use crate::ops::check::{describe_target, PG_TIMEOUT};
+use crate::pipeline::setup::pg_message;
+use crate::postgres::connect::PgEndpoint;
 
 /// Why no status could be read at all (as opposed to a slot in a bad state).
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@
 
 use crate::config::OutboxConfig;
 use crate::fxhash::FxHashMap;
-use crate::pgoutput::{DecodeError, Relation, Tuple, Value};
+use crate::postgres::pgoutput::{DecodeError, Relation, Tuple, Value};
 
 /// PostgreSQL's type oid for `bytea`, whose text form is hex and must be sent as raw bytes.
 const BYTEA_OID: u32 = 17;
@@ -521,7 +521,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::pgoutput::{decode, Message};
+    use crate::postgres::pgoutput::{decode, Message};
 
     const TEXT: u32 = 25;
     const UUID: u32 = 2950;

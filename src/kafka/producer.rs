@@ -22,13 +22,13 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
-use crate::ack::{AckTracker, DeliveryFailure, TxnId};
-use crate::cloudevents;
 use crate::config::{CloudEvents, KafkaConfig, Source};
 use crate::fxhash::FxHashMap;
-use crate::metrics::{Health, Metrics};
-use crate::outbox::Record;
-use crate::replication::secs_since;
+use crate::mapping::cloudevents;
+use crate::mapping::outbox::Record;
+use crate::ops::metrics::{Health, Metrics};
+use crate::pipeline::ack::{AckTracker, DeliveryFailure, TxnId};
+use crate::postgres::replication::secs_since;
 
 /// Producer settings the relay's promises rest on; `[kafka.properties]` may override them.
 pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -460,7 +460,7 @@ impl Publisher {
     }
 }
 
-/// Kafka transactions, for exactly-once mode (`crate::exactly_once` decides when). The calls
+/// Kafka transactions, for exactly-once mode (`crate::kafka::exactly_once` decides when). The calls
 /// that wait for the brokers run on a blocking thread, so the relay's thread keeps serving
 /// delivery reports meanwhile: commit and abort wait for every queued record's report.
 impl Publisher {

@@ -406,7 +406,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = include_str!("../tests/fixtures/pgoutput/messages.hex");
+    const FIXTURES: &str = include_str!("../../tests/fixtures/pgoutput/messages.hex");
 
     fn unhex(s: &str) -> Vec<u8> {
         (0..s.len())
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn logical_messages_carry_prefix_content_and_whether_transactional() {
-        const LOGICAL: &str = include_str!("../tests/fixtures/pgoutput/logical.hex");
+        const LOGICAL: &str = include_str!("../../tests/fixtures/pgoutput/logical.hex");
         let bytes = lines_of(LOGICAL);
         let messages: Vec<_> = bytes.iter().map(|b| decode(b).unwrap()).collect();
         // (in a transaction, prefix, content) in stream order; Begin/Commit as markers.

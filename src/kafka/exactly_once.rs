@@ -22,10 +22,10 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::ack::AckTracker;
 use crate::config::{Config, Delivery, KafkaConfig};
+use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
-use crate::publisher::Publisher;
+use crate::pipeline::ack::AckTracker;
 
 /// The offsets topic when `[kafka] offsets_topic` is unset.
 pub const DEFAULT_OFFSETS_TOPIC: &str = "outbox-relay-offsets";

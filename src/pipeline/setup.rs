@@ -97,7 +97,7 @@ impl From<tokio_postgres::Error> for SetupError {
     fn from(e: tokio_postgres::Error) -> Self {
         // A TLS configuration problem or a server-side error (bad password, missing
         // database) will not fix itself; a socket-level one may.
-        if let Some(message) = crate::pgconn::tls_config_error(&e) {
+        if let Some(message) = crate::postgres::connect::tls_config_error(&e) {
             SetupError::Postgres(message)
         } else if e.as_db_error().is_none() {
             SetupError::Connect(pg_message(&e))

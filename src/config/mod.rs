@@ -465,7 +465,7 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return Err("[kafka] brokers is empty; set it to host:port[,host:port]".into());
         }
-        crate::exactly_once::validate(&self.kafka, self.postgres.initial_snapshot)?;
+        crate::kafka::exactly_once::validate(&self.kafka, self.postgres.initial_snapshot)?;
         let mut tables = Vec::new();
         for o in &self.outbox {
             if o.table.trim().is_empty() {

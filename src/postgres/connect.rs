@@ -117,12 +117,14 @@ pub enum OpenError {
     Tls(String),
 }
 
-impl From<OpenError> for crate::replication::ReplicationError {
+impl From<OpenError> for crate::postgres::replication::ReplicationError {
     fn from(e: OpenError) -> Self {
         match e {
-            OpenError::Io(e) => crate::replication::ReplicationError::Io(e),
+            OpenError::Io(e) => crate::postgres::replication::ReplicationError::Io(e),
             // Config errors stop the relay: a rejected certificate will not fix itself.
-            OpenError::Tls(message) => crate::replication::ReplicationError::Config(message),
+            OpenError::Tls(message) => {
+                crate::postgres::replication::ReplicationError::Config(message)
+            }
         }
     }
 }

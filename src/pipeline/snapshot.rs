@@ -16,17 +16,17 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::ack::{AckTracker, Progress, TxnId};
 use crate::config::{Config, OutboxConfig, Source};
-use crate::handover::{reported_failure, Handover, HandoverError, Waiting, WAIT_TICK};
+use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
-use crate::metrics::{Health, Metrics};
-use crate::outbox::OutboxMapper;
-use crate::pgconn::PgEndpoint;
-use crate::pgoutput::{Column, Relation};
-use crate::publisher::Publisher;
-use crate::replication::{ReplicationConnection, ReplicationError};
-use crate::setup::{self, pg_message, quote_ident, quoted};
+use crate::mapping::outbox::OutboxMapper;
+use crate::ops::metrics::{Health, Metrics};
+use crate::pipeline::ack::{AckTracker, Progress, TxnId};
+use crate::pipeline::handover::{reported_failure, Handover, HandoverError, Waiting, WAIT_TICK};
+use crate::pipeline::setup::{self, pg_message, quote_ident, quoted};
+use crate::postgres::connect::PgEndpoint;
+use crate::postgres::pgoutput::{Column, Relation};
+use crate::postgres::replication::{ReplicationConnection, ReplicationError};
 
 /// Rows fetched per round trip: memory is bounded by this many rows, not by the table.
 const FETCH_ROWS: usize = 500;

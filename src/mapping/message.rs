@@ -12,7 +12,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::config::MessageConfig;
-use crate::outbox::{parse_topic, render_topic, Record, TopicPart};
+use crate::mapping::outbox::{parse_topic, render_topic, Record, TopicPart};
 
 /// Envelope fields with a fixed role, in slot order.
 const FIXED: [&str; 4] = ["id", "aggregateid", "type", "payload"];

@@ -1,0 +1,8 @@
+//! Running the stages: start-up and provisioning, the initial snapshot, the streaming session,
+//! handing records to the producer and tracking their acknowledgements back to the slot.
+
+pub mod ack;
+pub mod handover;
+pub mod session;
+pub mod setup;
+pub mod snapshot;
