@@ -148,10 +148,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(outbox_relay::pipeline::session::run(
-        config,
-        shutdown_signal(),
-    ))
+    runtime.block_on(outbox_relay::pipeline::run::run(config, shutdown_signal()))
 }
 
 async fn shutdown_signal() {

@@ -3,6 +3,8 @@
 
 pub mod ack;
 pub mod handover;
+mod monitor;
+pub mod run;
 pub mod session;
 pub mod setup;
 pub mod snapshot;

@@ -1,18 +1,17 @@
-//! The pipeline: replication stream → pgoutput decoder → outbox mapping → publisher, with the
-//! acknowledgement tracker's confirmed LSN fed back to the slot as standby status updates.
-//! Around it, the lifecycle: reconnects with backoff, standby while another instance holds
-//! the slot, a monitor for slot health and Kafka reachability, and graceful shutdown.
+//! One streaming session: replication stream → pgoutput decoder → outbox mapping → publisher,
+//! with the acknowledgement tracker's confirmed LSN fed back to the slot as standby status
+//! updates, until shutdown or an error ends it and says what the lifecycle should do next.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use tokio::sync::watch;
 
 use crate::config::{Config, PostgresConfig, Source};
-use crate::kafka::exactly_once::{self, ExactlyOnce, TxnError};
+use crate::kafka::exactly_once::{ExactlyOnce, TxnError};
 use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
 use crate::mapping::message::MessageMapper;
@@ -20,8 +19,7 @@ use crate::mapping::outbox::{OutboxMapper, Record};
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::{AckTracker, Progress, TxnId};
 use crate::pipeline::handover::{Handover, HandoverError, Waiting};
-use crate::pipeline::setup::{self, SetupError};
-use crate::pipeline::snapshot::{Outcome, Snapshot, SnapshotError};
+use crate::pipeline::setup;
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::pgoutput::{self, Message};
 use crate::postgres::replication::{
@@ -33,13 +31,9 @@ use crate::postgres::replication::{
 const CONFIRM_TICK: Duration = Duration::from_millis(100);
 /// How often progress is logged at info.
 const LOG_EVERY: Duration = Duration::from_secs(30);
-/// How often slot health and broker reachability are polled.
-const MONITOR_EVERY: Duration = Duration::from_secs(5);
-/// How often a standby retries acquiring the slot.
-const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// How a streaming session ended.
-enum SessionEnd {
+pub(super) enum SessionEnd {
     /// Shutdown was requested and handled.
     Stopped,
     /// Another process holds the slot: wait and retry.
@@ -50,381 +44,43 @@ enum SessionEnd {
     Fatal(anyhow::Error),
 }
 
-type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
+pub(super) type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
 
-/// Runs the relay until `shutdown` resolves (graceful, `Ok`) or a fatal error.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let endpoint = PgEndpoint::new(&config.postgres)?;
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    health.set_not_streaming("starting");
-    if let Some(addr) = &config.metrics.listen {
-        let bound = crate::ops::http::serve(addr, metrics.clone(), health.clone())
-            .await
-            .with_context(|| format!("cannot listen on [metrics] listen = {addr:?}"))?;
-        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
-    }
-    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
-    let max_backoff = Duration::from_secs(config.relay.reconnect_max_backoff_secs.max(1));
-
-    // Where the tracker starts does not matter: it is moved to the slot's position below.
-    let eos = ExactlyOnce::new(&config);
-    let (tracker, progress, kafka) = match eos {
-        None => {
-            let (t, p) = AckTracker::new(Lsn(0));
-            (t, p, config.kafka.clone())
-        }
-        Some(_) => {
-            let (t, p) = AckTracker::committed_only(Lsn(0));
-            (t, p, exactly_once::producer_config(&config))
-        }
-    };
-    let sources = config.sources();
-    let new_publisher = || -> anyhow::Result<Arc<Publisher>> {
-        Ok(Arc::new(
-            Publisher::new(
-                &kafka,
-                &sources,
-                tracker.clone(),
-                metrics.clone(),
-                health.clone(),
-            )
-            .context("cannot create the Kafka producer")?,
-        ))
-    };
-    // Made once the database is known to be usable (or the snapshot needs it).
-    let mut publisher = None;
-
-    // Start-up checks, and the initial snapshot when it is the relay's to take: configuration
-    // problems are fatal, an unreachable server is retried.
-    let mut backoff = Backoff::new(max_backoff);
-    let mut standby = false;
-    let confirmed = loop {
-        let attempt = async {
-            let admin = endpoint.connect_sql().await.map_err(SetupError::from)?;
-            setup::prepare(&admin, &config).await
-        };
-        let pause = match attempt.await {
-            Ok(Some(slot)) => break slot.confirmed_flush,
-            Ok(None) => {
-                let publisher = match &publisher {
-                    Some(p) => p,
-                    None => publisher.insert(new_publisher()?),
-                };
-                let snapshot = Snapshot {
-                    config: &config,
-                    sources: &sources,
-                    endpoint: &endpoint,
-                    publisher,
-                    tracker: &tracker,
-                    progress: &progress,
-                    metrics: &metrics,
-                    health: &health,
-                };
-                let taken = tokio::select! {
-                    taken = snapshot.take() => taken,
-                    _ = shutdown.as_mut() => {
-                        tracing::info!("stopped during the initial snapshot; the next start takes it again");
-                        return Ok(());
-                    }
-                };
-                match taken {
-                    Ok(Outcome::Created(lsn)) => break lsn,
-                    // Another replica made the slot: the checks above now find it.
-                    Ok(Outcome::SlotExists) => Duration::ZERO,
-                    Err(SnapshotError::Busy(why)) => {
-                        health.set_not_streaming(format!("standby: {why}"));
-                        if !standby {
-                            tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
-                            standby = true;
-                        }
-                        STANDBY_RETRY
-                    }
-                    Err(SnapshotError::Transient(e)) => {
-                        let wait = backoff.next();
-                        tracing::warn!("initial snapshot failed: {e}; retrying in {wait:?}");
-                        health.set_not_streaming(format!("initial snapshot failed: {e}"));
-                        metrics.reconnects.with_label_values(&["postgres"]).inc();
-                        wait
-                    }
-                    Err(SnapshotError::Fatal(e)) => return Err(anyhow!(e)),
-                }
-            }
-            Err(SetupError::Connect(e)) => {
-                let wait = backoff.next();
-                tracing::warn!(
-                    "cannot connect to PostgreSQL at {}: {e}; retrying in {wait:?}",
-                    endpoint.display_url()
-                );
-                health.set_not_streaming(format!("cannot connect to PostgreSQL: {e}"));
-                metrics.reconnects.with_label_values(&["postgres"]).inc();
-                wait
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if sleep_or_shutdown(pause, shutdown.as_mut()).await {
-            return Ok(());
-        }
-    };
-    tracker.rebase(confirmed);
-    let publisher = match publisher {
-        Some(p) => p,
-        None => new_publisher()?,
-    };
-    let (problems, problem) = watch::channel(None);
-    let monitor = tokio::spawn(
-        Monitor {
-            endpoint: endpoint.clone(),
-            config: config.clone(),
-            publisher: publisher.clone(),
-            tracker: tracker.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            problems,
-        }
-        .run(),
-    );
-
-    let mut pipeline = Pipeline {
-        config: &config,
-        endpoint: &endpoint,
-        mapper: OutboxMapper::new(&config.outbox),
-        messages: MessageMapper::new(&config.message, config.outbox.len()),
-        sources,
-        tracker,
-        publisher,
-        progress,
-        problem,
-        metrics,
-        health: health.clone(),
-        status: Status {
-            every: Duration::from_secs(config.postgres.status_interval_secs),
-            received: confirmed,
-            reported: confirmed,
-            last: Instant::now(),
-        },
-        txn: None,
-        commit_time: 0,
-        idle_end: confirmed,
-        events: 0,
-        eos,
-    };
-    let mut backoff = Backoff::new(max_backoff);
-    let mut standby = false;
-    let result = loop {
-        let started = Instant::now();
-        match pipeline.session(shutdown.as_mut()).await {
-            SessionEnd::Stopped => break Ok(()),
-            SessionEnd::Fatal(e) => break Err(e),
-            SessionEnd::SlotBusy(why) => {
-                health.set_not_streaming(format!("standby: {why}"));
-                pipeline.metrics.leader.set(0);
-                // Said once per standby spell: a standby may wait for days.
-                if !standby {
-                    tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
-                    standby = true;
-                }
-                if sleep_or_shutdown(STANDBY_RETRY, shutdown.as_mut()).await {
-                    break Ok(());
-                }
-            }
-            SessionEnd::Transient(e) => {
-                standby = false;
-                pipeline.metrics.leader.set(0);
-                pipeline
-                    .metrics
-                    .reconnects
-                    .with_label_values(&["postgres"])
-                    .inc();
-                if started.elapsed() > max_backoff * 2 {
-                    backoff = Backoff::new(max_backoff);
-                }
-                let wait = backoff.next();
-                tracing::warn!("{e:#}; reconnecting in {wait:?}");
-                health.set_not_streaming(format!("reconnecting to PostgreSQL: {e:#}"));
-                if let Err(e) = pipeline.abandon().await {
-                    break Err(e);
-                }
-                if pipeline.drain(shutdown.as_mut()).await
-                    || sleep_or_shutdown(wait, shutdown.as_mut()).await
-                {
-                    break Ok(());
-                }
-            }
-        }
-    };
-    monitor.abort();
-    result
-}
-
-/// Sleeps `d`; true if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(d: Duration, shutdown: Shutdown<'_>) -> bool {
-    tokio::select! {
-        _ = shutdown => true,
-        _ = tokio::time::sleep(d) => false,
-    }
-}
-
-/// Capped exponential backoff with jitter, so replicas do not reconnect in lockstep.
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Backoff {
-            next: Duration::from_millis(250),
-            max,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        // Jitter from the clock's low bits: good enough to de-synchronise, no RNG needed.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
-    }
-}
-
-/// Polls slot health and broker reachability for metrics and `/readyz`, and re-checks the
-/// outbox tables and the publication while streaming.
-struct Monitor {
-    endpoint: PgEndpoint,
-    config: Config,
-    publisher: Arc<Publisher>,
-    tracker: Arc<AckTracker>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    /// A problem that stops the relay: a table or the publication no longer fits the config.
-    problems: watch::Sender<Option<String>>,
-}
-
-impl Monitor {
-    async fn run(self) {
-        let stall_after = Duration::from_secs(self.config.relay.stall_timeout_secs);
-        let mut client = None;
-        let mut tick = tokio::time::interval(MONITOR_EVERY);
-        loop {
-            tick.tick().await;
-            let stats = self.tracker.stats();
-            self.health.set_stalled(match stats.oldest_wait {
-                Some(w) if w > stall_after => Some(format!(
-                    "the oldest of {} records has waited {} s for Kafka's acknowledgement",
-                    stats.in_flight,
-                    w.as_secs()
-                )),
-                _ => None,
-            });
-            match self.publisher.probe(Duration::from_secs(5)).await {
-                Ok(()) => {
-                    if self.health.set_broker(true, "") {
-                        self.metrics.reconnects.with_label_values(&["kafka"]).inc();
-                    }
-                }
-                Err(e) => {
-                    self.health.set_broker(false, e);
-                }
-            }
-            if client.is_none() {
-                client = self.endpoint.connect_sql().await.ok();
-            }
-            let Some(c) = &client else { continue };
-            if let Err(e) = self.slot_health(c).await {
-                tracing::debug!("slot monitor query failed: {e}");
-                client = None;
-                continue;
-            }
-            match self.outbox_still_published(c).await {
-                Ok(()) => {}
-                Err(SetupError::Postgres(e) | SetupError::Connect(e)) => {
-                    tracing::debug!("publication check failed: {e}");
-                    client = None;
-                }
-                Err(e) => {
-                    self.problems.send_replace(Some(e.to_string()));
-                }
-            }
-        }
-    }
-
-    async fn slot_health(&self, c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-        let row = c
-            .query_opt(
-                "SELECT wal_status, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.config.postgres.slot],
-            )
-            .await?;
-        match row {
-            Some(row) => {
-                let status: Option<String> = row.get(0);
-                self.metrics
-                    .set_wal_status(Some(status.as_deref().unwrap_or("missing")));
-                if let Some(lag) = row.get::<_, Option<i64>>(1) {
-                    self.metrics.replication_lag_bytes.set(lag.max(0));
-                }
-            }
-            None => self.metrics.set_wal_status(None),
-        }
-        Ok(())
-    }
-
-    /// The start-up checks of the tables and the publication, again: a table renamed, swapped
-    /// for a new one or dropped from the publication while the relay runs would otherwise go
-    /// unnoticed while its new rows never enter the stream.
-    async fn outbox_still_published(&self, c: &tokio_postgres::Client) -> Result<(), SetupError> {
-        for table in &self.config.outbox {
-            setup::check_table(c, table).await?;
-        }
-        if !setup::check_publication(c, &self.config).await? {
-            return Err(SetupError::PublicationDropped(
-                self.config.postgres.publication.clone(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-struct Pipeline<'c> {
-    config: &'c Config,
-    endpoint: &'c PgEndpoint,
-    mapper: OutboxMapper,
+pub(super) struct Pipeline<'c> {
+    pub(super) config: &'c Config,
+    pub(super) endpoint: &'c PgEndpoint,
+    pub(super) mapper: OutboxMapper,
     /// The table-less outbox's mapper (`[[message]]`).
-    messages: MessageMapper,
+    pub(super) messages: MessageMapper,
     /// Every source's name and CloudEvents attributes, by `Record::table`.
-    sources: Vec<Source>,
-    tracker: Arc<AckTracker>,
-    publisher: Arc<Publisher>,
-    progress: watch::Receiver<Progress>,
+    pub(super) sources: Vec<Source>,
+    pub(super) tracker: Arc<AckTracker>,
+    pub(super) publisher: Arc<Publisher>,
+    pub(super) progress: watch::Receiver<Progress>,
     /// From the monitor: a problem that stops the relay.
-    problem: watch::Receiver<Option<String>>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    status: Status,
+    pub(super) problem: watch::Receiver<Option<String>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Arc<Health>,
+    pub(super) status: Status,
     /// The open transaction, between Begin and Commit.
-    txn: Option<TxnId>,
+    pub(super) txn: Option<TxnId>,
     /// The open transaction's commit time (microseconds since 2000-01-01 UTC).
-    commit_time: i64,
+    pub(super) commit_time: i64,
     /// The newest keepalive WAL end seen outside a transaction: everything before it was sent.
-    idle_end: Lsn,
-    events: u64,
+    pub(super) idle_end: Lsn,
+    pub(super) events: u64,
     /// Exactly-once mode's Kafka transactions; None in at-least-once mode.
-    eos: Option<ExactlyOnce>,
+    pub(super) eos: Option<ExactlyOnce>,
 }
 
 /// What the server was last told, and when.
-struct Status {
-    every: Duration,
+pub(super) struct Status {
+    pub(super) every: Duration,
     /// Highest WAL position seen from the server.
-    received: Lsn,
+    pub(super) received: Lsn,
     /// The confirmed LSN last sent to the server.
-    reported: Lsn,
-    last: Instant,
+    pub(super) reported: Lsn,
+    pub(super) last: Instant,
 }
 
 impl Status {
@@ -482,7 +138,7 @@ fn classify(e: ReplicationError, pg: &PostgresConfig, during: &str) -> SessionEn
 
 impl Pipeline<'_> {
     /// Connects, streams until something ends the session, and says why it ended.
-    async fn session(&mut self, mut shutdown: Shutdown<'_>) -> SessionEnd {
+    pub(super) async fn session(&mut self, mut shutdown: Shutdown<'_>) -> SessionEnd {
         let slot = self.config.postgres.slot.as_str();
         let conn = match ReplicationConnection::connect(self.endpoint).await {
             Ok(c) => c,
@@ -857,7 +513,7 @@ impl Pipeline<'_> {
     }
 
     /// Exactly-once mode, the session ended: abort the open Kafka transaction.
-    async fn abandon(&mut self) -> anyhow::Result<()> {
+    pub(super) async fn abandon(&mut self) -> anyhow::Result<()> {
         if let Some(eos) = &mut self.eos {
             eos.abandon(&self.publisher).await?;
         }
@@ -866,7 +522,7 @@ impl Pipeline<'_> {
 
     /// After a lost connection: wait for every queued record's verdict, then forget the
     /// transaction that was cut off. True if shutdown was requested meanwhile.
-    async fn drain(&mut self, mut shutdown: Shutdown<'_>) -> bool {
+    pub(super) async fn drain(&mut self, mut shutdown: Shutdown<'_>) -> bool {
         loop {
             if self.tracker.in_flight() == 0 {
                 break;
@@ -1038,19 +694,4 @@ fn failed(progress: &watch::Receiver<Progress>, confirmed: Lsn) -> anyhow::Resul
         ));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Backoff;
-    use std::time::Duration;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_secs(4));
-        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
-        assert!(waits[0] <= Duration::from_millis(250));
-        assert!(waits.iter().all(|w| *w <= Duration::from_secs(4)));
-        assert!(waits[7] >= Duration::from_secs(2));
-    }
 }
