@@ -27,7 +27,7 @@ use crate::fxhash::FxHashMap;
 use crate::mapping::cloudevents;
 use crate::mapping::outbox::Record;
 use crate::ops::metrics::{Health, Metrics};
-use crate::pipeline::ack::{AckTracker, DeliveryFailure, TxnId};
+use crate::pipeline::ack::{AckTracker, DeliveryFailure, InFlight, TxnId};
 use crate::postgres::replication::secs_since;
 
 /// Producer settings the relay's promises rest on; `[kafka.properties]` may override them.
@@ -50,13 +50,14 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("message.timeout.ms", "0"),
 ];
 
-/// Why a record could not be handed to the producer.
+/// Why a record could not be handed to the producer; either way its in-flight token comes
+/// back, for the caller to try again, to send a dead letter with, or to drop.
 #[derive(Debug)]
-pub enum SendError {
+pub enum SendError<'t> {
     /// The producer queue is full; wait for acknowledgements and try again.
-    QueueFull,
+    QueueFull(InFlight<'t>),
     /// The record was refused before it left (e.g. larger than `message.max.bytes`).
-    Refused(DeliveryFailure),
+    Refused(InFlight<'t>, DeliveryFailure),
 }
 
 /// The per-record opaque packs the transaction and a route (outbox table and topic), so a
@@ -374,8 +375,15 @@ impl Publisher {
         route
     }
 
-    /// Hands one record of `txn` to the producer without waiting.
-    pub fn send(&self, txn: TxnId, record: &Record<'_>) -> Result<(), SendError> {
+    /// Hands one record to the producer without waiting; `in_flight` is its count in the
+    /// tracker, passed on to the record's delivery report once the producer took it.
+    pub fn send<'t>(
+        &self,
+        in_flight: InFlight<'t>,
+        record: &Record<'_>,
+    ) -> Result<(), SendError<'t>> {
+        debug_assert!(in_flight.counts_in(&self.shared.tracker));
+        let txn = in_flight.txn();
         let token = ((txn as usize) << ROUTE_BITS) | self.route(record.table, record.topic);
         let ce = self.cloudevents.get(record.table).and_then(Option::as_ref);
         let mut headers = OwnedHeaders::new_with_capacity(
@@ -403,15 +411,21 @@ impl Publisher {
             out = out.payload(p);
         }
         match self.producer.send(out) {
-            Ok(()) => Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(SendError::QueueFull)
+            Ok(()) => {
+                in_flight.handed_over();
+                Ok(())
             }
-            Err((err, _)) => Err(SendError::Refused(DeliveryFailure {
-                event_id: record.event_id(),
-                topic: record.topic.to_owned(),
-                error: err.to_string(),
-            })),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull(in_flight))
+            }
+            Err((err, _)) => Err(SendError::Refused(
+                in_flight,
+                DeliveryFailure {
+                    event_id: record.event_id(),
+                    topic: record.topic.to_owned(),
+                    error: err.to_string(),
+                },
+            )),
         }
     }
 

@@ -45,6 +45,51 @@ pub struct Progress {
     pub failure: Option<Arc<DeliveryFailure>>,
 }
 
+/// One record counted in flight for its transaction. Handing it to the producer
+/// ([`InFlight::handed_over`]) passes the count on to the record's delivery report; dropping
+/// it any other way (a full queue, an error returned through `?`) gives the count back, so a
+/// drain never waits for a record that was never sent. Holds only a reference and the
+/// transaction id: nothing is allocated per record.
+#[must_use = "a record counted in flight must be handed to the producer or dropped"]
+#[derive(Debug)]
+pub struct InFlight<'t> {
+    tracker: &'t AckTracker,
+    txn: TxnId,
+}
+
+impl<'t> InFlight<'t> {
+    /// The record's transaction.
+    pub fn txn(&self) -> TxnId {
+        self.txn
+    }
+
+    /// The producer took the record: its delivery report settles the count from now on.
+    pub fn handed_over(self) -> TxnId {
+        let txn = self.txn;
+        std::mem::forget(self);
+        txn
+    }
+
+    /// The record was refused for good before it left: the tracker keeps the failure, and
+    /// the confirmed LSN stays before it.
+    pub fn refused(self, failure: DeliveryFailure) {
+        let (tracker, txn) = (self.tracker, self.txn);
+        std::mem::forget(self);
+        tracker.delivered(txn, Err(failure));
+    }
+
+    /// Whether this token counts in `tracker`.
+    pub fn counts_in(&self, tracker: &AckTracker) -> bool {
+        std::ptr::eq(self.tracker, tracker)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.tracker.not_sent(self.txn);
+    }
+}
+
 #[derive(Debug)]
 struct Txn {
     pending: u64,
@@ -156,19 +201,35 @@ impl AckTracker {
         s.head + s.txns.len() as u64 - 1
     }
 
-    /// A record of `txn` is about to be handed to the producer.
-    pub fn sending(&self, txn: TxnId) {
+    /// A record of `txn` is about to be handed to the producer: counted in flight until the
+    /// returned token is handed over (its delivery report settles the count) or dropped
+    /// (the count is given back).
+    pub fn sending(&self, txn: TxnId) -> InFlight<'_> {
         let mut s = self.lock();
         if let Some(t) = s.get_mut(txn) {
             t.pending += 1;
             t.since.get_or_insert_with(Instant::now);
         }
         s.in_flight += 1;
+        InFlight { tracker: self, txn }
     }
 
-    /// The producer did not take the record after all (queue full); it will be sent again.
-    pub fn not_sent(&self, txn: TxnId) {
-        self.delivered(txn, Ok(()));
+    /// A record counted by [`AckTracker::sending`] never reached the producer.
+    fn not_sent(&self, txn: TxnId) {
+        let mut s = self.lock();
+        debug_assert!(
+            s.in_flight > 0,
+            "a record given back that was never counted"
+        );
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if let Some(t) = s.get_mut(txn) {
+            // Tokens live only while their record is handed over, which is before its
+            // transaction's Commit: an unsent record can never let a transaction confirm.
+            debug_assert!(t.end_lsn.is_none(), "a record given back after its Commit");
+            debug_assert!(t.pending > 0);
+            t.pending = t.pending.saturating_sub(1);
+        }
+        self.release(&mut s);
     }
 
     /// Closes `txn` (pgoutput Commit); `end_lsn` is confirmed once all its records are acked.
@@ -183,12 +244,19 @@ impl AckTracker {
     /// Kafka's verdict on one record of `txn`.
     pub fn delivered(&self, txn: TxnId, result: Result<(), DeliveryFailure>) -> Delivered {
         let mut s = self.lock();
+        // A report for a record never counted would be a bookkeeping bug; in release builds
+        // it must not wrap the count around and stall every drain.
+        debug_assert!(
+            s.in_flight > 0,
+            "a delivery report for a record never counted"
+        );
         s.in_flight = s.in_flight.saturating_sub(1);
         let mut done = Delivered {
             commit_time: None,
             in_flight: s.in_flight,
         };
         if let Some(t) = s.get_mut(txn) {
+            debug_assert!(t.pending > 0, "a delivery report for a settled transaction");
             t.pending = t.pending.saturating_sub(1);
             if result.is_err() {
                 t.failed = true;
@@ -324,8 +392,8 @@ mod tests {
     fn confirms_a_transaction_only_after_all_its_records_are_acked() {
         let (t, rx) = AckTracker::new(Lsn(10));
         let a = t.begin(0);
-        t.sending(a);
-        t.sending(a);
+        t.sending(a).handed_over();
+        t.sending(a).handed_over();
         t.commit(a, Lsn(100));
         t.delivered(a, Ok(()));
         assert_eq!(rx.borrow().confirmed, Lsn(10));
@@ -338,10 +406,10 @@ mod tests {
     fn a_later_transaction_acked_first_waits_for_the_earlier_one() {
         let (t, rx) = AckTracker::new(Lsn(0));
         let a = t.begin(0);
-        t.sending(a);
+        t.sending(a).handed_over();
         t.commit(a, Lsn(100));
         let b = t.begin(0);
-        t.sending(b);
+        t.sending(b).handed_over();
         t.commit(b, Lsn(200));
         t.delivered(b, Ok(()));
         assert_eq!(rx.borrow().confirmed, Lsn(0));
@@ -353,7 +421,7 @@ mod tests {
     fn acks_before_commit_do_not_confirm_an_open_transaction() {
         let (t, rx) = AckTracker::new(Lsn(0));
         let a = t.begin(0);
-        t.sending(a);
+        t.sending(a).handed_over();
         t.delivered(a, Ok(()));
         assert_eq!(rx.borrow().confirmed, Lsn(0));
         t.commit(a, Lsn(50));
@@ -374,7 +442,7 @@ mod tests {
         let a = t.begin(0);
         t.idle(Lsn(500));
         assert_eq!(rx.borrow().confirmed, Lsn(0), "open transaction");
-        t.sending(a);
+        t.sending(a).handed_over();
         t.commit(a, Lsn(100));
         t.idle(Lsn(500));
         assert_eq!(rx.borrow().confirmed, Lsn(0), "record in flight");
@@ -396,8 +464,8 @@ mod tests {
     fn a_refused_record_stops_confirmation_and_is_reported() {
         let (t, rx) = AckTracker::new(Lsn(0));
         let a = t.begin(0);
-        t.sending(a);
-        t.sending(a);
+        t.sending(a).handed_over();
+        t.sending(a).handed_over();
         t.commit(a, Lsn(100));
         t.delivered(a, Err(failure()));
         t.delivered(a, Ok(()));
@@ -413,7 +481,7 @@ mod tests {
     fn reset_forgets_a_transaction_cut_off_by_a_reconnect() {
         let (t, rx) = AckTracker::new(Lsn(0));
         let a = t.begin(0);
-        t.sending(a);
+        t.sending(a).handed_over();
         t.delivered(a, Ok(()));
         t.reset_open();
         let b = t.begin(0);
@@ -427,7 +495,7 @@ mod tests {
         let a = t.begin(0);
         t.commit(a, Lsn(1));
         let b = t.begin(0);
-        t.sending(b);
+        t.sending(b).handed_over();
         let s = t.stats();
         assert_eq!((s.in_flight, s.transactions), (1, 1));
         assert!(s.oldest_wait.is_some());
@@ -437,7 +505,7 @@ mod tests {
     fn committed_only_confirms_what_was_committed_not_what_was_acked() {
         let (t, rx) = AckTracker::committed_only(Lsn(0));
         let a = t.begin(0);
-        t.sending(a);
+        t.sending(a).handed_over();
         t.commit(a, Lsn(100));
         t.delivered(a, Ok(()));
         t.idle(Lsn(200));
@@ -447,12 +515,48 @@ mod tests {
     }
 
     #[test]
+    fn a_token_dropped_unsent_gives_the_count_back_and_confirms_nothing() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin(0);
+        let sent = t.sending(a).handed_over();
+        {
+            // A session error returned through `?` while the queue was full.
+            let _unsent = t.sending(a);
+        }
+        assert_eq!(t.in_flight(), 1);
+        t.delivered(sent, Ok(()));
+        assert_eq!(t.in_flight(), 0);
+        assert_eq!(
+            rx.borrow().confirmed,
+            Lsn(0),
+            "the transaction never committed"
+        );
+        t.reset_open();
+        let b = t.begin(0);
+        t.commit(b, Lsn(30));
+        assert_eq!(rx.borrow().confirmed, Lsn(30));
+    }
+
+    #[test]
+    fn refused_before_sending_stops_confirmation() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin(0);
+        t.sending(a).refused(failure());
+        t.commit(a, Lsn(10));
+        assert_eq!(t.in_flight(), 0);
+        let p = rx.borrow().clone();
+        assert_eq!(
+            (p.confirmed, p.failure.as_deref()),
+            (Lsn(0), Some(&failure()))
+        );
+    }
+
+    #[test]
     fn not_sent_records_do_not_hold_the_transaction() {
         let (t, rx) = AckTracker::new(Lsn(0));
         let a = t.begin(0);
-        t.sending(a);
-        t.not_sent(a);
-        t.sending(a);
+        drop(t.sending(a));
+        t.sending(a).handed_over();
         t.commit(a, Lsn(9));
         t.delivered(a, Ok(()));
         assert_eq!(rx.borrow().confirmed, Lsn(9));

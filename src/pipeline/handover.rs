@@ -12,7 +12,7 @@ use crate::config::{Config, Source};
 use crate::kafka::producer::{Publisher, SendError};
 use crate::mapping::outbox::Record;
 use crate::ops::metrics::Metrics;
-use crate::pipeline::ack::{AckTracker, DeliveryFailure, Progress, TxnId};
+use crate::pipeline::ack::{AckTracker, DeliveryFailure, InFlight, Progress, TxnId};
 
 /// How long one wait for room in the producer's queue lasts at most before [`Waiting::tick`].
 pub const WAIT_TICK: Duration = Duration::from_millis(100);
@@ -61,8 +61,10 @@ impl Handover<'_> {
         txn: TxnId,
         record: &Record<'_>,
     ) -> Result<(), HandoverError<W::Error>> {
-        self.tracker.sending(txn);
-        let Err(failure) = self.send(waiting, txn, record).await? else {
+        let Err((in_flight, failure)) = self
+            .send(waiting, self.tracker.sending(txn), record)
+            .await?
+        else {
             return Ok(());
         };
         self.metrics
@@ -70,10 +72,9 @@ impl Handover<'_> {
             .with_label_values(&[record.topic, "refused"])
             .inc();
         let Some(dead_letters) = &self.config.kafka.dead_letter_topic else {
-            self.tracker.delivered(txn, Err(failure));
+            in_flight.refused(failure);
             return Err(HandoverError::Refused("Kafka refused a record"));
         };
-        // The refused record stays counted as pending; the note takes its place.
         let source = self
             .sources
             .get(record.table)
@@ -91,26 +92,28 @@ impl Handover<'_> {
             ..*record
         };
         tracing::warn!("{failure}; sent a note to dead_letter_topic {dead_letters} instead");
-        if let Err(again) = self.send(waiting, txn, &letter).await? {
-            self.tracker.delivered(txn, Err(again));
+        // The note takes the refused record's place in its transaction's count.
+        if let Err((in_flight, again)) = self.send(waiting, in_flight, &letter).await? {
+            in_flight.refused(again);
             return Err(HandoverError::Refused("Kafka refused a dead letter"));
         }
         Ok(())
     }
 
     /// Hands `record` to the producer, waiting while its queue is full; `Ok(Err(_))` when the
-    /// producer refused it for good.
-    async fn send<W: Waiting>(
+    /// producer refused it for good, with its count still held.
+    async fn send<'t, W: Waiting>(
         &self,
         waiting: &mut W,
-        txn: TxnId,
+        mut in_flight: InFlight<'t>,
         record: &Record<'_>,
-    ) -> Result<Result<(), DeliveryFailure>, HandoverError<W::Error>> {
+    ) -> Result<Result<(), (InFlight<'t>, DeliveryFailure)>, HandoverError<W::Error>> {
         loop {
-            match self.publisher.send(txn, record) {
+            match self.publisher.send(in_flight, record) {
                 Ok(()) => return Ok(Ok(())),
-                Err(SendError::Refused(failure)) => return Ok(Err(failure)),
-                Err(SendError::QueueFull) => {
+                Err(SendError::Refused(back, failure)) => return Ok(Err((back, failure))),
+                Err(SendError::QueueFull(back)) => {
+                    in_flight = back;
                     // Refill in large steps: waking for every acknowledgement would cost a
                     // context switch per record.
                     let refill_at = self.tracker.in_flight() / 2;
@@ -118,6 +121,8 @@ impl Handover<'_> {
                         _ = self.publisher.space_below(refill_at) => {}
                         _ = tokio::time::sleep(WAIT_TICK) => {}
                     }
+                    // An error here drops the token: the record was never sent, so its
+                    // count goes back and a later drain does not wait for it.
                     waiting.tick().await.map_err(HandoverError::Waiting)?;
                 }
             }
