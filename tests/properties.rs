@@ -676,7 +676,7 @@ proptest! {
             Ok(Some(r)) => r,
             other => return Err(TestCaseError::fail(format!("{other:?}"))),
         };
-        prop_assert_eq!(record.table, 0);
+        prop_assert_eq!(record.table, Some(0));
         prop_assert_eq!(record.topic, format!("outbox.event.{}", String::from_utf8_lossy(agg)));
         prop_assert_eq!(record.key, key.as_deref());
         prop_assert_eq!(record.payload, payload.as_deref());
@@ -727,7 +727,7 @@ proptest! {
         match mapper.map(relation_id, &tuple) {
             Ok(Some(r)) => {
                 prop_assert!(is_outbox);
-                prop_assert_eq!(r.table, 0);
+                prop_assert_eq!(r.table, Some(0));
                 let _ = r.event_id(); // must not panic, whatever the id column holds
             }
             Ok(None) => prop_assert!(!is_outbox),

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use crate::config::{CloudEvents, KafkaConfig, Source};
 use crate::fxhash::FxHashMap;
 use crate::mapping::cloudevents;
-use crate::mapping::outbox::Record;
+use crate::mapping::record::Record;
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::{AckTracker, DeliveryFailure, InFlight, TxnId};
 use crate::postgres::replication::secs_since;
@@ -88,7 +88,7 @@ const POSITION_TOKEN: usize = usize::MAX;
 /// Routes seen so far: each (outbox table, topic) pair gets a number and a counter.
 #[derive(Default)]
 struct Routes {
-    by_topic: FxHashMap<String, Vec<(usize, usize)>>,
+    by_topic: FxHashMap<String, Vec<(Option<usize>, usize)>>,
 }
 
 /// What the replication loop and librdkafka's delivery thread share.
@@ -338,7 +338,7 @@ impl Publisher {
     }
 
     /// The route number of (outbox table `table`, `topic`), made on first use.
-    fn route(&self, table: usize, topic: &str) -> usize {
+    fn route(&self, table: Option<usize>, topic: &str) -> usize {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(&(_, route)) = routes
             .by_topic
@@ -355,10 +355,8 @@ impl Publisher {
         if published.len() >= NO_ROUTE {
             return NO_ROUTE;
         }
-        let name = self
-            .shared
-            .tables
-            .get(table)
+        let name = table
+            .and_then(|t| self.shared.tables.get(t))
             .map_or("other", String::as_str);
         published.push(
             self.shared
@@ -385,7 +383,10 @@ impl Publisher {
         debug_assert!(in_flight.counts_in(&self.shared.tracker));
         let txn = in_flight.txn();
         let token = ((txn as usize) << ROUTE_BITS) | self.route(record.table, record.topic);
-        let ce = self.cloudevents.get(record.table).and_then(Option::as_ref);
+        let ce = record
+            .table
+            .and_then(|t| self.cloudevents.get(t))
+            .and_then(Option::as_ref);
         let mut headers = OwnedHeaders::new_with_capacity(
             2 + record.extra_headers.len() + if ce.is_some() { 6 } else { 0 },
         );
@@ -394,7 +395,7 @@ impl Publisher {
         }
         if let Some(ce) = ce {
             let mut time = [0; cloudevents::TIME_LEN];
-            let time = cloudevents::time(record.time, &mut time);
+            let time = record.time.and_then(|t| cloudevents::time(t, &mut time));
             for (key, value) in cloudevents::headers(ce, record.id, record.kind, time) {
                 headers = headers.insert(Header { key, value });
             }

@@ -29,11 +29,8 @@ pub fn headers<'a>(
 }
 
 /// Formats a PostgreSQL timestamp (microseconds since 2000-01-01 UTC) as RFC 3339 in UTC
-/// into `buf`, without allocating; `None` for 0 (unknown) or a time before year 0.
+/// into `buf`, without allocating; `None` for a time outside years 0 to 9999.
 pub fn time(pg_micros: i64, buf: &mut [u8; TIME_LEN]) -> Option<&[u8]> {
-    if pg_micros == 0 {
-        return None;
-    }
     let unix = pg_micros.checked_add(PG_EPOCH_MICROS)?;
     let (secs, micros) = (unix.div_euclid(1_000_000), unix.rem_euclid(1_000_000));
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -91,7 +88,8 @@ mod tests {
         // 2024-02-29 13:45:07.250000 UTC, a leap day: 8825 days and 49 507.25 s after 2000.
         let t = (8825 * 86_400 + 49_507) * 1_000_000 + 250_000;
         assert_eq!(text(t).as_deref(), Some("2024-02-29T13:45:07.250000Z"));
-        assert_eq!(text(0), None, "0 means unknown");
+        assert_eq!(text(0).as_deref(), Some("2000-01-01T00:00:00.000000Z"));
+        assert_eq!(text(i64::MAX), None);
     }
 
     #[test]

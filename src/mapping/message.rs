@@ -12,7 +12,8 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::config::MessageConfig;
-use crate::mapping::outbox::{parse_topic, render_topic, Record, TopicPart};
+use crate::mapping::outbox::{parse_topic, render_topic, TopicPart};
+use crate::mapping::record::Record;
 
 /// Envelope fields with a fixed role, in slot order.
 const FIXED: [&str; 4] = ["id", "aggregateid", "type", "payload"];
@@ -181,7 +182,7 @@ impl MessageMapper {
             }
         })?;
         Ok(Some(Record {
-            table: plan.source,
+            table: Some(plan.source),
             topic: &self.topic,
             key: values[KEY_SLOT],
             payload: values[PAYLOAD_SLOT],
@@ -193,7 +194,7 @@ impl MessageMapper {
                 .map(|(name, slot)| (name.as_str(), values[*slot]))
                 .collect(),
             partition: None,
-            time: 0,
+            time: None,
         }))
     }
 }

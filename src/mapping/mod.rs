@@ -4,3 +4,4 @@
 pub mod cloudevents;
 pub mod message;
 pub mod outbox;
+pub mod record;

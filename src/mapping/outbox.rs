@@ -6,6 +6,7 @@
 
 use crate::config::OutboxConfig;
 use crate::fxhash::FxHashMap;
+use crate::mapping::record::Record;
 use crate::postgres::pgoutput::{DecodeError, Relation, Tuple, Value};
 
 /// PostgreSQL's type oid for `bytea`, whose text form is hex and must be sent as raw bytes.
@@ -170,47 +171,6 @@ struct Plan {
     picks: Vec<(usize, usize)>,
     /// The column of each slot, for rows whose values are fetched by column.
     columns_by_slot: Vec<usize>,
-}
-
-/// One record ready for the producer; borrows the row and the mapper's scratch space.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Record<'a> {
-    /// Index of the `[[outbox]]` entry the row belongs to.
-    pub table: usize,
-    /// Destination topic.
-    pub topic: &'a str,
-    /// Record key (`None` for a NULL key column).
-    pub key: Option<&'a [u8]>,
-    /// Record value (`None` for a NULL payload).
-    pub payload: Option<&'a [u8]>,
-    /// The event id column, sent as the `id` header.
-    pub id: Option<&'a [u8]>,
-    /// The event type column, sent as the `type` header.
-    pub kind: Option<&'a [u8]>,
-    /// The configured `header_columns`, in order (empty and unallocated when none are).
-    pub extra_headers: Vec<(&'a str, Option<&'a [u8]>)>,
-    /// The partition from `partition_column`; `None` lets the partitioner hash the key.
-    pub partition: Option<i32>,
-    /// Commit time of the event's transaction, microseconds since 2000-01-01 UTC (0: unknown);
-    /// set by the pipeline, which knows the transaction.
-    pub time: i64,
-}
-
-impl<'a> Record<'a> {
-    /// Headers in order: `id`, `type`, then the configured extra columns.
-    pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + '_ {
-        [("id", self.id), ("type", self.kind)]
-            .into_iter()
-            .chain(self.extra_headers.iter().copied())
-    }
-
-    /// The event id as text, for error messages.
-    pub fn event_id(&self) -> String {
-        match self.id {
-            Some(v) => String::from_utf8_lossy(v).into_owned(),
-            None => "?".into(),
-        }
-    }
 }
 
 /// Maps rows of the configured outbox tables; other tables are ignored.
@@ -405,7 +365,7 @@ fn build<'a>(
         },
     };
     Ok(Record {
-        table: plan.index,
+        table: Some(plan.index),
         topic: topic.as_str(),
         key,
         payload,
@@ -413,7 +373,7 @@ fn build<'a>(
         kind: text(KIND_SLOT),
         extra_headers,
         partition,
-        time: 0,
+        time: None,
     })
 }
 

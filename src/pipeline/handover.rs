@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, Source};
 use crate::kafka::producer::{Publisher, SendError};
-use crate::mapping::outbox::Record;
+use crate::mapping::record::Record;
 use crate::ops::metrics::Metrics;
 use crate::pipeline::ack::{AckTracker, DeliveryFailure, InFlight, Progress, TxnId};
 
@@ -75,9 +75,9 @@ impl Handover<'_> {
             in_flight.refused(failure);
             return Err(HandoverError::Refused("Kafka refused a record"));
         };
-        let source = self
-            .sources
-            .get(record.table)
+        let source = record
+            .table
+            .and_then(|t| self.sources.get(t))
             .map_or("?", |s| s.name.as_str());
         let note = dead_letter_note(source, record, &failure);
         let letter = Record {

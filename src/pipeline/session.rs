@@ -15,7 +15,8 @@ use crate::kafka::exactly_once::{ExactlyOnce, TxnError};
 use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
 use crate::mapping::message::MessageMapper;
-use crate::mapping::outbox::{OutboxMapper, Record};
+use crate::mapping::outbox::OutboxMapper;
+use crate::mapping::record::Record;
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::{AckTracker, Progress, TxnId};
 use crate::pipeline::handover::{Handover, HandoverError, Waiting};
@@ -416,7 +417,7 @@ impl Pipeline<'_> {
                 };
                 let record = match self.mapper.map(relation_id, &tuple) {
                     Ok(Some(r)) => Record {
-                        time: self.commit_time,
+                        time: Some(self.commit_time),
                         ..r
                     },
                     Ok(None) => return Ok(()),
@@ -451,10 +452,7 @@ impl Pipeline<'_> {
                         );
                         note = bad_message_note(&prefix, lsn, content, &e.to_string());
                         Record {
-                            table: self
-                                .messages
-                                .source_of(prefix.as_bytes())
-                                .unwrap_or(usize::MAX),
+                            table: self.messages.source_of(prefix.as_bytes()),
                             topic: dead_letters,
                             key: None,
                             payload: Some(note.as_bytes()),
@@ -462,11 +460,14 @@ impl Pipeline<'_> {
                             kind: None,
                             extra_headers: vec![("error", Some(b"malformed envelope"))],
                             partition: None,
-                            time: 0,
+                            time: None,
                         }
                     }
                 };
-                let record = Record { time, ..record };
+                let record = Record {
+                    time: Some(time),
+                    ..record
+                };
                 // A non-transactional message was decoded on its own, outside any transaction
                 // (even one that rolled back): it is a transaction of one event, ending at its LSN.
                 let (txn, alone) = match (transactional, self.txn) {
