@@ -2,9 +2,12 @@
 //! handing records to the producer and tracking their acknowledgements back to the slot.
 
 pub mod ack;
+mod end;
 pub mod handover;
 mod monitor;
+mod output;
 pub mod run;
 pub mod session;
 pub mod setup;
 pub mod snapshot;
+mod stop;

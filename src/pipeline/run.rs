@@ -3,7 +3,6 @@
 //! while another instance holds the slot, and graceful shutdown.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,17 +17,23 @@ use crate::mapping::message::MessageMapper;
 use crate::mapping::outbox::OutboxMapper;
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::AckTracker;
+use crate::pipeline::end::SessionEnd;
 use crate::pipeline::monitor::Monitor;
-use crate::pipeline::session::{Pipeline, SessionEnd, Shutdown, Status};
+use crate::pipeline::output::{Output, Status};
+use crate::pipeline::session::Session;
 use crate::pipeline::setup::{self, SetupError};
 use crate::pipeline::snapshot::{Outcome, Snapshot, SnapshotError};
+use crate::pipeline::stop::Stop;
 use crate::postgres::connect::PgEndpoint;
 
 /// How often a standby retries acquiring the slot.
 const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// Runs the relay until `shutdown` resolves (graceful, `Ok`) or a fatal error.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let endpoint = PgEndpoint::new(&config.postgres)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -39,7 +44,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             .with_context(|| format!("cannot listen on [metrics] listen = {addr:?}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
     }
-    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+    let mut stop = Stop::new(
+        shutdown,
+        Duration::from_secs(config.relay.shutdown_timeout_secs),
+    );
     let max_backoff = Duration::from_secs(config.relay.reconnect_max_backoff_secs.max(1));
 
     // Where the tracker starts does not matter: it is moved to the slot's position below.
@@ -98,7 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                 };
                 let taken = tokio::select! {
                     taken = snapshot.take() => taken,
-                    _ = shutdown.as_mut() => {
+                    _ = stop.wait() => {
                         tracing::info!("stopped during the initial snapshot; the next start takes it again");
                         return Ok(());
                     }
@@ -137,7 +145,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             }
             Err(e) => return Err(e.into()),
         };
-        if sleep_or_shutdown(pause, shutdown.as_mut()).await {
+        if stop.sleep(pause).await {
             return Ok(());
         }
     };
@@ -160,69 +168,65 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         .run(),
     );
 
-    let mut pipeline = Pipeline {
+    let mut session = Session {
         config: &config,
         endpoint: &endpoint,
         mapper: OutboxMapper::new(&config.outbox),
         messages: MessageMapper::new(&config.message, config.outbox.len()),
-        sources,
-        tracker,
-        publisher,
-        progress,
         problem,
-        metrics,
         health: health.clone(),
-        status: Status {
-            every: Duration::from_secs(config.postgres.status_interval_secs),
-            received: confirmed,
-            reported: confirmed,
-            last: Instant::now(),
-        },
         txn: None,
         commit_time: 0,
         idle_end: confirmed,
-        events: 0,
-        eos,
+        out: Output {
+            config: &config,
+            sources,
+            tracker,
+            publisher,
+            progress,
+            metrics: metrics.clone(),
+            status: Status::new(
+                Duration::from_secs(config.postgres.status_interval_secs),
+                confirmed,
+            ),
+            events: 0,
+            eos,
+            stop: stop.clone(),
+        },
     };
     let mut backoff = Backoff::new(max_backoff);
     let mut standby = false;
     let result = loop {
         let started = Instant::now();
-        match pipeline.session(shutdown.as_mut()).await {
+        match session.run().await {
             SessionEnd::Stopped => break Ok(()),
             SessionEnd::Fatal(e) => break Err(e),
             SessionEnd::SlotBusy(why) => {
                 health.set_not_streaming(format!("standby: {why}"));
-                pipeline.metrics.leader.set(0);
+                metrics.leader.set(0);
                 // Said once per standby spell: a standby may wait for days.
                 if !standby {
                     tracing::info!("standby: {why}; retrying every {STANDBY_RETRY:?}");
                     standby = true;
                 }
-                if sleep_or_shutdown(STANDBY_RETRY, shutdown.as_mut()).await {
+                if stop.sleep(STANDBY_RETRY).await {
                     break Ok(());
                 }
             }
             SessionEnd::Transient(e) => {
                 standby = false;
-                pipeline.metrics.leader.set(0);
-                pipeline
-                    .metrics
-                    .reconnects
-                    .with_label_values(&["postgres"])
-                    .inc();
+                metrics.leader.set(0);
+                metrics.reconnects.with_label_values(&["postgres"]).inc();
                 if started.elapsed() > max_backoff * 2 {
                     backoff = Backoff::new(max_backoff);
                 }
                 let wait = backoff.next();
                 tracing::warn!("{e:#}; reconnecting in {wait:?}");
                 health.set_not_streaming(format!("reconnecting to PostgreSQL: {e:#}"));
-                if let Err(e) = pipeline.abandon().await {
+                if let Err(e) = session.abandon().await {
                     break Err(e);
                 }
-                if pipeline.drain(shutdown.as_mut()).await
-                    || sleep_or_shutdown(wait, shutdown.as_mut()).await
-                {
+                if session.drain().await || stop.sleep(wait).await {
                     break Ok(());
                 }
             }
@@ -230,14 +234,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     };
     monitor.abort();
     result
-}
-
-/// Sleeps `d`; true if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(d: Duration, shutdown: Shutdown<'_>) -> bool {
-    tokio::select! {
-        _ = shutdown => true,
-        _ = tokio::time::sleep(d) => false,
-    }
 }
 
 /// Capped exponential backoff with jitter, so replicas do not reconnect in lockstep.

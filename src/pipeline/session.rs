@@ -1,31 +1,27 @@
-//! One streaming session: replication stream → pgoutput decoder → outbox mapping → publisher,
-//! with the acknowledgement tracker's confirmed LSN fed back to the slot as standby status
-//! updates, until shutdown or an error ends it and says what the lifecycle should do next.
+//! One streaming session: the replication stream is decoded (pgoutput), mapped (outbox rows
+//! and messages) and handed to the output side, whose confirmed LSN goes back to the slot as
+//! standby status updates, until shutdown or an error ends it and says what the lifecycle
+//! should do next.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use tokio::sync::watch;
 
-use crate::config::{Config, PostgresConfig, Source};
-use crate::kafka::exactly_once::{ExactlyOnce, TxnError};
-use crate::kafka::producer::Publisher;
+use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::mapping::message::MessageMapper;
 use crate::mapping::outbox::OutboxMapper;
 use crate::mapping::record::Record;
-use crate::ops::metrics::{Health, Metrics};
-use crate::pipeline::ack::{AckTracker, Progress, TxnId};
-use crate::pipeline::handover::{Handover, HandoverError, Waiting};
+use crate::ops::metrics::Health;
+use crate::pipeline::ack::TxnId;
+use crate::pipeline::end::{classify, txn_end, SessionEnd};
+use crate::pipeline::output::Output;
 use crate::pipeline::setup;
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::pgoutput::{self, Message};
 use crate::postgres::replication::{
-    pg_now_micros, secs_since, ReplicationConnection, ReplicationError, ReplicationEvent,
-    ReplicationStream,
+    pg_now_micros, secs_since, ReplicationConnection, ReplicationEvent, ReplicationStream,
 };
 
 /// How often the loop looks at the confirmed LSN to report it; bounds status-update chattiness.
@@ -33,113 +29,28 @@ const CONFIRM_TICK: Duration = Duration::from_millis(100);
 /// How often progress is logged at info.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// How a streaming session ended.
-pub(super) enum SessionEnd {
-    /// Shutdown was requested and handled.
-    Stopped,
-    /// Another process holds the slot: wait and retry.
-    SlotBusy(String),
-    /// The connection failed in a way a reconnect may fix.
-    Transient(anyhow::Error),
-    /// Stop the relay.
-    Fatal(anyhow::Error),
-}
-
-pub(super) type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
-
-pub(super) struct Pipeline<'c> {
+/// The decode side and the session's own state; [`Output`] is the rest.
+pub(super) struct Session<'c> {
     pub(super) config: &'c Config,
     pub(super) endpoint: &'c PgEndpoint,
     pub(super) mapper: OutboxMapper,
     /// The table-less outbox's mapper (`[[message]]`).
     pub(super) messages: MessageMapper,
-    /// Every source's name and CloudEvents attributes, by `Record::table`.
-    pub(super) sources: Vec<Source>,
-    pub(super) tracker: Arc<AckTracker>,
-    pub(super) publisher: Arc<Publisher>,
-    pub(super) progress: watch::Receiver<Progress>,
     /// From the monitor: a problem that stops the relay.
     pub(super) problem: watch::Receiver<Option<String>>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) health: Arc<Health>,
-    pub(super) status: Status,
+    pub(super) health: std::sync::Arc<Health>,
     /// The open transaction, between Begin and Commit.
     pub(super) txn: Option<TxnId>,
     /// The open transaction's commit time (microseconds since 2000-01-01 UTC).
     pub(super) commit_time: i64,
     /// The newest keepalive WAL end seen outside a transaction: everything before it was sent.
     pub(super) idle_end: Lsn,
-    pub(super) events: u64,
-    /// Exactly-once mode's Kafka transactions; None in at-least-once mode.
-    pub(super) eos: Option<ExactlyOnce>,
+    pub(super) out: Output<'c>,
 }
 
-/// What the server was last told, and when.
-pub(super) struct Status {
-    pub(super) every: Duration,
-    /// Highest WAL position seen from the server.
-    pub(super) received: Lsn,
-    /// The confirmed LSN last sent to the server.
-    pub(super) reported: Lsn,
-    pub(super) last: Instant,
-}
-
-impl Status {
-    /// Sends a standby status update if the confirmed LSN moved, the interval passed, or `force`.
-    async fn send(
-        &mut self,
-        stream: &mut ReplicationStream,
-        progress: &watch::Receiver<Progress>,
-        force: bool,
-    ) -> Result<(), ReplicationError> {
-        let confirmed = progress.borrow().confirmed;
-        if force || confirmed != self.reported || self.last.elapsed() >= self.every {
-            stream
-                .send_status(self.received.max(confirmed), confirmed)
-                .await?;
-            self.reported = confirmed;
-            self.last = Instant::now();
-        }
-        Ok(())
-    }
-}
-
-/// Sorts a replication error into what the lifecycle does about it.
-fn classify(e: ReplicationError, pg: &PostgresConfig, during: &str) -> SessionEnd {
-    let (slot, publication) = (&pg.slot, &pg.publication);
-    match e.sqlstate() {
-        // object_in_use: another walsender has the slot.
-        Some("55006") => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
-        // undefined_object: the slot is gone (dropped, or lost in a failover).
-        Some("42704") => SessionEnd::Fatal(anyhow!(
-            "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
-             re-publish outbox rows committed since the newest event in Kafka, run COMMENT ON PUBLICATION {publication} IS NULL, then restart the relay to create a fresh slot"
-        )),
-        // object_not_in_prerequisite_state: the slot was invalidated (wal_status = lost).
-        Some("55000") => SessionEnd::Fatal(anyhow!(
-            "replication slot {slot} can no longer be read ({e}): WAL it needed was removed, so events may have been lost; \
-             re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart"
-        )),
-        Some(code) if code.starts_with("28") => {
-            SessionEnd::Fatal(anyhow::Error::new(e).context(format!("{during}: PostgreSQL refused the credentials")))
-        }
-        // 22023 invalid_parameter_value: an option pgoutput does not know (e.g. messages
-        // before PostgreSQL 14); retrying cannot help.
-        Some(code) if code.starts_with("42") || code.starts_with("0A") || code == "22023" => {
-            SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
-        }
-        Some(_) | None => match e {
-            ReplicationError::Protocol(_) | ReplicationError::Config(_) | ReplicationError::Auth(_) => {
-                SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
-            }
-            _ => SessionEnd::Transient(anyhow::Error::new(e).context(during.to_owned())),
-        },
-    }
-}
-
-impl Pipeline<'_> {
+impl Session<'_> {
     /// Connects, streams until something ends the session, and says why it ended.
-    pub(super) async fn session(&mut self, mut shutdown: Shutdown<'_>) -> SessionEnd {
+    pub(super) async fn run(&mut self) -> SessionEnd {
         let slot = self.config.postgres.slot.as_str();
         let conn = match ReplicationConnection::connect(self.endpoint).await {
             Ok(c) => c,
@@ -174,20 +85,21 @@ impl Pipeline<'_> {
             Ok(wal) => wal,
             Err(e) => return SessionEnd::Transient(e),
         };
-        if let Some(eos) = &mut self.eos {
-            if let Err(e) = eos.start(&self.publisher, &self.tracker, server_wal).await {
-                return txn_end(&self.progress, self.status.reported, e);
+        let out = &mut self.out;
+        if let Some(eos) = &mut out.eos {
+            if let Err(e) = eos.start(&out.publisher, &out.tracker, server_wal).await {
+                return txn_end(&out.progress, out.status.reported, e);
             }
         }
         self.health.set_streaming();
-        self.metrics.leader.set(1);
+        self.out.metrics.leader.set(1);
         tracing::info!(
             slot,
             publication = %self.config.postgres.publication,
-            resume_from = %self.status.reported,
+            resume_from = %self.out.status.reported,
             "streaming"
         );
-        let end = self.stream(&mut stream, shutdown.as_mut()).await;
+        let end = self.stream(&mut stream).await;
         self.health.set_not_streaming("replication stream ended");
         if !matches!(end, SessionEnd::Transient(_)) {
             // The socket still works: say goodbye so the slot is released at once.
@@ -211,50 +123,41 @@ impl Pipeline<'_> {
         let server_wal: Lsn = row.try_get::<_, String>(1)?.parse()?;
         if let Some(lsn) = row.try_get::<_, Option<String>>(0)? {
             let lsn: Lsn = lsn.parse()?;
-            self.tracker.rebase(lsn);
-            let confirmed = self.tracker.confirmed();
-            self.status.reported = confirmed;
-            self.status.received = self.status.received.max(confirmed);
+            let out = &mut self.out;
+            out.tracker.rebase(lsn);
+            let confirmed = out.tracker.confirmed();
+            out.status.reported = confirmed;
+            out.status.received = out.status.received.max(confirmed);
             self.idle_end = self.idle_end.max(confirmed);
         }
         Ok(server_wal)
     }
 
-    async fn stream(
-        &mut self,
-        stream: &mut ReplicationStream,
-        mut shutdown: Shutdown<'_>,
-    ) -> SessionEnd {
+    async fn stream(&mut self, stream: &mut ReplicationStream) -> SessionEnd {
         let mut tick = tokio::time::interval(CONFIRM_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_log = Instant::now();
-        let mut logged = self.status.reported;
-        // Set on shutdown while a transaction is open: finish reading it (its records are
-        // already on their way) so that a restart does not send them again.
-        let mut stopping: Option<tokio::time::Instant> = None;
-        let mut shutdown_done = false;
+        let mut logged = self.out.status.reported;
+        let mut stop = self.out.stop.clone();
         loop {
-            if let Some(deadline) = stopping {
-                if self.txn.is_none() || tokio::time::Instant::now() >= deadline {
-                    return match self.stop(stream).await {
-                        Ok(()) => SessionEnd::Stopped,
-                        Err(e) => SessionEnd::Fatal(e),
-                    };
+            // On shutdown, the open transaction is read to its end (its records are already
+            // on their way, so a restart need not send them again), for half the stop's time.
+            if let Some(reading_until) = stop.reading_deadline() {
+                if self.txn.is_none() || tokio::time::Instant::now() >= reading_until {
+                    return self.stop(stream).await;
                 }
             }
+            let (stopping, reading_until) = (stop.requested(), stop.reading_deadline());
             let step: Result<(), SessionEnd> = tokio::select! {
                 biased;
-                _ = &mut shutdown, if !shutdown_done => {
-                    shutdown_done = true;
-                    let grace = Duration::from_secs(self.config.relay.shutdown_timeout_secs);
+                _ = stop.wait(), if !stopping => {
                     if self.txn.is_some() {
                         tracing::info!("stopping: reading to the end of the open transaction first");
                     }
-                    stopping = Some(tokio::time::Instant::now() + grace / 2);
                     Ok(())
                 }
-                _ = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now)), if stopping.is_some() => Ok(()),
-                _ = self.progress.changed() => failed(&self.progress, self.status.reported).map_err(SessionEnd::Fatal),
+                _ = tokio::time::sleep_until(reading_until.unwrap_or_else(tokio::time::Instant::now)), if stopping => Ok(()),
+                _ = self.out.progress.changed() => self.out.refusal(),
                 _ = self.problem.changed() => match self.problem.borrow().clone() {
                     Some(problem) => Err(SessionEnd::Fatal(anyhow!(problem))),
                     None => Ok(()),
@@ -263,29 +166,29 @@ impl Pipeline<'_> {
                     // The server sends one keepalive when it catches up; if records were still
                     // in flight then, confirm its WAL end once they are acknowledged, rather
                     // than waiting ~15 s for the next one.
-                    self.idle(self.idle_end);
-                    self.update_metrics();
-                    if last_log.elapsed() >= LOG_EVERY && self.status.reported != logged {
-                        tracing::info!(confirmed = %self.status.reported, events = self.events, "confirmed");
-                        logged = self.status.reported;
+                    self.out.idle(self.idle_end);
+                    self.out.update_metrics();
+                    let reported = self.out.status.reported;
+                    if last_log.elapsed() >= LOG_EVERY && reported != logged {
+                        tracing::info!(confirmed = %reported, events = self.out.events, "confirmed");
+                        logged = reported;
                         last_log = Instant::now();
                     }
-                    match self.eos_pause(false).await {
-                        Ok(()) => self
-                            .status
-                            .send(stream, &self.progress, false)
-                            .await
-                            .map_err(|e| classify(e, &self.config.postgres, "sending a status update failed")),
+                    match self.out.pause(false).await {
+                        Ok(()) => self.out.report(stream, false, "sending a status update failed").await,
                         Err(end) => Err(end),
                     }
                 }
                 event = stream.next_event() => match event {
-                    Ok(event) => self.handle_burst(stream, event, stopping.is_some()).await,
+                    Ok(event) => self.handle_burst(stream, event, stopping).await,
                     Err(e) => Err(classify(e, &self.config.postgres, "replication stream failed")),
                 },
             };
-            if let Err(end) = step {
-                return end;
+            match step {
+                Ok(()) => {}
+                // Shutdown while waiting for room in the producer's queue.
+                Err(SessionEnd::Stopped) => return self.stop(stream).await,
+                Err(end) => return end,
             }
         }
     }
@@ -299,7 +202,7 @@ impl Pipeline<'_> {
         stopping: bool,
     ) -> Result<(), SessionEnd> {
         const BURST: usize = 1024;
-        let before = self.events;
+        let before = self.out.events;
         self.handle(stream, first).await?;
         for _ in 1..BURST {
             if stopping && self.txn.is_none() {
@@ -309,10 +212,10 @@ impl Pipeline<'_> {
                 Ok(Some(event)) => self.handle(stream, event).await?,
                 Ok(None) => {
                     // Caught up with the server: nothing more to batch with for now.
-                    if self.events != before {
-                        self.publisher.nudge();
+                    if self.out.events != before {
+                        self.out.publisher.nudge();
                     }
-                    self.eos_pause(true).await?;
+                    self.out.pause(true).await?;
                     break;
                 }
                 Err(e) => {
@@ -327,19 +230,6 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    fn update_metrics(&self) {
-        let stats = self.tracker.stats();
-        self.metrics.inflight_events.set(stats.in_flight as i64);
-        let done = self.metrics.transactions.get();
-        if stats.transactions > done {
-            self.metrics.transactions.inc_by(stats.transactions - done);
-        }
-        self.metrics
-            .confirmed_flush_lsn
-            .set(self.status.reported.0 as i64);
-        self.metrics.received_lsn.set(self.status.received.0 as i64);
-    }
-
     async fn handle(
         &mut self,
         stream: &mut ReplicationStream,
@@ -350,24 +240,23 @@ impl Pipeline<'_> {
                 wal_end,
                 reply_requested,
             } => {
-                self.status.received = self.status.received.max(wal_end);
+                let status = &mut self.out.status;
+                status.received = status.received.max(wal_end);
                 if self.txn.is_none() {
                     self.idle_end = self.idle_end.max(wal_end);
-                    self.idle(wal_end);
+                    self.out.idle(wal_end);
                 }
                 if reply_requested {
-                    self.status
-                        .send(stream, &self.progress, true)
-                        .await
-                        .map_err(|e| {
-                            classify(e, &self.config.postgres, "answering a keepalive failed")
-                        })?;
+                    self.out
+                        .report(stream, true, "answering a keepalive failed")
+                        .await?;
                 }
             }
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => {
-                self.status.received = self.status.received.max(wal_start);
+                let status = &mut self.out.status;
+                status.received = status.received.max(wal_start);
                 let message = pgoutput::decode(&data).map_err(|e| {
                     SessionEnd::Fatal(anyhow!(
                         "cannot decode pgoutput message at {wal_start}: {e}"
@@ -390,20 +279,20 @@ impl Pipeline<'_> {
                 final_lsn,
                 ..
             } => {
-                self.metrics
+                self.out
+                    .metrics
                     .commit_to_receive_seconds
                     .observe(secs_since(commit_time));
-                self.txn = Some(self.tracker.begin(commit_time));
+                self.txn = Some(self.out.tracker.begin(commit_time));
                 self.commit_time = commit_time;
-                if let Some(eos) = &mut self.eos {
+                if let Some(eos) = &mut self.out.eos {
                     eos.begin(final_lsn);
                 }
             }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
-                    self.tracker.commit(txn, end_lsn);
+                    self.out.commit(txn, end_lsn).await?;
                 }
-                eos_end!(self, end_lsn);
             }
             Message::Relation(rel) => self
                 .mapper
@@ -423,7 +312,7 @@ impl Pipeline<'_> {
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnd::Fatal(e.into())),
                 };
-                event!(self, stream, txn, &record);
+                self.out.event(stream, txn, &record).await?;
             }
             Message::Logical {
                 transactional,
@@ -477,17 +366,16 @@ impl Pipeline<'_> {
                             "pgoutput sent a transactional message outside a transaction"
                         )))
                     }
-                    (false, _) => (self.tracker.begin(time), true),
+                    (false, _) => (self.out.tracker.begin(time), true),
                 };
-                if let (true, Some(eos)) = (alone, &mut self.eos) {
+                if let (true, Some(eos)) = (alone, &mut self.out.eos) {
                     // Exactly-once: a transaction of one event, known by its own LSN.
                     eos.begin_alone(lsn)
                         .map_err(|e| SessionEnd::Fatal(anyhow!(e)))?;
                 }
-                event!(self, stream, txn, &record);
+                self.out.event(stream, txn, &record).await?;
                 if alone {
-                    self.tracker.commit(txn, lsn);
-                    eos_end!(self, lsn);
+                    self.out.commit(txn, lsn).await?;
                 }
             }
             Message::Skipped(_) => {}
@@ -495,171 +383,36 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// A keepalive's WAL end outside any transaction: confirm it if nothing is outstanding.
-    fn idle(&self, wal_end: Lsn) {
-        self.tracker.idle(wal_end);
-        if let Some(eos) = &self.eos {
-            eos.idle(wal_end, &self.tracker);
-        }
-    }
-
-    /// Exactly-once mode, the stream paused (`caught_up` with the server, or a tick): commit
-    /// the open Kafka transaction if it should not wait any longer.
-    async fn eos_pause(&mut self, caught_up: bool) -> Result<(), SessionEnd> {
-        let Some(eos) = &mut self.eos else {
-            return Ok(());
-        };
-        let done = eos.pause(caught_up, &self.publisher, &self.tracker).await;
-        done.map_err(|e| txn_end(&self.progress, self.status.reported, e))
-    }
-
     /// Exactly-once mode, the session ended: abort the open Kafka transaction.
     pub(super) async fn abandon(&mut self) -> anyhow::Result<()> {
-        if let Some(eos) = &mut self.eos {
-            eos.abandon(&self.publisher).await?;
-        }
-        Ok(())
+        self.out.abandon().await
     }
 
     /// After a lost connection: wait for every queued record's verdict, then forget the
     /// transaction that was cut off. True if shutdown was requested meanwhile.
-    pub(super) async fn drain(&mut self, mut shutdown: Shutdown<'_>) -> bool {
-        loop {
-            if self.tracker.in_flight() == 0 {
-                break;
-            }
+    pub(super) async fn drain(&mut self) -> bool {
+        let mut stop = self.out.stop.clone();
+        while self.out.tracker.in_flight() > 0 {
             tokio::select! {
-                _ = &mut shutdown => return true,
-                _ = self.publisher.space_below(0) => {}
+                _ = stop.wait() => return true,
+                _ = self.out.publisher.space_below(0) => {}
                 _ = tokio::time::sleep(CONFIRM_TICK) => {}
             }
         }
-        self.tracker.reset_open();
+        self.out.tracker.reset_open();
         self.txn = None;
         false
     }
 
-    async fn stop(&mut self, stream: &mut ReplicationStream) -> anyhow::Result<()> {
+    /// Shutdown: the output side's last steps, then the session ends as stopped.
+    async fn stop(&mut self, stream: &mut ReplicationStream) -> SessionEnd {
         self.health.set_not_streaming("stopping");
-        tracing::info!("stopping: waiting for Kafka to acknowledge queued records");
-        let deadline = Duration::from_secs(self.config.relay.shutdown_timeout_secs);
-        if let Some(eos) = &mut self.eos {
-            eos.finish(&self.publisher, &self.tracker).await?;
+        match self.out.stop(stream, self.idle_end).await {
+            Ok(()) => SessionEnd::Stopped,
+            Err(e) => SessionEnd::Fatal(e),
         }
-        if !self.publisher.flush(deadline).await {
-            tracing::warn!(
-                queued = self.publisher.queued(),
-                "some records were not acknowledged in time; they will be sent again after restart"
-            );
-        }
-        self.idle(self.idle_end);
-        self.status.send(stream, &self.progress, true).await?;
-        tracing::info!(confirmed = %self.status.reported, events = self.events, "stopped");
-        Ok(())
     }
 }
-
-/// While the producer's queue is full the relay stops reading the socket (the walsender
-/// blocks on TCP), but keeps the server from timing it out.
-struct KeepAlive<'p> {
-    stream: &'p mut ReplicationStream,
-    status: &'p mut Status,
-    progress: &'p watch::Receiver<Progress>,
-    pg: &'p PostgresConfig,
-}
-
-impl Waiting for KeepAlive<'_> {
-    type Error = SessionEnd;
-
-    async fn tick(&mut self) -> Result<(), SessionEnd> {
-        self.status
-            .send(self.stream, self.progress, false)
-            .await
-            .map_err(|e| classify(e, self.pg, "sending a status update failed"))?;
-        failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)
-    }
-}
-
-/// Exactly-once mode, before an event is handed over: true if it is in committed Kafka
-/// transactions already (skip it); else a Kafka transaction is open for it. Field by field,
-/// like [`publish`], so that the record may stay borrowed.
-macro_rules! eos_skips {
-    ($pipeline:expr) => {
-        match &mut $pipeline.eos {
-            None => false,
-            Some(eos) => {
-                eos.skips() || {
-                    let ready = eos
-                        .before_send(&$pipeline.publisher, &$pipeline.tracker)
-                        .await;
-                    ready
-                        .map_err(|e| txn_end(&$pipeline.progress, $pipeline.status.reported, e))?;
-                    false
-                }
-            }
-        }
-    };
-}
-use eos_skips;
-
-/// One outbox event of `$txn`: skipped when exactly-once mode already committed it, else
-/// published and counted.
-macro_rules! event {
-    ($pipeline:expr, $stream:expr, $txn:expr, $record:expr) => {
-        if !eos_skips!($pipeline) {
-            publish!($pipeline, $stream, $txn, $record)?;
-            $pipeline.events += 1;
-            if let Some(eos) = &mut $pipeline.eos {
-                eos.sent();
-            }
-        }
-    };
-}
-use event;
-
-/// Exactly-once mode: a PostgreSQL transaction (or a lone message) ended at `$end`.
-macro_rules! eos_end {
-    ($pipeline:expr, $end:expr) => {
-        if let Some(eos) = &mut $pipeline.eos {
-            let done = eos
-                .end($end, &$pipeline.publisher, &$pipeline.tracker)
-                .await;
-            done.map_err(|e| txn_end(&$pipeline.progress, $pipeline.status.reported, e))?;
-        }
-    };
-}
-use eos_end;
-
-/// Publishes one record of `txn` from the pipeline's fields, borrowed one by one (not the
-/// mappers, which the record borrows); a record refused for good stops the relay unless a
-/// dead-letter topic takes it.
-macro_rules! publish {
-    ($pipeline:expr, $stream:expr, $txn:expr, $record:expr) => {{
-        let handover = Handover {
-            publisher: &$pipeline.publisher,
-            tracker: &$pipeline.tracker,
-            metrics: &$pipeline.metrics,
-            config: $pipeline.config,
-            sources: &$pipeline.sources,
-        };
-        let mut waiting = KeepAlive {
-            stream: $stream,
-            status: &mut $pipeline.status,
-            progress: &$pipeline.progress,
-            pg: &$pipeline.config.postgres,
-        };
-        match handover.deliver(&mut waiting, $txn, $record).await {
-            Ok(()) => Ok(()),
-            Err(HandoverError::Waiting(end)) => Err(end),
-            Err(HandoverError::Refused(what)) => Err(SessionEnd::Fatal(
-                failed(&$pipeline.progress, $pipeline.status.reported)
-                    .err()
-                    .unwrap_or_else(|| anyhow!("{what}")),
-            )),
-        }
-    }};
-}
-use publish;
 
 /// The dead letter for a message whose envelope is malformed: what, where and why, with the
 /// content itself (as text, cut at 64 KiB) so that it can be looked at and sent again.
@@ -673,26 +426,4 @@ fn bad_message_note(prefix: &str, lsn: Lsn, content: &[u8], error: &str) -> Stri
         "content_bytes": content.len(),
     })
     .to_string()
-}
-
-/// How a failed Kafka transaction step ends the session; a refused record comes first, as it
-/// does in at-least-once mode.
-fn txn_end(progress: &watch::Receiver<Progress>, confirmed: Lsn, e: TxnError) -> SessionEnd {
-    if let Err(refused) = failed(progress, confirmed) {
-        return SessionEnd::Fatal(refused);
-    }
-    match e {
-        TxnError::Fatal(why) => SessionEnd::Fatal(anyhow!(why)),
-        TxnError::Retry(why) => SessionEnd::Transient(anyhow!(why)),
-    }
-}
-
-/// The fatal error for a refused record, if one was reported.
-fn failed(progress: &watch::Receiver<Progress>, confirmed: Lsn) -> anyhow::Result<()> {
-    if let Some(f) = &progress.borrow().failure {
-        return Err(anyhow!(
-            "{f}; the slot stays before this event (confirmed {confirmed}); fix the cause and restart"
-        ));
-    }
-    Ok(())
 }
