@@ -676,6 +676,73 @@ async fn sigterm_in_the_middle_of_a_large_transaction_resends_nothing() {
     );
 }
 
+/// Kubernetes kills a pod 30 s after SIGTERM. With the broker frozen while records are in
+/// flight and the producer queue full, the relay must still exit within shutdown_timeout_secs,
+/// confirm nothing Kafka did not acknowledge, and deliver everything after a restart.
+#[tokio::test]
+async fn sigterm_with_the_broker_frozen_exits_within_the_shutdown_timeout() {
+    let (pg, broker) = setup().await;
+    let port = free_port();
+    let small = format!(
+        "{}\n[kafka.properties]\n\"queue.buffering.max.messages\" = \"100\"\n",
+        config(&pg, &broker, port)
+    );
+    let mut relay = Relay::start(&small);
+    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+    wait_ready(&mut relay, port, SECONDS, "first relay").await;
+    let client = pg.client().await;
+    let mut seqs = Seqs::default();
+    let mut expected = insert_outbox(
+        &client,
+        &[seqs.event("order", "order-0", "Before", "small")],
+    )
+    .await;
+    wait_metrics(&mut relay, port, SECONDS, "the first event", |s| {
+        expect(s, "outbox_relay_transactions_total", &[], 1.0)
+            .into_iter()
+            .collect()
+    })
+    .await;
+
+    broker.freeze();
+    let before_backlog = pg.current_wal_lsn().await;
+    for round in 0..10 {
+        let rows: Vec<_> = (0..100)
+            .map(|i| {
+                seqs.event(
+                    "order",
+                    &format!("order-{}", (round + i) % 8),
+                    "Frozen",
+                    "x",
+                )
+            })
+            .collect();
+        expected.extend(insert_outbox(&client, &rows).await);
+    }
+    // Let the relay fill its queue and block on it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let took = stop_gracefully(&pg, &mut relay, "SIGTERM with the broker frozen").await;
+    let confirmed = pg.confirmed_flush_lsn(SLOT).await.unwrap_or(0);
+    assert!(
+        confirmed <= before_backlog,
+        "the slot was confirmed to {} past the backlog's start {} while Kafka acknowledged none of it",
+        lsn_text(confirmed),
+        lsn_text(before_backlog)
+    );
+    eprintln!("SIGTERM with the broker frozen: exit 0 in {took:?}");
+
+    broker.thaw();
+    let mut relay = Relay::start(&small);
+    assert_delivered(
+        &pg,
+        &broker,
+        &mut relay,
+        &expected,
+        "after a stop with the broker frozen and a restart",
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. PostgreSQL restarted (or down for a while) under a writer
 // ---------------------------------------------------------------------------------------------

@@ -239,9 +239,9 @@ impl Output<'_> {
 }
 
 /// While the producer's queue is full the relay stops reading the socket (the walsender
-/// blocks on TCP), but keeps the server from timing it out, and gives up the wait when
-/// shutdown is requested: Kafka is not keeping up, so the stop's time is better spent
-/// waiting for what was sent.
+/// blocks on TCP), but keeps the server from timing it out, and gives up the wait once a
+/// requested stop has spent its reading half: a frozen broker must not hold the process past
+/// `shutdown_timeout_secs`.
 struct KeepAlive<'p> {
     stream: &'p mut ReplicationStream,
     status: &'p mut Status,
@@ -259,9 +259,11 @@ impl Waiting for KeepAlive<'_> {
             .await
             .map_err(|e| classify(e, &self.config.postgres, "sending a status update failed"))?;
         failed(self.progress, self.status.reported).map_err(SessionEnd::Fatal)?;
-        if self.stop.requested() {
-            return Err(SessionEnd::Stopped);
+        // The open transaction may still be read for the first half of the stop; past that,
+        // the rest of the stop goes to waiting for what was sent.
+        match self.stop.reading_deadline() {
+            Some(until) if tokio::time::Instant::now() >= until => Err(SessionEnd::Stopped),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }

@@ -550,6 +550,25 @@ impl Broker {
         Self::launch("", false, |port| (port, ())).0
     }
 
+    /// SIGSTOP: the broker keeps its sockets open but answers nothing, like a hung host.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Broker::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {which} {} failed", self.child.id());
+    }
+
     /// Starts Tansu on a free port, advertising the port that `front` puts before it (the
     /// listener itself when there is none), and waits until it answers; retries a few ports.
     /// With `authentication` the harness' clients are locked out, so only the port is awaited.
