@@ -743,6 +743,56 @@ async fn sigterm_with_the_broker_frozen_exits_within_the_shutdown_timeout() {
     .await;
 }
 
+/// Regression: a record waiting for room in a full producer queue was counted in flight; when
+/// the PostgreSQL session failed during that wait, the count was never given back, so the
+/// drain before the reconnect waited forever and nothing more reached Kafka. A frozen broker
+/// keeps the relay in that wait; the walsender is killed under it, again and again.
+#[tokio::test]
+async fn a_session_lost_while_the_producer_queue_is_full_reconnects_and_delivers() {
+    let (pg, broker) = setup().await;
+    let port = free_port();
+    let small = format!(
+        "{}\n[kafka.properties]\n\"queue.buffering.max.messages\" = \"20\"\n",
+        config(&pg, &broker, port)
+    );
+    let mut relay = Relay::start(&small);
+    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+    wait_ready(&mut relay, port, SECONDS, "at start").await;
+    let client = pg.client().await;
+    let mut seqs = Seqs::default();
+    let mut expected = Vec::new();
+    for round in 0..2 {
+        broker.freeze();
+        let rows: Vec<_> = (0..300)
+            .map(|i| seqs.event("order", &format!("order-{}", i % 8), "Backlog", "x"))
+            .collect();
+        expected.extend(insert_outbox(&client, &rows).await);
+        // The relay fills its 20-record queue and waits for room.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        client
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = '{SLOT}' AND active_pid IS NOT NULL"
+            ))
+            .await
+            .expect("terminate the walsender");
+        // The relay notices while still waiting on the queue: its status updates (every 10 s
+        // while nothing is confirmed) fail once the kernel has seen the peer's reset, which
+        // takes the second write after the kill.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        broker.thaw();
+        assert_delivered(
+            &pg,
+            &broker,
+            &mut relay,
+            &expected,
+            &format!("round {round}: walsender killed during a full-queue wait"),
+        )
+        .await;
+        relay.assert_running();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. PostgreSQL restarted (or down for a while) under a writer
 // ---------------------------------------------------------------------------------------------
