@@ -1,5 +1,7 @@
 //! The relay's TOML configuration: parsing, `${ENV_VAR}` expansion, defaults and validation.
 
+pub mod exactly_once;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -465,7 +467,7 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return Err("[kafka] brokers is empty; set it to host:port[,host:port]".into());
         }
-        crate::kafka::exactly_once::validate(&self.kafka, self.postgres.initial_snapshot)?;
+        exactly_once::validate(&self.kafka, self.postgres.initial_snapshot)?;
         let mut tables = Vec::new();
         for o in &self.outbox {
             if o.table.trim().is_empty() {

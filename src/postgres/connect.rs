@@ -117,18 +117,6 @@ pub enum OpenError {
     Tls(String),
 }
 
-impl From<OpenError> for crate::postgres::replication::ReplicationError {
-    fn from(e: OpenError) -> Self {
-        match e {
-            OpenError::Io(e) => crate::postgres::replication::ReplicationError::Io(e),
-            // Config errors stop the relay: a rejected certificate will not fix itself.
-            OpenError::Tls(message) => {
-                crate::postgres::replication::ReplicationError::Config(message)
-            }
-        }
-    }
-}
-
 /// An open connection's byte stream, plus what SCRAM channel binding needs from its TLS.
 pub struct PgStream {
     /// TCP, a Unix socket, or TLS over TCP.

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::ChannelBinding;
 
 use crate::lsn::Lsn;
-use crate::postgres::connect::{PgEndpoint, Socket};
+use crate::postgres::connect::{OpenError, PgEndpoint, Socket};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -592,4 +592,14 @@ pub fn pg_now_micros() -> i64 {
 /// so a clock a little behind the server's does not produce nonsense latencies.
 pub fn secs_since(commit_time: i64) -> f64 {
     ((pg_now_micros() - commit_time) as f64 / 1e6).max(0.0)
+}
+
+impl From<OpenError> for ReplicationError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Io(e) => ReplicationError::Io(e),
+            // Config errors stop the relay: a rejected certificate will not fix itself.
+            OpenError::Tls(message) => ReplicationError::Config(message),
+        }
+    }
 }
