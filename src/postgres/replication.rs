@@ -21,6 +21,11 @@ use crate::postgres::connect::{OpenError, PgEndpoint, Socket};
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
+/// The longest message accepted from the server. PostgreSQL caps one field at 1 GB and Kafka
+/// one record at 1e9 bytes, so a longer message is a corrupt length or a row no broker would
+/// take; reserving for it would only risk the memory bound.
+const MAX_FRAME: usize = (1 << 30) + (1 << 20);
+
 /// Why the replication connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -403,6 +408,11 @@ impl ReplicationConnection {
             return Ok(None);
         };
         let total = 1 + header.len() as usize;
+        if total > MAX_FRAME {
+            return Err(ReplicationError::Protocol(format!(
+                "the server announced a {total}-byte message, more than the {MAX_FRAME} bytes one outbox row can need; the stream is corrupt or not PostgreSQL's"
+            )));
+        }
         if self.rbuf.len() < total {
             self.rbuf.reserve(total - self.rbuf.len());
             return Ok(None);
