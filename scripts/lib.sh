@@ -129,7 +129,12 @@ ensure_tools() {
 
     _ensure_postgres
     _ensure_tansu
-    say "tools: $(initdb --version), $(cargo --version), tansu at $TANSU"
+    # Said once per run: scripts that call each other (test.sh -> pg-matrix.sh) check again
+    # but need not repeat it.
+    if [ -z "${OUTBOX_TOOLS_SAID:-}" ]; then
+        say "tools: $(initdb --version), $(cargo --version), tansu at $TANSU"
+        export OUTBOX_TOOLS_SAID=1
+    fi
 }
 
 # ---------------------------------------------------------------------------------------
