@@ -679,3 +679,63 @@ async fn status_json_before_and_after_the_relay_ran() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// check and run share the publication rules
+// ---------------------------------------------------------------------------------------------
+
+/// A partitioned outbox in a publication made without `publish_via_partition_root`: its rows
+/// would arrive under the partitions' names. `run` refuses to start; `check` must say the same
+/// (it used to pass, so check said OK and run then refused).
+#[tokio::test]
+async fn check_and_run_refuse_a_partitioned_outbox_published_via_its_partitions_alike() {
+    let pg = Pg::start();
+    let broker = Broker::start();
+    pg.sql(
+        "CREATE TABLE public.outbox (
+            id uuid NOT NULL DEFAULT gen_random_uuid(),
+            created date NOT NULL DEFAULT '2025-01-15',
+            aggregatetype text NOT NULL,
+            aggregateid text NOT NULL,
+            type text NOT NULL,
+            payload jsonb
+         ) PARTITION BY RANGE (created);
+         CREATE TABLE public.outbox_2025_01 PARTITION OF public.outbox
+             FOR VALUES FROM ('2025-01-01') TO ('2025-02-01');
+         CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert');",
+    )
+    .await;
+    broker.create_topic(TOPIC, 1).await;
+    let config = basic_config(&pg.url(), &broker.bootstrap());
+    let rule = "publish_via_partition_root = true";
+
+    let out = check(&config).await;
+    assert_ne!(out.code, Some(0), "check passed:\n{}", out.show());
+    let failing: Vec<&str> = out
+        .stdout
+        .lines()
+        .chain(out.stderr.lines())
+        .filter(|l| l.contains(rule))
+        .collect();
+    assert!(
+        !failing.is_empty(),
+        "check did not name the rule:\n{}",
+        out.show()
+    );
+
+    let mut relay = Relay::start(&config);
+    let exited = relay.wait_exit(Duration::from_secs(30)).await;
+    let stderr = relay.stderr();
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "run did not refuse to start ({exited:?}):\n{stderr}"
+    );
+    let last = common::last_line(&stderr);
+    assert!(
+        failing
+            .iter()
+            .any(|l| l.contains("publishes the partitions of table")
+                && last.contains("publishes the partitions of table")),
+        "check and run give different reasons:\ncheck: {failing:?}\nrun:   {last}"
+    );
+}

@@ -438,79 +438,35 @@ async fn check_publication(
     tables: &[TableAccess],
 ) {
     let publication = &config.postgres.publication;
-    let existing = client
-        .query_opt(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-        .and_then(|row| row.map(|r| r.try_get::<_, bool>(0)).transpose());
-    let pubinsert = match existing {
-        Ok(p) => p,
+    let present = |i: usize| tables.get(i).is_some_and(|a| a.exists);
+    let problems = match setup::publication_problems(client, config, present).await {
+        Ok(Some(problems)) => problems,
+        Ok(None) => return publication_absent(report, client, config, role, tables).await,
         Err(e) => {
             report.fail(format!(
-                "cannot read publication {publication}: {}; fix the cause and retry",
-                pg_message(&e)
+                "cannot read publication {publication}: {e}; fix the cause and retry"
             ));
             return;
         }
     };
-    let Some(pubinsert) = pubinsert else {
-        return publication_absent(report, client, config, role, tables).await;
-    };
-    if !pubinsert {
-        report.fail(SetupError::PublicationNoInserts(publication.clone()).to_string());
+    if !problems.is_empty() {
+        for problem in problems {
+            report.fail(problem.to_string());
+        }
         return;
     }
-    let mut covered_all = true;
-    for (table, access) in config.outbox.iter().zip(tables) {
-        // A missing table already failed above; the publication cannot cover it either.
-        if !access.exists {
-            continue;
-        }
-        let (schema, name) = table.schema_and_name();
-        let covered = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication_tables \
-                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[publication, &schema, &name],
-            )
-            .await;
-        match covered {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                covered_all = false;
-                report.fail(
-                    SetupError::PublicationMissesTable {
-                        publication: publication.clone(),
-                        table: table.table.clone(),
-                    }
-                    .to_string(),
-                );
-            }
-            Err(e) => {
-                covered_all = false;
-                report.fail(format!(
-                    "cannot read the tables of publication {publication}: {}; fix the cause and retry",
-                    pg_message(&e)
-                ));
-            }
-        }
-    }
-    if covered_all {
-        let names: Vec<&str> = config
-            .outbox
-            .iter()
-            .zip(tables)
-            .filter(|(_, a)| a.exists)
-            .map(|(t, _)| t.table.as_str())
-            .collect();
-        if !names.is_empty() {
-            report.ok(format!(
-                "publication {publication} publishes inserts of {}",
-                names.join(", ")
-            ));
-        }
+    let names: Vec<&str> = config
+        .outbox
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| present(*i))
+        .map(|(_, t)| t.table.as_str())
+        .collect();
+    if !names.is_empty() {
+        report.ok(format!(
+            "publication {publication} publishes inserts of {}",
+            names.join(", ")
+        ));
     }
 }
 

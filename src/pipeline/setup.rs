@@ -233,6 +233,24 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
 /// Checks an existing publication publishes inserts of every outbox table under the table's
 /// own name; `Ok(false)` when there is no such publication.
 pub async fn check_publication(client: &Client, config: &Config) -> Result<bool, SetupError> {
+    match publication_problems(client, config, |_| true).await? {
+        None => Ok(false),
+        Some(problems) => match problems.into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(true),
+        },
+    }
+}
+
+/// Every rule about an existing publication, written once: `run` stops at the first problem,
+/// `check` reports them all, the monitor re-checks them while streaming. `None` when there is
+/// no such publication; `present(i)` says whether outbox table `i` exists (a missing table is
+/// reported on its own, so the publication is not blamed for it too).
+pub async fn publication_problems(
+    client: &Client,
+    config: &Config,
+    present: impl Fn(usize) -> bool,
+) -> Result<Option<Vec<SetupError>>, SetupError> {
     let publication = &config.postgres.publication;
     let existing = client
         .query_opt(
@@ -242,19 +260,26 @@ pub async fn check_publication(client: &Client, config: &Config) -> Result<bool,
         .await
         .map_err(pg)?;
     let Some(row) = existing else {
-        return Ok(false);
+        return Ok(None);
     };
-    if !row.get::<_, bool>(0) {
-        return Err(SetupError::PublicationNoInserts(publication.clone()));
+    if !row.try_get::<_, bool>(0).map_err(pg)? {
+        return Ok(Some(vec![SetupError::PublicationNoInserts(
+            publication.clone(),
+        )]));
     }
-    let via_root: bool = row.get(1);
-    for table in &config.outbox {
+    let via_root: bool = row.try_get(1).map_err(pg)?;
+    let mut problems = Vec::new();
+    for (i, table) in config.outbox.iter().enumerate() {
+        if !present(i) {
+            continue;
+        }
         let (schema, name) = table.schema_and_name();
         if !via_root && is_partitioned(client, table).await? {
-            return Err(SetupError::PublicationViaPartitions {
+            problems.push(SetupError::PublicationViaPartitions {
                 publication: publication.clone(),
                 table: table.table.clone(),
             });
+            continue;
         }
         let covered = client
             .query_opt(
@@ -264,13 +289,13 @@ pub async fn check_publication(client: &Client, config: &Config) -> Result<bool,
             .await
             .map_err(pg)?;
         if covered.is_none() {
-            return Err(SetupError::PublicationMissesTable {
+            problems.push(SetupError::PublicationMissesTable {
                 publication: publication.clone(),
                 table: table.table.clone(),
             });
         }
     }
-    Ok(true)
+    Ok(Some(problems))
 }
 
 /// Whether the table is partitioned (its rows live in partitions).
