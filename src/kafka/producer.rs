@@ -63,6 +63,12 @@ pub enum SendError<'t> {
 /// The per-record opaque packs the transaction and a route (outbox table and topic), so a
 /// delivery report finds both, and the route's counter, without allocating or hashing.
 const ROUTE_BITS: u32 = 16;
+// The transaction id is shifted into the opaque's upper bits: on a 32-bit target it would
+// wrap after 65,536 transactions and reports would land on the wrong transaction.
+const _: () = assert!(
+    usize::BITS == 64,
+    "the delivery opaque packs txn << 16 into a 64-bit usize"
+);
 const ROUTE_MASK: usize = (1 << ROUTE_BITS) - 1;
 /// Marks a record whose route did not fit in the opaque; its report takes the slow path.
 const NO_ROUTE: usize = ROUTE_MASK;
