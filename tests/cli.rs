@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    basic_config, free_port, insert_outbox, wait_until, Broker, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    basic_config, free_port, insert_outbox, wait_until, Broker, Pg, Relay, Seqs, OUTBOX_DDL,
+    PARTITIONED_OUTBOX_DDL, SLOT,
 };
 use tempfile::TempDir;
 
@@ -691,20 +692,9 @@ async fn status_json_before_and_after_the_relay_ran() {
 async fn check_and_run_refuse_a_partitioned_outbox_published_via_its_partitions_alike() {
     let pg = Pg::start();
     let broker = Broker::start();
-    pg.sql(
-        "CREATE TABLE public.outbox (
-            id uuid NOT NULL DEFAULT gen_random_uuid(),
-            created date NOT NULL DEFAULT '2025-01-15',
-            aggregatetype text NOT NULL,
-            aggregateid text NOT NULL,
-            type text NOT NULL,
-            payload jsonb
-         ) PARTITION BY RANGE (created);
-         CREATE TABLE public.outbox_2025_01 PARTITION OF public.outbox
-             FOR VALUES FROM ('2025-01-01') TO ('2025-02-01');
-         CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert');",
-    )
-    .await;
+    pg.sql(PARTITIONED_OUTBOX_DDL).await;
+    pg.sql("CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert')")
+        .await;
     broker.create_topic(TOPIC, 1).await;
     let config = basic_config(&pg.url(), &broker.bootstrap());
     let rule = "publish_via_partition_root = true";

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_slot_holds, java_murmur2_partition, last_line, lsn_text, Broker, Pg, Reader, Rec, Relay,
-    OUTBOX_DDL, SLOT,
+    OUTBOX_DDL, PARTITIONED_OUTBOX_DDL, SLOT,
 };
 
 /// Generous bounds: the machine is small and shared; these are not performance limits.
@@ -823,21 +823,7 @@ async fn rows_for_unusable_topics_are_never_skipped() {
 async fn partitioned_outbox_table_is_relayed() {
     let pg = Pg::start();
     let broker = Broker::start();
-    pg.sql(
-        "CREATE TABLE public.outbox (
-            id uuid NOT NULL DEFAULT gen_random_uuid(),
-            created date NOT NULL DEFAULT '2025-01-15',
-            aggregatetype text NOT NULL,
-            aggregateid text NOT NULL,
-            type text NOT NULL,
-            payload jsonb
-         ) PARTITION BY RANGE (created);
-         CREATE TABLE public.outbox_2025_01 PARTITION OF public.outbox
-             FOR VALUES FROM ('2025-01-01') TO ('2025-02-01');
-         CREATE TABLE public.outbox_2025_02 PARTITION OF public.outbox
-             FOR VALUES FROM ('2025-02-01') TO ('2025-03-01');",
-    )
-    .await;
+    pg.sql(PARTITIONED_OUTBOX_DDL).await;
     broker.create_topic(ORDER_TOPIC, PARTITIONS).await;
     let mut relay = Relay::start(&config(&pg, &broker, "", ""));
     let deadline = Instant::now() + STARTUP;

@@ -197,6 +197,21 @@ pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
 
 /// An outbox with a fixed aggregate type and a `part` column for `partition_column`
 /// (tests/shaping.rs, tests/snapshot.rs).
+/// The outbox as a partitioned table (common, so old events can be dropped by partition);
+/// its rows live in the partitions (tests/hostile.rs, tests/cli.rs).
+pub const PARTITIONED_OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
+            id uuid NOT NULL DEFAULT gen_random_uuid(),
+            created date NOT NULL DEFAULT '2025-01-15',
+            aggregatetype text NOT NULL,
+            aggregateid text NOT NULL,
+            type text NOT NULL,
+            payload jsonb
+         ) PARTITION BY RANGE (created);
+         CREATE TABLE public.outbox_2025_01 PARTITION OF public.outbox
+             FOR VALUES FROM ('2025-01-01') TO ('2025-02-01');
+         CREATE TABLE public.outbox_2025_02 PARTITION OF public.outbox
+             FOR VALUES FROM ('2025-02-01') TO ('2025-03-01');";
+
 pub const ORDERS_OUTBOX_DDL: &str = "CREATE TABLE public.orders_outbox (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     aggregatetype text NOT NULL DEFAULT 'order',
