@@ -16,6 +16,8 @@
 # scripts/test.sh.
 #
 #   PG_MATRIX_TESTS="e2e"   test binaries to run (default: "e2e lifecycle")
+#   PG_MATRIX_COUNTS=FILE   append "passed failed" per version to FILE and print no closing
+#                           OK: scripts/test.sh sums them into its own last line
 #
 # Prints a Markdown table (version | tests | passed | failed | seconds) and exits non-zero if
 # any test failed. Logs: $PG_MATRIX_LOGS (default: a temp dir, kept when something failed).
