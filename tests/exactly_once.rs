@@ -42,16 +42,22 @@ use common::{
     basic_config, check_delivery, insert_outbox, last_line, lsn_text, Event, Pg, Reader, Rec,
     Relay, Seqs, OUTBOX_DDL, SLOT,
 };
-use outbox_relay::kafka::exactly_once::{Position, DEFAULT_OFFSETS_TOPIC};
+use outbox_relay::config::DEFAULT_OFFSETS_TOPIC;
+use outbox_relay::kafka::position::{Position, FIRST_WINDOW};
 use outbox_relay::lsn::Lsn;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const TOPIC: &str = "outbox.event.order";
 const OFFSETS: &str = DEFAULT_OFFSETS_TOPIC;
+/// The position records' key: the default transactional id, `outbox-relay-{slot}`.
+const KEY: &str = "outbox-relay-outbox_relay";
+/// The key of another relay's position records, in a test where two share the offsets topic.
+const OTHER_RELAY: &str = "outbox-relay-elsewhere";
 const STARTUP: Duration = Duration::from_secs(60);
 /// For everything written to be committed and confirmed.
 const SETTLE: Duration = Duration::from_secs(180);
@@ -138,7 +144,10 @@ impl Rig {
             "read {} of {n} records",
             reader.len()
         );
-        let (data, offsets) = reader.records().into_iter().partition(|r| r.topic == TOPIC);
+        let (data, mut offsets): (Vec<Rec>, Vec<Rec>) =
+            reader.records().into_iter().partition(|r| r.topic == TOPIC);
+        // Another relay's transactions wrote no events of ours.
+        offsets.retain(|r| r.key_str().as_deref() != Some(OTHER_RELAY));
         (data, offsets)
     }
 
@@ -232,7 +241,7 @@ impl Audit {
 fn position(r: &Rec) -> Position {
     assert_eq!(
         r.key_str().as_deref(),
-        Some("outbox-relay-outbox_relay"),
+        Some(KEY),
         "position record key: the transactional id"
     );
     Position::from_json(r.value.as_deref().unwrap_or_default())
@@ -569,11 +578,7 @@ async fn a_position_past_the_servers_wal_stops_the_relay_instead_of_skipping() {
         .expect("create a producer");
     let value = stale.to_json();
     producer
-        .send(
-            BaseRecord::to(OFFSETS)
-                .key("outbox-relay-outbox_relay")
-                .payload(&value),
-        )
+        .send(BaseRecord::to(OFFSETS).key(KEY).payload(&value))
         .map_err(|(e, _)| e)
         .expect("queue the stale position");
     producer
@@ -594,6 +599,153 @@ async fn a_position_past_the_servers_wal_stops_the_relay_instead_of_skipping() {
         confirmed < 0xFF_0000_0000,
         "slot confirmed to {confirmed:X}"
     );
+}
+
+/// A restart reads the offsets topic back from its end, so its cost follows what was written
+/// since the relay's last commit, not the topic's history (issue: the active segment of the
+/// compacted topic is never compacted until it rolls, and a relay that read it from the
+/// beginning slowed down with every transaction).
+///
+/// A first relay commits two PostgreSQL transactions as two Kafka transactions (positions
+/// `older` and `newest`) and stops. Then the topic gets a history of 100,000 records: older
+/// positions of ours, a copy of `newest` (so the newest is 1,001 records back) and 1,000
+/// positions of another relay sharing the topic, far past this database's WAL. A second
+/// relay with the same transactional id then streams from a slot created before both
+/// transactions, so PostgreSQL sends them again: it must skip both (resuming after `newest`,
+/// found by reading back through the other relay's records) and publish only a third
+/// transaction. An older position would send the second transaction again (duplicates), the
+/// other relay's would stop it. The reader's log line says how many records it read: about
+/// twice the distance back, a small part of the history (asserted on counts, not on time).
+///
+/// On a broker with transactions each Kafka transaction also adds a commit marker to the
+/// topic, an offset of its own that a `read_committed` reader skips, and aborted positions
+/// are skipped as well; librdkafka's mock writes neither (see the module docs), so here the
+/// history's offsets are all records.
+#[tokio::test]
+async fn a_restart_after_100k_position_records_reads_back_only_the_newest() {
+    const HISTORY: usize = 100_000;
+    const OTHERS: usize = 1_000;
+    const LAGGING: &str = "lagging";
+    let mut rig = rig(&format!("transactional_id = \"{KEY}\"\n")).await;
+    let mut first = rig.start().await;
+    // Created after the first relay made the publication, before any event.
+    rig.pg
+        .sql(&format!(
+            "SELECT pg_create_logical_replication_slot('{LAGGING}', 'pgoutput')"
+        ))
+        .await;
+    let mut seqs = Seqs::default();
+    let mut ledger = Ledger::default();
+    for note in ["older", "newest"] {
+        // Confirmed before the next one, so each is a Kafka transaction of its own.
+        ledger
+            .committed
+            .extend(commit(&rig.pg, &orders(&mut seqs, 5, 2, note)).await);
+        let target = rig.pg.current_wal_lsn().await;
+        let (reached, _) = rig.pg.wait_confirmed(SLOT, target, SETTLE).await;
+        first.assert_running();
+        assert!(reached, "{note}: the slot did not catch up");
+    }
+    signal(&first, "-TERM");
+    let status = first.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    rig.mark();
+    let (_, offsets) = rig.read().await;
+    let positions: Vec<Position> = offsets.iter().map(position).collect();
+    let newest = *positions.last().expect("the first relay's positions");
+    let older = *positions
+        .iter()
+        .find(|p| p.commit_lsn < newest.commit_lsn)
+        .unwrap_or_else(|| panic!("two Kafka transactions: {positions:?}"));
+    assert!(newest.complete && older.complete, "{positions:?}");
+
+    // The history, as records of no events (`records: 0`) so that the audit counts none.
+    let history = |p: Position| Position { records: 0, ..p }.to_json();
+    let elsewhere = Position {
+        commit_lsn: Lsn(0xFF_0000_0000),
+        events: 1,
+        complete: true,
+        confirm_lsn: Lsn(0xFF_0000_0100),
+        records: 1,
+    }
+    .to_json();
+    let mut writes = vec![(KEY, history(older)); HISTORY - OTHERS - 1];
+    writes.push((KEY, history(newest)));
+    writes.extend(std::iter::repeat_n((OTHER_RELAY, elsewhere), OTHERS));
+    let before = rig.end_of(OFFSETS);
+    write_plainly(&rig.cluster, OFFSETS, &writes);
+    let newest_at = before + (HISTORY - OTHERS - 1) as i64;
+    assert_eq!(rig.end_of(OFFSETS), before + HISTORY as i64);
+    rig.mark();
+
+    ledger
+        .committed
+        .extend(commit(&rig.pg, &orders(&mut seqs, 10, 2, "after")).await);
+    let config = rig
+        .config
+        .replace("[[outbox]]", &format!("slot = \"{LAGGING}\"\n\n[[outbox]]"));
+    let mut second = Relay::start(&config);
+    let target = rig.pg.current_wal_lsn().await;
+    let (reached, _) = rig.pg.wait_confirmed(LAGGING, target, SETTLE).await;
+    second.assert_running();
+    assert!(reached, "the second relay did not catch up");
+    rig.mark();
+    let audit = rig.audit("restart-after-history", 2, &ledger).await;
+    audit.assert_exactly_once();
+
+    let stderr = second.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("resuming after the committed position"))
+        .unwrap_or_else(|| panic!("no resume line:\n{stderr}"));
+    println!("second relay: {line}");
+    assert!(
+        line.contains(&format!("commit_lsn={}", newest.commit_lsn))
+            && line.contains(&format!("offset={newest_at} ")),
+        "resumed after the newest position (offset {newest_at}): {line}"
+    );
+    let read = logged_number(line, "records_read");
+    assert!(
+        (OTHERS as u64..=2 * (OTHERS as u64 + 1) + FIRST_WINDOW as u64).contains(&read),
+        "read {read} records to find the position {} back in {HISTORY}: {line}",
+        OTHERS + 1
+    );
+}
+
+/// Appends `records` (key, value) to partition 0 of `topic` with a plain, non-transactional
+/// producer, compressed, so that the mock (which keeps at most 5 MB per partition) keeps
+/// them all.
+fn write_plainly(cluster: &Cluster, topic: &str, records: &[(&str, String)]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("compression.type", "gzip")
+        .set("linger.ms", "20")
+        .create()
+        .expect("create a producer");
+    for (key, value) in records {
+        let mut record = BaseRecord::to(topic).partition(0).key(*key).payload(value);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    producer.poll(Duration::from_millis(50));
+                    record = back;
+                }
+                Err((e, _)) => panic!("queue a record for {topic}: {e}"),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("write {} records to {topic}: {e}", records.len()));
+}
+
+/// The number a log line gives `field` (`field=123`).
+fn logged_number(line: &str, field: &str) -> u64 {
+    let prefix = format!("{field}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {line}"))
 }
 
 /// The zombie case: the leader frozen, its slot taken by a second relay, then woken. On a

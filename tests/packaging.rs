@@ -835,7 +835,7 @@ fn dockerfile_is_multi_stage_small_unprivileged_and_health_checked() {
 // config/relay.example.toml
 // ---------------------------------------------------------------------------------------------
 
-/// Serde's view of `Config`: the path of every field (`postgres.url`, `outbox.table`, ...),
+/// Serde's view of `ConfigFile`: the path of every field (`postgres.url`, `outbox.table`, ...),
 /// collected by deserializing from a stand-in that offers each field the struct asks for.
 mod fields {
     use std::cell::RefCell;
@@ -1053,11 +1053,12 @@ mod fields {
     }
 }
 
-/// Every key of the config file, as a dotted path (`relay.stall_timeout_secs`).
+/// Every key of the config file, as a dotted path (`relay.stall_timeout_secs`): the fields
+/// of the file's shape, `ConfigFile` (`Config` holds the typed values built from it).
 fn config_keys() -> Vec<String> {
     use serde::Deserialize;
     let out = RefCell::new(Vec::new());
-    Config::deserialize(fields::Collector {
+    outbox_relay::config::ConfigFile::deserialize(fields::Collector {
         path: String::new(),
         out: &out,
     })
