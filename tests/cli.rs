@@ -422,15 +422,46 @@ async fn check_fails_when_the_broker_is_unreachable() {
     let config = basic_config(&pg.url(), &closed)
         + "\n[kafka.properties]\n\"socket.timeout.ms\" = \"2000\"\n\"reconnect.backoff.max.ms\" = \"200\"\n";
     let out = check(&config).await;
-    out.assert_one_fail(&[
+    let line = out.assert_one_fail(&[
         &format!("Kafka at {closed} is unreachable"),
         "[kafka] brokers",
+        // The reason, as the client saw it, rather than an unrelated configuration warning.
+        "Connection refused",
     ]);
+    assert!(
+        !line.contains("CONFWARN") && !line.contains("experimental"),
+        "a configuration warning stands in for the transport error: {line}"
+    );
     // The database checks ran all the same.
     assert!(
         out.has_line("ok    ", "wal_level = logical"),
         "{}",
         out.show()
+    );
+}
+
+/// With librdkafka's default reconnect timing and nothing to wait for on the database side,
+/// the configuration warnings of client creation (CONFWARN: the relay's own
+/// enable.gapless.guarantee is "experimental") come after the first refused connection: the
+/// reason shown must still be the refused connection.
+#[tokio::test]
+async fn check_names_the_broker_transport_error_not_a_configuration_warning() {
+    let closed = format!("127.0.0.1:{}", free_port());
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let config =
+        basic_config(&url, &closed) + "\n[kafka.properties]\n\"socket.timeout.ms\" = \"2000\"\n";
+    let out = check(&config).await;
+    out.assert_no_panic();
+    let kafka: Vec<&str> = out
+        .with_label("FAIL")
+        .into_iter()
+        .filter(|l| l.contains(&format!("Kafka at {closed} is unreachable")))
+        .collect();
+    assert_eq!(kafka.len(), 1, "{}", out.show());
+    assert!(
+        kafka[0].contains("Connection refused") && !kafka[0].contains("CONFWARN"),
+        "the Kafka line should give the refused connection as the reason: {}",
+        kafka[0]
     );
 }
 

@@ -12,17 +12,18 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use tokio_postgres::Client;
 
 use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig, PostgresConfig};
-use crate::pipeline::setup::pg_message;
 use crate::pipeline::setup::{self, SetupError};
+use crate::postgres::catalog::{self, Publication, ServerProblem, SlotRoom, SlotVerdict};
 use crate::postgres::connect::PgEndpoint;
-use crate::postgres::replication::{ReplicationConnection, ReplicationError};
+use crate::postgres::errors::{pg_message, Cause, PgError};
+use crate::postgres::replication::ReplicationConnection;
 
 /// How long to wait for PostgreSQL to accept a connection before calling it unreachable.
 pub const PG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -171,19 +172,22 @@ pub fn describe_target(config: &tokio_postgres::Config) -> String {
     format!("{user}@{hosts}/{db}")
 }
 
-/// What to do about a failed connection, by SQLSTATE (or the lack of one).
+/// What to do about a failed connection: by what the failure means ([`PgError`]'s one
+/// classification), made precise for the SQLSTATEs with a known fix.
 fn connect_fix(e: &tokio_postgres::Error) -> &'static str {
-    match e.code().map(|c| c.code()) {
-        Some("28P01") => "check the user and password in [postgres] url (or password_file)",
-        Some("28000") => "check the user in [postgres] url and that pg_hba.conf lets it connect from this host",
-        Some("3D000") => "fix the database name in [postgres] url",
-        Some("53300") => "the server has no free connection slots: raise max_connections or close idle sessions",
-        Some("57P03") => "the server is starting up or shutting down: retry when it is up",
-        Some(_) => "fix the cause the server names, then retry",
-        None if e.to_string().contains("password missing") => {
+    let failure = PgError::from(e);
+    match (failure.cause, failure.sqlstate.as_deref()) {
+        (_, Some("28P01")) => "check the user and password in [postgres] url (or password_file)",
+        (Cause::Credentials, _) => "check the user in [postgres] url and that pg_hba.conf lets it connect from this host",
+        (_, Some("3D000")) => "fix the database name in [postgres] url",
+        (_, Some("53300")) => "the server has no free connection slots: raise max_connections or close idle sessions",
+        (_, Some("57P03")) => "the server is starting up or shutting down: retry when it is up",
+        (Cause::Unavailable, _) => "the server is not accepting work right now: retry when it is up",
+        (Cause::Connection, _) if e.to_string().contains("password missing") => {
             "the server asks for a password: put it in [postgres] url or set password_file"
         }
-        None => "check that PostgreSQL runs and listens on that host and port (listen_addresses, firewall) and that [postgres] url names them",
+        (Cause::Connection, _) => "check that PostgreSQL runs and listens on that host and port (listen_addresses, firewall) and that [postgres] url names them",
+        _ => "fix the cause the server names, then retry",
     }
 }
 
@@ -233,9 +237,22 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
         "PostgreSQL reachable at {target} (server {version})"
     ));
 
-    match setup::check_wal_level(&client).await {
-        Ok(()) => report.ok("wal_level = logical".into()),
-        Err(e) => report.fail(e.to_string()),
+    match catalog::server(&client).await {
+        Ok(state) => {
+            let problems = state.problems();
+            if !problems
+                .iter()
+                .any(|p| matches!(p, ServerProblem::WalLevel(_)))
+            {
+                report.ok("wal_level = logical".into());
+            }
+            for problem in problems {
+                report.fail(problem.to_string());
+            }
+        }
+        Err(e) => report.fail(format!(
+            "cannot read wal_level and pg_is_in_recovery(): {e}; fix the cause and retry"
+        )),
     }
     if !config.message.is_empty() {
         let major = version
@@ -292,8 +309,15 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
         tables.push(TableAccess { exists, owned });
     }
 
-    check_publication(report, &client, config, role.as_ref(), &tables).await;
-    check_slot(report, &client, &config.postgres, role.as_ref()).await;
+    let publication = check_publication(report, &client, config, role.as_ref(), &tables).await;
+    check_slot(
+        report,
+        &client,
+        &config.postgres,
+        publication.as_ref(),
+        role.as_ref(),
+    )
+    .await;
 }
 
 async fn check_role(report: &mut Report<'_>, client: &Client) -> Option<Role> {
@@ -356,11 +380,12 @@ async fn check_replication_connection(
             system.system_id, system.timeline, system.xlog_pos
         )),
         Ok(Err(e)) => {
-            let fix = match e.sqlstate() {
-                Some("28000") | Some("28P01") => "pg_hba.conf must let the role connect to the database; a replication=database connection matches ordinary database lines",
-                Some("42501") => "the role needs REPLICATION: ALTER ROLE <role> REPLICATION",
-                Some("53300") => "all max_wal_senders are in use: raise max_wal_senders (restart) or stop another replication client",
-                _ if matches!(e, ReplicationError::Io(_)) => "check that PostgreSQL accepts connections on that host and port",
+            let e = PgError::from(e);
+            let fix = match (e.cause, e.sqlstate.as_deref()) {
+                (Cause::Credentials, _) => "pg_hba.conf must let the role connect to the database; a replication=database connection matches ordinary database lines",
+                (Cause::Privilege, _) => "the role needs REPLICATION: ALTER ROLE <role> REPLICATION",
+                (_, Some("53300")) => "all max_wal_senders are in use: raise max_wal_senders (restart) or stop another replication client",
+                (Cause::Connection, _) => "check that PostgreSQL accepts connections on that host and port",
                 _ => "fix the cause PostgreSQL names, then retry",
             };
             report.fail(format!(
@@ -430,44 +455,57 @@ async fn check_select(
     }
 }
 
+/// Checks the publication by the rules `run` applies; returns it when it exists.
 async fn check_publication(
     report: &mut Report<'_>,
     client: &Client,
     config: &Config,
     role: Option<&Role>,
     tables: &[TableAccess],
-) {
-    let publication = &config.postgres.publication;
-    let present = |i: usize| tables.get(i).is_some_and(|a| a.exists);
-    let problems = match setup::publication_problems(client, config, present).await {
-        Ok(Some(problems)) => problems,
-        Ok(None) => return publication_absent(report, client, config, role, tables).await,
+) -> Option<Publication> {
+    let name = &config.postgres.publication;
+    let publication = match catalog::read_publication(client, name).await {
+        Ok(Some(publication)) => publication,
+        Ok(None) => {
+            publication_absent(report, client, config, role, tables).await;
+            return None;
+        }
         Err(e) => {
             report.fail(format!(
-                "cannot read publication {publication}: {e}; fix the cause and retry"
+                "cannot read publication {name}: {e}; fix the cause and retry"
             ));
-            return;
+            return None;
         }
     };
-    if !problems.is_empty() {
-        for problem in problems {
-            report.fail(problem.to_string());
-        }
-        return;
-    }
-    let names: Vec<&str> = config
+    // A missing table already failed above; the publication cannot cover it either.
+    let existing: Vec<&OutboxConfig> = config
         .outbox
         .iter()
-        .enumerate()
-        .filter(|(i, _)| present(*i))
-        .map(|(_, t)| t.table.as_str())
+        .zip(tables)
+        .filter(|(_, access)| access.exists)
+        .map(|(table, _)| table)
         .collect();
-    if !names.is_empty() {
+    let judged = match catalog::outbox_tables(client, &existing).await {
+        Ok(judged) => judged,
+        Err(e) => {
+            report.fail(format!(
+                "cannot read the tables of publication {name}: {e}; fix the cause and retry"
+            ));
+            return Some(publication);
+        }
+    };
+    let problems = catalog::publication_problems(name, &publication, &judged);
+    if problems.is_empty() && !existing.is_empty() {
+        let names: Vec<&str> = existing.iter().map(|t| t.table.as_str()).collect();
         report.ok(format!(
-            "publication {publication} publishes inserts of {}",
+            "publication {name} publishes inserts of {}",
             names.join(", ")
         ));
     }
+    for problem in problems {
+        report.fail(problem.to_string());
+    }
+    Some(publication)
 }
 
 async fn publication_absent(
@@ -496,7 +534,7 @@ async fn publication_absent(
         ));
         return;
     };
-    let how = setup::create_publication_sql(publication, &list);
+    let how = catalog::create_publication_sql(publication, &list);
     if role.superuser {
         report.ok(format!(
             "publication {publication} does not exist; the relay will create it at start ({how}; role {} is a superuser)",
@@ -550,123 +588,49 @@ async fn publication_absent(
     ));
 }
 
-/// The columns of `pg_replication_slots` the slot check reads.
-struct SlotRow {
-    plugin: Option<String>,
-    slot_type: Option<String>,
-    database: Option<String>,
-    current: String,
-    active: Option<bool>,
-    pid: Option<i32>,
-    wal_status: Option<String>,
-    confirmed: Option<String>,
-}
-
-impl SlotRow {
-    fn read(row: &tokio_postgres::Row) -> Result<SlotRow, tokio_postgres::Error> {
-        Ok(SlotRow {
-            plugin: row.try_get(0)?,
-            slot_type: row.try_get(1)?,
-            database: row.try_get(2)?,
-            current: row.try_get(3)?,
-            active: row.try_get(4)?,
-            pid: row.try_get(5)?,
-            wal_status: row.try_get(6)?,
-            confirmed: row.try_get(7)?,
-        })
-    }
-}
-
+/// Checks the slot by the rules `run` applies; `publication` (its marker) tells a slot that
+/// never existed from one that vanished.
 async fn check_slot(
     report: &mut Report<'_>,
     client: &Client,
     pg: &PostgresConfig,
+    publication: Option<&Publication>,
     role: Option<&Role>,
 ) {
-    let slot = pg.slot.as_str();
-    let row = client
-        .query_opt(
-            "SELECT plugin::text, slot_type::text, database::text, current_database()::text, \
-                    active, active_pid, wal_status, confirmed_flush_lsn::text \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await;
-    let row = match row {
-        Ok(row) => row,
+    let name = pg.slot.as_str();
+    let reading = match catalog::read_slot(client, name).await {
+        Ok(reading) => reading,
         Err(e) => {
             report.fail(format!(
-                "cannot read replication slot {slot} from pg_replication_slots: {}; fix the cause and retry",
-                pg_message(&e)
+                "cannot read replication slot {name} from pg_replication_slots: {e}; fix the cause and retry"
             ));
             return;
         }
     };
-    let Some(row) = row else {
-        return slot_absent(report, client, pg, role).await;
-    };
-    let SlotRow {
-        plugin,
-        slot_type,
-        database,
-        current,
-        active,
-        pid,
-        wal_status,
-        confirmed,
-    } = match SlotRow::read(&row) {
-        Ok(f) => f,
-        Err(e) => {
-            report.fail(format!(
-                "cannot read replication slot {slot}: {}; fix the cause and retry",
-                pg_message(&e)
-            ));
-            return;
+    let slot = match (
+        catalog::slot_verdict(&reading, publication, pg),
+        &reading.slot,
+    ) {
+        (SlotVerdict::Unusable(problem), _) => return report.fail(problem.to_string()),
+        (SlotVerdict::Usable(_) | SlotVerdict::Creating, Some(slot)) => slot,
+        (SlotVerdict::Missing, _) | (_, None) => {
+            return slot_absent(report, client, pg, role).await;
         }
     };
-    let drop_it = format!("SELECT pg_drop_replication_slot('{slot}')");
-    if slot_type.as_deref() != Some("logical") {
-        report.fail(format!(
-            "replication slot {slot} is a {} slot, the relay needs a logical pgoutput slot; drop it ({drop_it}) if nothing uses it, or configure another [postgres] slot",
-            slot_type.as_deref().unwrap_or("non-logical")
-        ));
-        return;
+    if let Some(warning) = slot.at_risk(name) {
+        report.info(warning);
     }
-    if plugin.as_deref() != Some("pgoutput") {
-        report.fail(format!(
-            "replication slot {slot} exists with plugin {}, the relay needs pgoutput; drop it ({drop_it}) if nothing uses it, or configure another [postgres] slot",
-            plugin.as_deref().unwrap_or("(none)")
-        ));
-        return;
-    }
-    if database.as_deref() != Some(current.as_str()) {
-        report.fail(format!(
-            "replication slot {slot} belongs to database {}, not {current}; configure another [postgres] slot or point [postgres] url at that database",
-            database.as_deref().unwrap_or("(none)")
-        ));
-        return;
-    }
-    let confirmed = confirmed.as_deref().unwrap_or("(none)");
-    match wal_status.as_deref() {
-        Some("lost") => {
-            report.fail(format!(
-                "replication slot {slot} has wal_status = lost: WAL it needed was removed, so events committed after {confirmed} may never reach Kafka; re-publish outbox rows committed since then, then drop the slot ({drop_it}) and start the relay"
-            ));
-            return;
-        }
-        Some("unreserved") => report.info(format!(
-            "replication slot {slot} has wal_status = unreserved: its WAL is past max_slot_wal_keep_size and will be removed at the next checkpoint unless the relay catches up"
-        )),
-        _ => {}
-    }
-    let activity = match (active, pid) {
-        (Some(true), Some(pid)) => format!("in use by pid {pid}"),
-        (Some(true), None) => "in use".to_owned(),
-        _ => "not in use".to_owned(),
+    let activity = match (slot.active, slot.active_pid) {
+        (true, Some(pid)) => format!("in use by pid {pid}"),
+        (true, None) => "in use".to_owned(),
+        (false, _) => "not in use".to_owned(),
     };
     report.ok(format!(
-        "replication slot {slot}: pgoutput in database {current}, wal_status {}, confirmed {confirmed}, {activity}",
-        wal_status.as_deref().unwrap_or("(none)")
+        "replication slot {name}: pgoutput in database {}, wal_status {}, confirmed {}, {activity}",
+        reading.current_database,
+        slot.wal_status.as_deref().unwrap_or("(none)"),
+        slot.confirmed_flush
+            .map_or_else(|| "(none)".to_owned(), |lsn| lsn.to_string()),
     ));
 }
 
@@ -693,20 +657,13 @@ async fn slot_absent(
         }
         Some(_) => {}
     }
-    // The relay creates the slot at start; that fails when every slot is taken. The initial
-    // snapshot holds its temporary slot while it copies it into the permanent one: two.
-    let needed = if pg.initial_snapshot { 2 } else { 1 };
-    let room = client
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots), \
-                    current_setting('max_replication_slots')::int8",
-            &[],
-        )
-        .await
-        .and_then(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)));
-    match room {
-        Ok((used, max)) if used + needed > max => report.fail(format!(
-            "replication slot {slot} does not exist and {used} of {max} max_replication_slots are in use, so the relay cannot create it (it needs {needed}); raise max_replication_slots (restart) or drop an unused slot"
+    // The relay creates the slot at start; that fails when every slot is taken.
+    match catalog::slot_room(client).await {
+        Ok(room) if !room.fits(pg) => report.fail(format!(
+            "replication slot {slot} does not exist and {} of {} max_replication_slots are in use, so the relay cannot create it (it needs {}); raise max_replication_slots (restart) or drop an unused slot",
+            room.used,
+            room.max,
+            SlotRoom::needed(pg)
         )),
         Ok(_) if pg.initial_snapshot => report.ok(format!(
             "replication slot {slot} does not exist; the relay will create it at start (pgoutput), after publishing the rows already in the outbox (initial_snapshot, temporary slot {})",
@@ -716,8 +673,7 @@ async fn slot_absent(
             "replication slot {slot} does not exist; the relay will create it at start (pgoutput)"
         )),
         Err(e) => report.fail(format!(
-            "cannot count replication slots: {}; fix the cause and retry",
-            pg_message(&e)
+            "cannot count replication slots: {e}; fix the cause and retry"
         )),
     }
 }
@@ -733,32 +689,41 @@ pub fn metadata_timeout(kafka: &KafkaConfig) -> Duration {
 }
 
 /// Keeps librdkafka quiet (the check reports in its own lines) but remembers its last
-/// complaint, which usually says why a broker is unreachable.
+/// complaint about reaching the brokers, which says why they are unreachable.
 #[derive(Default)]
 struct QuietContext {
     last_error: Mutex<Option<String>>,
 }
 
 impl QuietContext {
-    fn remember(&self, message: String) {
+    /// Keeps `message` as the last complaint; a `vague` one only if there is none yet.
+    fn remember(&self, message: String, vague: bool) {
         if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(message);
+            if !vague || last.is_none() {
+                *last = Some(message);
+            }
         }
     }
 }
 
 impl ClientContext for QuietContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Configuration warnings come at client creation, sometimes after the first failed
+        // connection, and say nothing about reaching a broker (the relay's own
+        // enable.gapless.guarantee is "experimental" at every start).
         // The enum has no ordering; its discriminants are syslog levels (lower is worse).
-        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
-            self.remember(format!("{fac}: {message}"));
+        if fac != "CONFWARN" && (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.remember(format!("{fac}: {message}"), false);
         } else {
             tracing::debug!(target: "librdkafka", "{fac}: {message}");
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.remember(format!("{error}: {reason}"));
+        // "All broker connections are down" repeats the metadata error; the transport error
+        // logged before it names the cause (refused, unresolvable, TLS).
+        let vague = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        self.remember(format!("{error}: {reason}"), vague);
     }
 }
 
@@ -792,8 +757,12 @@ fn fetch_cluster(kafka: &KafkaConfig, timeout: Duration) -> Result<ClusterInfo, 
             format!("cannot create a Kafka client from [kafka]: {e}; fix or remove the offending [kafka.properties] entry")
         })?;
     let result = producer.client().fetch_metadata(None, timeout);
-    // Errors reach the context only while the client is polled.
-    producer.poll(Duration::ZERO);
+    if result.is_err() {
+        // Logs and errors reach the context only while the client is polled, one event per
+        // turn: a zero timeout would serve only the oldest (often the creation's CONFWARN),
+        // a short one serves all that are queued.
+        producer.poll(Duration::from_millis(100));
+    }
     match result {
         Ok(metadata) => Ok(ClusterInfo {
             brokers: metadata.brokers().len(),

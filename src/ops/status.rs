@@ -1,6 +1,6 @@
 //! `outbox-relay status`: the configured slot's state from `pg_replication_slots`, its lag
-//! behind the server's WAL, and the publication's tables, as text or one JSON object.
-//! Read-only, and independent of any running relay.
+//! behind the server's WAL, and the publication's tables, as text or one JSON object, judged
+//! by the same rules `run` and `check` apply. Read-only, and independent of any running relay.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -8,10 +8,11 @@ use std::path::Path;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, PostgresConfig};
 use crate::ops::check::{describe_target, PG_TIMEOUT};
-use crate::pipeline::setup::pg_message;
+use crate::postgres::catalog::{self, Publication, SlotReading, SlotVerdict};
 use crate::postgres::connect::PgEndpoint;
+use crate::postgres::errors::{pg_message, PgError, IN_RECOVERY};
 
 /// Why no status could be read at all (as opposed to a slot in a bad state).
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +76,8 @@ pub struct SlotStatus {
     pub publication_exists: bool,
     /// The tables it publishes, as `schema.table`.
     pub publication_tables: Vec<String>,
-    /// Whether the slot is usable by the relay: exists, pgoutput, this database, not lost.
+    /// Whether the slot is usable by the relay: on a primary, exists, pgoutput, this database,
+    /// not lost.
     pub ok: bool,
     /// Why not, when `ok` is false.
     pub problem: Option<String>,
@@ -99,107 +101,65 @@ pub async fn read(path: &Path) -> Result<SlotStatus, StatusError> {
 
 /// Reads the status of `config`'s slot and publication over `client`.
 pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, StatusError> {
-    let slot = &config.postgres.slot;
-    let publication = &config.postgres.publication;
     let failed = |what: &'static str| {
-        move |e: tokio_postgres::Error| StatusError::Query {
+        move |e: PgError| StatusError::Query {
             what,
-            cause: pg_message(&e),
+            cause: e.to_string(),
         }
     };
-    // One statement, so the WAL position and the lags derived from it are consistent.
-    let row = client
-        .query_one(
-            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
-                                      ELSE pg_current_wal_lsn() END AS lsn) \
-             SELECT s.slot_name IS NOT NULL, coalesce(s.active, false), s.active_pid, \
-                    s.plugin::text, s.slot_type::text, s.database::text, current_database()::text, \
-                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, cur.lsn::text, \
-                    (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
-                    s.safe_wal_size \
-             FROM cur LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
-            &[slot],
-        )
+    let reading = catalog::read_slot(client, &config.postgres.slot)
         .await
         .map_err(failed("pg_replication_slots"))?;
-    let get = failed("pg_replication_slots");
-    let current_db: String = row.try_get(6).map_err(&get)?;
-    let mut status = SlotStatus {
-        slot: slot.clone(),
-        exists: row.try_get(0).map_err(&get)?,
-        active: row.try_get(1).map_err(&get)?,
-        active_pid: row.try_get(2).map_err(&get)?,
-        plugin: row.try_get(3).map_err(&get)?,
-        slot_type: row.try_get(4).map_err(&get)?,
-        database: row.try_get(5).map_err(&get)?,
-        wal_status: row.try_get(7).map_err(&get)?,
-        confirmed_flush_lsn: row.try_get(8).map_err(&get)?,
-        restart_lsn: row.try_get(9).map_err(&get)?,
-        current_wal_lsn: row.try_get(10).map_err(&get)?,
-        lag_bytes: row.try_get(11).map_err(&get)?,
-        retained_bytes: row.try_get(12).map_err(&get)?,
-        safe_wal_size: row.try_get(13).map_err(&get)?,
-        publication: publication.clone(),
-        publication_exists: false,
-        publication_tables: Vec::new(),
-        ok: false,
-        problem: None,
-    };
-    status.publication_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
+    let publication = catalog::read_publication(client, &config.postgres.publication)
         .await
-        .map_err(failed("pg_publication"))?
-        .is_some();
-    let tables = client
-        .query(
-            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables \
-             WHERE pubname = $1 ORDER BY 1",
-            &[publication],
-        )
-        .await
-        .map_err(failed("pg_publication_tables"))?;
-    status.publication_tables = tables
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()
-        .map_err(failed("pg_publication_tables"))?;
-    status.problem = problem(&status, &current_db);
-    status.ok = status.problem.is_none();
-    Ok(status)
+        .map_err(failed("pg_publication"))?;
+    let slot = reading.slot.as_ref();
+    let text = |lsn: Option<crate::lsn::Lsn>| lsn.map(|l| l.to_string());
+    let problem = problem(&reading, publication.as_ref(), &config.postgres);
+    Ok(SlotStatus {
+        slot: config.postgres.slot.clone(),
+        exists: slot.is_some(),
+        active: slot.is_some_and(|s| s.active),
+        active_pid: slot.and_then(|s| s.active_pid),
+        plugin: slot.and_then(|s| s.plugin.clone()),
+        slot_type: slot.and_then(|s| s.slot_type.clone()),
+        database: slot.and_then(|s| s.database.clone()),
+        wal_status: slot.and_then(|s| s.wal_status.clone()),
+        confirmed_flush_lsn: text(slot.and_then(|s| s.confirmed_flush)),
+        restart_lsn: text(slot.and_then(|s| s.restart)),
+        current_wal_lsn: text(reading.wal),
+        lag_bytes: reading.lag_bytes(),
+        retained_bytes: reading.retained_bytes(),
+        safe_wal_size: slot.and_then(|s| s.safe_wal_size),
+        publication: config.postgres.publication.clone(),
+        publication_exists: publication.is_some(),
+        publication_tables: publication
+            .iter()
+            .flat_map(|p| p.tables.iter().map(ToString::to_string))
+            .collect(),
+        ok: problem.is_none(),
+        problem,
+    })
 }
 
-/// Why the relay could not stream from the slot as it is, if it could not.
-fn problem(s: &SlotStatus, current_db: &str) -> Option<String> {
-    let slot = &s.slot;
-    if !s.exists {
-        return Some(format!(
-            "slot {slot} does not exist; the relay creates it at start (outbox-relay check tells whether it can)"
-        ));
+/// Why the relay could not stream from the slot as it is, if it could not: the verdict `run`
+/// would reach, where a missing slot is a problem only for now (the relay creates it).
+fn problem(
+    reading: &SlotReading,
+    publication: Option<&Publication>,
+    pg: &PostgresConfig,
+) -> Option<String> {
+    if reading.in_recovery {
+        return Some(IN_RECOVERY.to_owned());
     }
-    if s.slot_type.as_deref() != Some("logical") || s.plugin.as_deref() != Some("pgoutput") {
-        return Some(format!(
-            "slot {slot} uses plugin {}, the relay needs a logical pgoutput slot",
-            s.plugin.as_deref().unwrap_or("(none)")
-        ));
+    match catalog::slot_verdict(reading, publication, pg) {
+        SlotVerdict::Usable(_) | SlotVerdict::Creating => None,
+        SlotVerdict::Missing => Some(format!(
+            "slot {} does not exist; the relay creates it at start (outbox-relay check tells whether it can)",
+            pg.slot
+        )),
+        SlotVerdict::Unusable(problem) => Some(problem.to_string()),
     }
-    if s.database.as_deref() != Some(current_db) {
-        return Some(format!(
-            "slot {slot} belongs to database {}, not {current_db}",
-            s.database.as_deref().unwrap_or("(none)")
-        ));
-    }
-    if s.wal_status.as_deref() == Some("lost") {
-        return Some(format!(
-            "slot {slot} has wal_status = lost: events committed after {} may never reach Kafka",
-            s.confirmed_flush_lsn
-                .as_deref()
-                .unwrap_or("its confirmed LSN")
-        ));
-    }
-    None
 }
 
 /// The status as aligned `name  value` lines, one per field, for people.
@@ -303,21 +263,55 @@ mod tests {
         }
     }
 
+    fn postgres() -> PostgresConfig {
+        toml::from_str("url = \"postgres://relay@db/app\"").expect("minimal [postgres]")
+    }
+
+    fn reading(database: &str, slot: Option<catalog::Slot>) -> SlotReading {
+        SlotReading {
+            current_database: database.into(),
+            in_recovery: false,
+            wal: Some(crate::lsn::Lsn(0x16B_3748)),
+            slot,
+        }
+    }
+
+    fn pgoutput_slot() -> catalog::Slot {
+        catalog::Slot {
+            plugin: Some("pgoutput".into()),
+            slot_type: Some("logical".into()),
+            database: Some("app".into()),
+            wal_status: Some("reserved".into()),
+            confirmed_flush: Some(crate::lsn::Lsn(0x16B_3700)),
+            ..catalog::Slot::default()
+        }
+    }
+
     #[test]
-    fn problems_are_missing_wrong_plugin_other_database_and_lost() {
-        assert!(problem(&absent(), "app").is_some_and(|p| p.contains("does not exist")));
-        assert_eq!(problem(&healthy(), "app"), None);
-        assert!(problem(&healthy(), "other").is_some_and(|p| p.contains("database app")));
-        let wrong = SlotStatus {
+    fn problems_are_missing_wrong_plugin_other_database_lost_and_standby() {
+        let pg = postgres();
+        let problem_of = |r: &SlotReading| problem(r, None, &pg);
+        assert!(problem_of(&reading("app", None)).is_some_and(|p| p.contains("does not exist")));
+        assert_eq!(problem_of(&reading("app", Some(pgoutput_slot()))), None);
+        assert!(problem_of(&reading("other", Some(pgoutput_slot())))
+            .is_some_and(|p| p.contains("database app")));
+        let wrong = catalog::Slot {
             plugin: Some("test_decoding".into()),
-            ..healthy()
+            ..pgoutput_slot()
         };
-        assert!(problem(&wrong, "app").is_some_and(|p| p.contains("test_decoding")));
-        let lost = SlotStatus {
+        assert!(
+            problem_of(&reading("app", Some(wrong))).is_some_and(|p| p.contains("test_decoding"))
+        );
+        let lost = catalog::Slot {
             wal_status: Some("lost".into()),
-            ..healthy()
+            ..pgoutput_slot()
         };
-        assert!(problem(&lost, "app").is_some_and(|p| p.contains("0/16B3700")));
+        assert!(problem_of(&reading("app", Some(lost))).is_some_and(|p| p.contains("0/16B3700")));
+        let standby = SlotReading {
+            in_recovery: true,
+            ..reading("app", Some(pgoutput_slot()))
+        };
+        assert_eq!(problem_of(&standby).as_deref(), Some(IN_RECOVERY));
     }
 
     #[test]

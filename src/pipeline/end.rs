@@ -8,7 +8,7 @@ use crate::config::PostgresConfig;
 use crate::kafka::exactly_once::TxnError;
 use crate::lsn::Lsn;
 use crate::pipeline::ack::Progress;
-use crate::postgres::replication::ReplicationError;
+use crate::postgres::errors::{Action, Cause, PgError, IN_RECOVERY};
 
 /// How a streaming session ended.
 #[derive(Debug)]
@@ -23,36 +23,29 @@ pub(super) enum SessionEnd {
     Fatal(anyhow::Error),
 }
 
-/// Sorts a replication error into what the lifecycle does about it.
-pub(super) fn classify(e: ReplicationError, pg: &PostgresConfig, during: &str) -> SessionEnd {
+/// Sorts a failure met while streaming (by [`PgError`]'s one classification) into what the
+/// lifecycle does about it, with the slot's own words for a slot that is gone or lost.
+pub(super) fn classify(e: impl Into<PgError>, pg: &PostgresConfig, during: &str) -> SessionEnd {
+    let e: PgError = e.into();
     let (slot, publication) = (&pg.slot, &pg.publication);
-    match e.sqlstate() {
-        // object_in_use: another walsender has the slot.
-        Some("55006") => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
-        // undefined_object: the slot is gone (dropped, or lost in a failover).
-        Some("42704") => SessionEnd::Fatal(anyhow!(
+    match (e.cause, e.action()) {
+        (_, Action::Standby) => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
+        // The slot is gone (dropped, or lost in a failover).
+        (Cause::UndefinedObject, _) => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
              re-publish outbox rows committed since the newest event in Kafka, run COMMENT ON PUBLICATION {publication} IS NULL, then restart the relay to create a fresh slot"
         )),
-        // object_not_in_prerequisite_state: the slot was invalidated (wal_status = lost).
-        Some("55000") => SessionEnd::Fatal(anyhow!(
+        // The slot was invalidated (wal_status = lost).
+        (Cause::NotInPrerequisiteState, _) => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} can no longer be read ({e}): WAL it needed was removed, so events may have been lost; \
              re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart"
         )),
-        Some(code) if code.starts_with("28") => {
+        (Cause::InRecovery, _) => SessionEnd::Fatal(anyhow!("{IN_RECOVERY} ({during}: {e})")),
+        (Cause::Credentials, _) => {
             SessionEnd::Fatal(anyhow::Error::new(e).context(format!("{during}: PostgreSQL refused the credentials")))
         }
-        // 22023 invalid_parameter_value: an option pgoutput does not know (e.g. messages
-        // before PostgreSQL 14); retrying cannot help.
-        Some(code) if code.starts_with("42") || code.starts_with("0A") || code == "22023" => {
-            SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
-        }
-        Some(_) | None => match e {
-            ReplicationError::Protocol(_) | ReplicationError::Config(_) | ReplicationError::Auth(_) => {
-                SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned()))
-            }
-            _ => SessionEnd::Transient(anyhow::Error::new(e).context(during.to_owned())),
-        },
+        (_, Action::Retry) => SessionEnd::Transient(anyhow::Error::new(e).context(during.to_owned())),
+        (_, Action::Fatal) => SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned())),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The monitor: polls slot health and broker reachability for metrics and `/readyz` while the
-//! relay runs, and re-checks the outbox tables and the publication so that a change made under
-//! a running relay stops it instead of silently starving it.
+//! relay runs, and re-checks the server, the outbox tables and the publication so that a
+//! change made under a running relay (a table swapped, a failover that left it on a standby)
+//! stops it instead of silently starving it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use crate::kafka::producer::Publisher;
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::setup::{self, SetupError};
+use crate::postgres::catalog;
 use crate::postgres::connect::PgEndpoint;
+use crate::postgres::errors::{Cause, PgError};
 
 /// How often slot health and broker reachability are polled.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
@@ -60,10 +63,18 @@ impl Monitor {
                 client = self.endpoint.connect_sql().await.ok();
             }
             let Some(c) = &client else { continue };
-            if let Err(e) = self.slot_health(c).await {
-                tracing::debug!("slot monitor query failed: {e}");
-                client = None;
-                continue;
+            match self.slot_health(c).await {
+                Ok(()) => {}
+                // No later poll fixes that: say it instead of polling a standby forever.
+                Err(e) if e.cause == Cause::InRecovery => {
+                    self.problems.send_replace(Some(e.to_string()));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("slot monitor query failed: {e}");
+                    client = None;
+                    continue;
+                }
             }
             match self.outbox_still_published(c).await {
                 Ok(()) => {}
@@ -78,20 +89,14 @@ impl Monitor {
         }
     }
 
-    async fn slot_health(&self, c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-        let row = c
-            .query_opt(
-                "SELECT wal_status, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.config.postgres.slot],
-            )
-            .await?;
-        match row {
-            Some(row) => {
-                let status: Option<String> = row.get(0);
+    async fn slot_health(&self, c: &tokio_postgres::Client) -> Result<(), PgError> {
+        let reading = catalog::read_slot(c, &self.config.postgres.slot).await?;
+        reading.primary_wal()?;
+        match &reading.slot {
+            Some(slot) => {
                 self.metrics
-                    .set_wal_status(Some(status.as_deref().unwrap_or("missing")));
-                if let Some(lag) = row.get::<_, Option<i64>>(1) {
+                    .set_wal_status(Some(slot.wal_status.as_deref().unwrap_or("missing")));
+                if let Some(lag) = reading.lag_bytes() {
                     self.metrics.replication_lag_bytes.set(lag.max(0));
                 }
             }
@@ -107,7 +112,7 @@ impl Monitor {
         for table in &self.config.outbox {
             setup::check_table(c, table).await?;
         }
-        if !setup::check_publication(c, &self.config).await? {
+        if setup::check_publication(c, &self.config).await?.is_none() {
             return Err(SetupError::PublicationDropped(
                 self.config.postgres.publication.clone(),
             ));

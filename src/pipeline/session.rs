@@ -17,8 +17,9 @@ use crate::ops::metrics::Health;
 use crate::pipeline::ack::TxnId;
 use crate::pipeline::end::{classify, txn_end, SessionEnd};
 use crate::pipeline::output::Output;
-use crate::pipeline::setup;
+use crate::postgres::catalog;
 use crate::postgres::connect::PgEndpoint;
+use crate::postgres::errors::PgError;
 use crate::postgres::pgoutput::{self, Message};
 use crate::postgres::replication::{
     pg_now_micros, secs_since, ReplicationConnection, ReplicationEvent, ReplicationStream,
@@ -83,7 +84,7 @@ impl Session<'_> {
         // We hold the slot now; nobody else moves it. Never report below where it stands.
         let server_wal = match self.rebase().await {
             Ok(wal) => wal,
-            Err(e) => return SessionEnd::Transient(e),
+            Err(e) => return classify(e, &self.config.postgres, "cannot read the slot's position"),
         };
         let out = &mut self.out;
         if let Some(eos) = &mut out.eos {
@@ -110,19 +111,11 @@ impl Session<'_> {
 
     /// Takes the slot's confirmed position as the floor of what is reported; returns the
     /// server's current WAL position.
-    async fn rebase(&mut self) -> anyhow::Result<Lsn> {
-        let client = self.endpoint.connect_sql().await.map_err(setup::pg)?;
-        let row = client
-            .query_one(
-                "SELECT (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
-                        pg_current_wal_lsn()::text",
-                &[&self.config.postgres.slot],
-            )
-            .await
-            .map_err(setup::pg)?;
-        let server_wal: Lsn = row.try_get::<_, String>(1)?.parse()?;
-        if let Some(lsn) = row.try_get::<_, Option<String>>(0)? {
-            let lsn: Lsn = lsn.parse()?;
+    async fn rebase(&mut self) -> Result<Lsn, PgError> {
+        let client = self.endpoint.connect_sql().await?;
+        let reading = catalog::read_slot(&client, &self.config.postgres.slot).await?;
+        let server_wal = reading.primary_wal()?;
+        if let Some(lsn) = reading.slot.and_then(|s| s.confirmed_flush) {
             let out = &mut self.out;
             out.tracker.rebase(lsn);
             let confirmed = out.tracker.confirmed();

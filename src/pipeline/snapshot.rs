@@ -23,8 +23,9 @@ use crate::mapping::outbox::OutboxMapper;
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::{AckTracker, Progress, TxnId};
 use crate::pipeline::handover::{reported_failure, Handover, HandoverError, Waiting, WAIT_TICK};
-use crate::pipeline::setup::{self, pg_message, quote_ident, quoted};
+use crate::postgres::catalog::{self, quote_ident, quoted};
 use crate::postgres::connect::PgEndpoint;
+use crate::postgres::errors::{Action, Cause, PgError, IN_RECOVERY};
 use crate::postgres::pgoutput::{Column, Relation};
 use crate::postgres::replication::{ReplicationConnection, ReplicationError};
 
@@ -124,7 +125,15 @@ impl Snapshot<'_> {
                 exported.name.replace('\'', "''")
             ))
             .await
-            .map_err(|e| sql_error(&e, "cannot import the initial snapshot"))?;
+            .map_err(|e| match e.code() {
+                // invalid snapshot identifier, from SET TRANSACTION SNAPSHOT: the export ended
+                // before the import, which only a lost replication connection does.
+                Some(&SqlState::INVALID_PARAMETER_VALUE) => SnapshotError::Transient(format!(
+                    "cannot import the initial snapshot: {}",
+                    PgError::from(e)
+                )),
+                _ => sql_error(&e, "cannot import the initial snapshot"),
+            })?;
         // Imported: the walsender may let go of the export now. Its next command ends the
         // transaction that held it, which would otherwise idle for the whole snapshot (and
         // run into idle_in_transaction_session_timeout or transaction_timeout).
@@ -134,9 +143,17 @@ impl Snapshot<'_> {
         // An instance that finished a snapshot created the slot before its temporary slot
         // went away, so holding the temporary slot now means this check is final.
         // (pg_replication_slots is not versioned: the snapshot does not hide a new slot.)
-        if setup::slot_exists(&client, &pg.slot)
+        if catalog::read_slot(&client, &pg.slot)
             .await
-            .map_err(|e| SnapshotError::Transient(e.to_string()))?
+            .map_err(|e| {
+                sorted(
+                    e,
+                    &format!("cannot read replication slot {}", pg.slot),
+                    SQL_PRIVILEGES,
+                )
+            })?
+            .slot
+            .is_some()
         {
             tracing::info!(slot = %pg.slot, "the slot exists already: no initial snapshot");
             let _ = repl.close().await;
@@ -162,15 +179,10 @@ impl Snapshot<'_> {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| sql_error(&e, "cannot end the initial snapshot's transaction"))?;
-        let copied = client
-            .query_one(
-                "SELECT lsn::text FROM pg_copy_logical_replication_slot($1, $2, false)",
-                &[&temporary, &pg.slot],
-            )
-            .await;
-        let lsn: String = match copied {
-            Ok(row) => row.get(0),
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {
+        let copied = catalog::copy_slot(&client, &temporary, &pg.slot).await;
+        let lsn = match copied {
+            Ok(lsn) => lsn,
+            Err(e) if e.is(&SqlState::DUPLICATE_OBJECT) => {
                 // Made meanwhile by something other than a snapshotting replica (which would
                 // have held the temporary slot): its stream has its own start, and what was
                 // just published is duplicates of rows that are, or were, in the outbox.
@@ -182,20 +194,20 @@ impl Snapshot<'_> {
                 return Ok(Outcome::SlotExists);
             }
             // The temporary slot went with its connection: this snapshot cannot be copied.
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
+            Err(e) if e.is(&SqlState::UNDEFINED_OBJECT) => {
                 return Err(SnapshotError::Transient(format!(
-                    "the temporary slot {temporary} vanished before it was copied ({}); taking the snapshot again",
-                    pg_message(&e)
+                    "the temporary slot {temporary} vanished before it was copied ({e}); taking the snapshot again"
                 )))
             }
             Err(e) => {
-                return Err(sql_error(
-                    &e,
+                return Err(sorted(
+                    e,
                     &format!("cannot copy the temporary slot {temporary} to {}", pg.slot),
+                    SQL_PRIVILEGES,
                 ))
             }
         };
-        setup::write_marker(&client, &pg.slot, &pg.publication, &lsn).await;
+        catalog::write_marker(&client, &pg.slot, &pg.publication, lsn).await;
         // Dropping the temporary slot only now keeps other replicas waiting until the slot
         // exists.
         let _ = repl.close().await;
@@ -219,14 +231,8 @@ impl Snapshot<'_> {
         let Ok(client) = self.endpoint.connect_sql().await else {
             return busy();
         };
-        let row = client
-            .query_opt(
-                "SELECT temporary FROM pg_replication_slots WHERE slot_name = $1",
-                &[&temporary],
-            )
-            .await;
-        match row {
-            Ok(Some(row)) if matches!(row.try_get::<_, bool>(0), Ok(false)) => SnapshotError::Fatal(format!(
+        match catalog::read_slot(&client, temporary).await {
+            Ok(reading) if reading.slot.as_ref().is_some_and(|s| !s.temporary) => SnapshotError::Fatal(format!(
                 "replication slot {temporary} exists and is not temporary, but initial_snapshot takes its snapshot with a temporary slot of that name: drop it (SELECT pg_drop_replication_slot('{temporary}')) or configure another [postgres] slot"
             )),
             _ => busy(),
@@ -408,43 +414,34 @@ async fn relation(client: &Client, table: &OutboxConfig) -> Result<Relation, Sna
     })
 }
 
-/// A failed SQL step: a lost connection or a server going away is worth another attempt,
-/// anything else (privileges, a missing table) is not.
-fn sql_error(e: &tokio_postgres::Error, during: &str) -> SnapshotError {
-    let message = format!("{during}: {}", pg_message(e));
-    match e.code().map(SqlState::code) {
-        None => SnapshotError::Transient(message),
-        Some(code)
-            if ["08", "40", "53", "57", "58"]
-                .iter()
-                .any(|class| code.starts_with(class)) =>
-        {
-            SnapshotError::Transient(message)
-        }
-        // invalid snapshot identifier: the export ended before the import (a lost connection).
-        Some("22023") => SnapshotError::Transient(message),
-        Some(code) if code.starts_with("42") => SnapshotError::Fatal(format!(
-            "{message}; the relay's role needs SELECT on every outbox table and the REPLICATION attribute"
-        )),
-        Some(_) => SnapshotError::Fatal(message),
+/// What a refused privilege means for the snapshot's SQL session.
+const SQL_PRIVILEGES: &str =
+    "the relay's role needs SELECT on every outbox table and the REPLICATION attribute";
+/// What a refused privilege means for the replication connection.
+const REPLICATION_PRIVILEGES: &str =
+    "the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)";
+
+/// A failed step, sorted by the one classification ([`PgError`]): another attempt (which
+/// takes the snapshot again), waiting, or stopping with the fix for a refused privilege.
+fn sorted(e: PgError, during: &str, privileges: &str) -> SnapshotError {
+    let message = format!("{during}: {e}");
+    match e.cause {
+        Cause::InRecovery => SnapshotError::Fatal(format!("{IN_RECOVERY} ({message})")),
+        Cause::Privilege => SnapshotError::Fatal(format!("{message}; {privileges}")),
+        _ => match e.action() {
+            Action::Retry => SnapshotError::Transient(message),
+            Action::Standby => SnapshotError::Busy(message),
+            Action::Fatal => SnapshotError::Fatal(message),
+        },
     }
 }
 
-/// A failed replication command, sorted like [`sql_error`].
+/// A failed SQL step.
+fn sql_error(e: &tokio_postgres::Error, during: &str) -> SnapshotError {
+    sorted(PgError::from(e), during, SQL_PRIVILEGES)
+}
+
+/// A failed replication command.
 fn replication_error(e: ReplicationError, during: &str) -> SnapshotError {
-    let message = format!("{during}: {e}");
-    match (&e, e.sqlstate()) {
-        (ReplicationError::Io(_), _) => SnapshotError::Transient(message),
-        (_, Some(code))
-            if ["08", "53", "57", "58"]
-                .iter()
-                .any(|class| code.starts_with(class)) =>
-        {
-            SnapshotError::Transient(message)
-        }
-        (_, Some(code)) if code.starts_with("42") => SnapshotError::Fatal(format!(
-            "{message}; the relay's role needs the REPLICATION attribute (ALTER ROLE <role> REPLICATION)"
-        )),
-        _ => SnapshotError::Fatal(message),
-    }
+    sorted(PgError::from(e), during, REPLICATION_PRIVILEGES)
 }

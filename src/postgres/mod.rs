@@ -1,6 +1,9 @@
 //! Everything that talks to PostgreSQL: reaching the server, the replication protocol and the
-//! pgoutput decoder.
+//! pgoutput decoder, the slot and publication catalogs with the rules about them, and how a
+//! failed request is sorted into retry or stop.
 
+pub mod catalog;
 pub mod connect;
+pub mod errors;
 pub mod pgoutput;
 pub mod replication;

@@ -1,0 +1,860 @@
+//! The replication slot and the publication as PostgreSQL's catalogs show them, and every rule
+//! the relay has about them: which slot it can stream from, which publication feeds it the
+//! outbox rows, and the server it may do that on. Start-up, `check`, `status`, the monitor, the
+//! streaming session and the initial snapshot all read and judge through here, so they cannot
+//! disagree about what is usable.
+//!
+//! One function per query, returning typed rows; the verdicts are plain functions of those
+//! rows, so they are the same whoever asks and can be tested without a server.
+
+use tokio_postgres::{Client, Row};
+
+use crate::config::{OutboxConfig, PostgresConfig};
+use crate::lsn::Lsn;
+use crate::postgres::errors::{PgError, IN_RECOVERY};
+
+// ---------------------------------------------------------------------------------------------
+// Names in SQL
+// ---------------------------------------------------------------------------------------------
+
+/// An identifier for SQL, quoted.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A string literal for SQL, quoted.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The table's name for SQL: schema and name, each quoted.
+pub fn quoted(table: &OutboxConfig) -> String {
+    let (schema, name) = table.schema_and_name();
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Reads column `i`, or says the server's answer was not what the relay expects.
+fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r Row,
+    i: usize,
+    what: &str,
+) -> Result<T, PgError> {
+    row.try_get(i).map_err(|e| PgError::unreadable(what, &e))
+}
+
+/// An LSN from its text form.
+fn lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, PgError> {
+    text.map(|t| {
+        t.parse()
+            .map_err(|e| PgError::unexpected(format!("cannot read {what}: {e}")))
+    })
+    .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server
+// ---------------------------------------------------------------------------------------------
+
+/// What the relay needs of the server before it looks at slots and publications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    /// `wal_level`.
+    pub wal_level: String,
+    /// `pg_is_in_recovery()`: a standby.
+    pub in_recovery: bool,
+}
+
+/// Why the server cannot serve the relay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerProblem {
+    /// `wal_level` is not `logical`.
+    #[error("wal_level is {0:?}, logical replication needs 'logical': set wal_level = logical in postgresql.conf (or the cloud parameter group) and restart PostgreSQL")]
+    WalLevel(String),
+    /// A standby: its WAL position cannot be read, and before PostgreSQL 16 it cannot decode.
+    #[error("{IN_RECOVERY}")]
+    InRecovery,
+}
+
+impl ServerState {
+    /// Everything wrong with the server, worst first.
+    pub fn problems(&self) -> Vec<ServerProblem> {
+        let mut problems = Vec::new();
+        if self.wal_level != "logical" {
+            problems.push(ServerProblem::WalLevel(self.wal_level.clone()));
+        }
+        if self.in_recovery {
+            problems.push(ServerProblem::InRecovery);
+        }
+        problems
+    }
+}
+
+/// Reads `wal_level` and whether the server is a standby.
+pub async fn server(client: &Client) -> Result<ServerState, PgError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), pg_is_in_recovery()",
+            &[],
+        )
+        .await?;
+    Ok(ServerState {
+        wal_level: column(&row, 0, "wal_level")?,
+        in_recovery: column(&row, 1, "pg_is_in_recovery()")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The slot
+// ---------------------------------------------------------------------------------------------
+
+/// One row of `pg_replication_slots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// The output plugin; `None` for a physical slot.
+    pub plugin: Option<String>,
+    /// `logical` or `physical`.
+    pub slot_type: Option<String>,
+    /// The database a logical slot decodes.
+    pub database: Option<String>,
+    /// Dropped when its connection ends (the initial snapshot's slot is).
+    pub temporary: bool,
+    /// Whether a walsender streams from it now.
+    pub active: bool,
+    /// That walsender's process id.
+    pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Everything before it reached Kafka; `None` while the slot is being created.
+    pub confirmed_flush: Option<Lsn>,
+    /// The oldest WAL the slot keeps.
+    pub restart: Option<Lsn>,
+    /// Bytes of WAL that may still be written before the slot is lost.
+    pub safe_wal_size: Option<i64>,
+}
+
+/// A slot (or its absence) and the server's WAL position, read in one statement so that the
+/// lags derived from them are consistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotReading {
+    /// The database this connection is in.
+    pub current_database: String,
+    /// Whether the server is a standby.
+    pub in_recovery: bool,
+    /// The WAL position now: `pg_current_wal_lsn()`, or on a standby the last received.
+    pub wal: Option<Lsn>,
+    /// The slot, if it exists.
+    pub slot: Option<Slot>,
+}
+
+impl SlotReading {
+    /// The primary's WAL position now; on a standby the error that says so, since a standby's
+    /// position is not where the relay's stream ends.
+    pub fn primary_wal(&self) -> Result<Lsn, PgError> {
+        match self.wal {
+            Some(wal) if !self.in_recovery => Ok(wal),
+            _ => Err(PgError::in_recovery()),
+        }
+    }
+
+    /// Bytes of WAL written since the slot's confirmed position.
+    pub fn lag_bytes(&self) -> Option<i64> {
+        distance(self.wal, self.slot.as_ref()?.confirmed_flush)
+    }
+
+    /// Bytes of WAL the server keeps for the slot.
+    pub fn retained_bytes(&self) -> Option<i64> {
+        distance(self.wal, self.slot.as_ref()?.restart)
+    }
+}
+
+fn distance(to: Option<Lsn>, from: Option<Lsn>) -> Option<i64> {
+    i64::try_from(i128::from(to?.0) - i128::from(from?.0)).ok()
+}
+
+/// Reads the slot `name` and the server's WAL position.
+pub async fn read_slot(client: &Client, name: &str) -> Result<SlotReading, PgError> {
+    let row = client
+        .query_one(
+            "WITH cur AS (SELECT pg_is_in_recovery() AS standby, \
+                                 CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
+                                      ELSE pg_current_wal_lsn() END AS lsn) \
+             SELECT current_database()::text, cur.standby, cur.lsn::text, s.slot_name IS NOT NULL, \
+                    s.plugin::text, s.slot_type::text, s.database::text, \
+                    coalesce(s.temporary, false), coalesce(s.active, false), s.active_pid, \
+                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, s.safe_wal_size \
+             FROM cur LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    let what = "pg_replication_slots";
+    let exists: bool = column(&row, 3, what)?;
+    let slot = if exists {
+        Some(Slot {
+            plugin: column(&row, 4, what)?,
+            slot_type: column(&row, 5, what)?,
+            database: column(&row, 6, what)?,
+            temporary: column(&row, 7, what)?,
+            active: column(&row, 8, what)?,
+            active_pid: column(&row, 9, what)?,
+            wal_status: column(&row, 10, what)?,
+            confirmed_flush: lsn(column(&row, 11, what)?, "confirmed_flush_lsn")?,
+            restart: lsn(column(&row, 12, what)?, "restart_lsn")?,
+            safe_wal_size: column(&row, 13, what)?,
+        })
+    } else {
+        None
+    };
+    Ok(SlotReading {
+        current_database: column(&row, 0, "current_database()")?,
+        in_recovery: column(&row, 1, "pg_is_in_recovery()")?,
+        wal: lsn(column(&row, 2, "the WAL position")?, "the WAL position")?,
+        slot,
+    })
+}
+
+/// Why the configured slot cannot be used as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotProblem {
+    /// A physical slot of that name.
+    #[error("replication slot {slot} is a {slot_type} slot, the relay needs a logical pgoutput slot; drop it (SELECT pg_drop_replication_slot('{slot}')) if nothing uses it, or configure another [postgres] slot")]
+    NotLogical {
+        /// The slot.
+        slot: String,
+        /// Its type.
+        slot_type: String,
+    },
+    /// A logical slot with another output plugin.
+    #[error("replication slot {slot} exists with plugin {plugin}, the relay needs pgoutput; drop it (SELECT pg_drop_replication_slot('{slot}')) if nothing uses it, or configure another [postgres] slot")]
+    WrongPlugin {
+        /// The slot.
+        slot: String,
+        /// Its plugin.
+        plugin: String,
+    },
+    /// A slot of another database (slot names are server-wide).
+    #[error("replication slot {slot} belongs to database {database}, not {current}; configure another [postgres] slot or point [postgres] url at that database")]
+    OtherDatabase {
+        /// The slot.
+        slot: String,
+        /// Its database.
+        database: String,
+        /// The configured one.
+        current: String,
+    },
+    /// The server removed WAL the slot still needed.
+    #[error("replication slot {slot} has wal_status = lost: WAL it needed was removed, so events committed after {confirmed} may never reach Kafka; recover by re-publishing outbox rows committed since then, then drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart the relay")]
+    Lost {
+        /// The slot.
+        slot: String,
+        /// The publication whose marker must be cleared too.
+        publication: String,
+        /// Its last confirmed position.
+        confirmed: String,
+    },
+    /// The slot is missing, but the publication records that this relay created it.
+    #[error("replication slot {slot} is gone, but publication {publication} records {marker:?}: events committed since its last confirmed LSN may never have reached Kafka (a failover to a server without the slot, or a dropped slot). Recover: re-publish outbox rows committed since the newest event in Kafka, then run COMMENT ON PUBLICATION {publication} IS NULL and restart; the relay then creates a fresh slot")]
+    Vanished {
+        /// The slot.
+        slot: String,
+        /// The publication carrying the marker.
+        publication: String,
+        /// The marker.
+        marker: String,
+    },
+}
+
+/// What the relay can do with the configured slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotVerdict {
+    /// Stream from it, from this position.
+    Usable(Lsn),
+    /// Someone is creating it right now (it has no confirmed position yet): wait.
+    Creating,
+    /// It does not exist and nothing says it ever did: the relay creates it.
+    Missing,
+    /// It cannot be used: stop and say why.
+    Unusable(SlotProblem),
+}
+
+/// Judges the configured slot; `publication` (its comment) tells a slot that never existed
+/// from one that vanished.
+pub fn slot_verdict(
+    reading: &SlotReading,
+    publication: Option<&Publication>,
+    pg: &PostgresConfig,
+) -> SlotVerdict {
+    let name = pg.slot.clone();
+    let Some(slot) = &reading.slot else {
+        return match publication.and_then(|p| p.created_slot(&pg.slot)) {
+            Some(marker) => SlotVerdict::Unusable(SlotProblem::Vanished {
+                slot: name,
+                publication: pg.publication.clone(),
+                marker: marker.to_owned(),
+            }),
+            None => SlotVerdict::Missing,
+        };
+    };
+    let problem = if slot.slot_type.as_deref() != Some("logical") {
+        Some(SlotProblem::NotLogical {
+            slot: name,
+            slot_type: slot
+                .slot_type
+                .clone()
+                .unwrap_or_else(|| "non-logical".into()),
+        })
+    } else if slot.plugin.as_deref() != Some("pgoutput") {
+        Some(SlotProblem::WrongPlugin {
+            slot: name,
+            plugin: slot.plugin.clone().unwrap_or_else(|| "(none)".into()),
+        })
+    } else if slot.database.as_deref() != Some(reading.current_database.as_str()) {
+        Some(SlotProblem::OtherDatabase {
+            slot: name,
+            database: slot.database.clone().unwrap_or_else(|| "(none)".into()),
+            current: reading.current_database.clone(),
+        })
+    } else if slot.wal_status.as_deref() == Some("lost") {
+        Some(SlotProblem::Lost {
+            slot: name,
+            publication: pg.publication.clone(),
+            confirmed: slot.confirmed_flush.map_or_else(
+                || "its last confirmed LSN".to_owned(),
+                |lsn| lsn.to_string(),
+            ),
+        })
+    } else {
+        None
+    };
+    match (problem, slot.confirmed_flush) {
+        (Some(problem), _) => SlotVerdict::Unusable(problem),
+        (None, Some(lsn)) => SlotVerdict::Usable(lsn),
+        (None, None) => SlotVerdict::Creating,
+    }
+}
+
+impl Slot {
+    /// A warning for a slot that is still usable but about to be lost.
+    pub fn at_risk(&self, name: &str) -> Option<String> {
+        (self.wal_status.as_deref() == Some("unreserved")).then(|| format!(
+            "replication slot {name} has wal_status = unreserved: its WAL is past max_slot_wal_keep_size and will be removed at the next checkpoint unless the relay catches up"
+        ))
+    }
+}
+
+/// How many replication slots exist and how many may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotRoom {
+    /// Slots in `pg_replication_slots`.
+    pub used: i64,
+    /// `max_replication_slots`.
+    pub max: i64,
+}
+
+impl SlotRoom {
+    /// Slots the relay creates at start: the initial snapshot holds its temporary slot while
+    /// it copies it into the permanent one.
+    pub fn needed(pg: &PostgresConfig) -> i64 {
+        if pg.initial_snapshot {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Whether the relay can create what it needs.
+    pub fn fits(&self, pg: &PostgresConfig) -> bool {
+        self.used + Self::needed(pg) <= self.max
+    }
+}
+
+/// Counts the slots against `max_replication_slots`.
+pub async fn slot_room(client: &Client) -> Result<SlotRoom, PgError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots), \
+                    current_setting('max_replication_slots')::int8",
+            &[],
+        )
+        .await?;
+    Ok(SlotRoom {
+        used: column(&row, 0, "the number of replication slots")?,
+        max: column(&row, 1, "max_replication_slots")?,
+    })
+}
+
+/// Creates the logical pgoutput slot `name`; its consistent point.
+pub async fn create_slot(client: &Client, name: &str) -> Result<Lsn, PgError> {
+    let row = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await?;
+    let created = lsn(column(&row, 0, "the new slot's LSN")?, "the new slot's LSN")?;
+    created.ok_or_else(|| PgError::unexpected("the new slot has no LSN"))
+}
+
+/// Copies the (temporary) slot `from` into a permanent slot `to`; the copy's position.
+pub async fn copy_slot(client: &Client, from: &str, to: &str) -> Result<Lsn, PgError> {
+    let row = client
+        .query_one(
+            "SELECT lsn::text FROM pg_copy_logical_replication_slot($1, $2, false)",
+            &[&from, &to],
+        )
+        .await?;
+    let copied = lsn(
+        column(&row, 0, "the copied slot's LSN")?,
+        "the copied slot's LSN",
+    )?;
+    copied.ok_or_else(|| PgError::unexpected("the copied slot has no LSN"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The publication
+// ---------------------------------------------------------------------------------------------
+
+/// A table as `pg_publication_tables` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    /// The schema.
+    pub schema: String,
+    /// The table.
+    pub name: String,
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// One row of `pg_publication`, with the tables it publishes and its comment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Publication {
+    /// `pubinsert`: it publishes inserts.
+    pub inserts: bool,
+    /// `pubviaroot`: partitions' rows go out under their partitioned table's name.
+    pub via_root: bool,
+    /// `puballtables`: `FOR ALL TABLES`.
+    pub all_tables: bool,
+    /// What `pg_publication_tables` lists: the partitions rather than a partitioned table
+    /// unless `via_root`.
+    pub tables: Vec<TableName>,
+    /// The comment: the relay's "slot created" marker, or anything else someone wrote.
+    pub comment: Option<String>,
+}
+
+/// Reads the publication `name`; `None` if there is none.
+pub async fn read_publication(client: &Client, name: &str) -> Result<Option<Publication>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT p.pubinsert, p.pubviaroot, p.puballtables, \
+                    obj_description(p.oid, 'pg_publication'), \
+                    ARRAY(SELECT t.schemaname::text FROM pg_publication_tables t \
+                          WHERE t.pubname = p.pubname ORDER BY t.schemaname, t.tablename), \
+                    ARRAY(SELECT t.tablename::text FROM pg_publication_tables t \
+                          WHERE t.pubname = p.pubname ORDER BY t.schemaname, t.tablename) \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&name],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let what = "pg_publication";
+    let schemas: Vec<String> = column(&row, 4, what)?;
+    let names: Vec<String> = column(&row, 5, what)?;
+    Ok(Some(Publication {
+        inserts: column(&row, 0, what)?,
+        via_root: column(&row, 1, what)?,
+        all_tables: column(&row, 2, what)?,
+        comment: column(&row, 3, what)?,
+        tables: schemas
+            .into_iter()
+            .zip(names)
+            .map(|(schema, name)| TableName { schema, name })
+            .collect(),
+    }))
+}
+
+/// The outbox tables with what the publication rules need to know of them: whether each is
+/// partitioned (its rows live in partitions); a table that does not exist is not.
+pub async fn outbox_tables<'c>(
+    client: &Client,
+    tables: &[&'c OutboxConfig],
+) -> Result<Vec<OutboxTable<'c>>, PgError> {
+    let names: Vec<String> = tables.iter().map(|t| quoted(t)).collect();
+    let rows = client
+        .query(
+            "SELECT coalesce((SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = to_regclass(t)), false) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(t, i) ORDER BY i",
+            &[&names],
+        )
+        .await?;
+    tables
+        .iter()
+        .zip(&rows)
+        .map(|(config, row)| {
+            Ok(OutboxTable {
+                config,
+                partitioned: column(row, 0, "pg_class.relkind")?,
+            })
+        })
+        .collect()
+}
+
+/// Why the publication does not feed the relay every outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicationProblem {
+    /// It does not publish inserts.
+    #[error("publication {0} does not publish inserts; run ALTER PUBLICATION {0} SET (publish = 'insert')")]
+    NoInserts(String),
+    /// It sends a partitioned outbox's rows under the partitions' names.
+    #[error("publication {publication} publishes the partitions of table {table} under their own names, which match no [[outbox]] entry; run ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)")]
+    ViaPartitions {
+        /// The publication.
+        publication: String,
+        /// The partitioned table.
+        table: String,
+    },
+    /// It does not publish a configured table.
+    #[error("publication {publication} does not cover table {table}; run ALTER PUBLICATION {publication} ADD TABLE {table} (the relay never alters an existing publication)")]
+    MissesTable {
+        /// The publication.
+        publication: String,
+        /// The table.
+        table: String,
+    },
+}
+
+/// An outbox table as the publication rules need it.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxTable<'c> {
+    /// Its configuration.
+    pub config: &'c OutboxConfig,
+    /// Whether it is partitioned.
+    pub partitioned: bool,
+}
+
+/// Everything that keeps `publication` from feeding the relay the inserts of `tables` under
+/// the tables' own names, at most one problem per table; empty when it does.
+pub fn publication_problems(
+    name: &str,
+    publication: &Publication,
+    tables: &[OutboxTable<'_>],
+) -> Vec<PublicationProblem> {
+    if !publication.inserts {
+        return vec![PublicationProblem::NoInserts(name.to_owned())];
+    }
+    let mut problems = Vec::new();
+    for table in tables {
+        let (schema, table_name) = table.config.schema_and_name();
+        // Without via_root a partitioned table is never listed itself (its partitions are):
+        // the cause is the missing option, not a missing table.
+        if table.partitioned && !publication.via_root {
+            problems.push(PublicationProblem::ViaPartitions {
+                publication: name.to_owned(),
+                table: table.config.table.clone(),
+            });
+        } else if !publication
+            .tables
+            .iter()
+            .any(|t| t.schema == schema && t.name == table_name)
+        {
+            problems.push(PublicationProblem::MissesTable {
+                publication: name.to_owned(),
+                table: table.config.table.clone(),
+            });
+        }
+    }
+    problems
+}
+
+/// The statement that creates the publication for `tables` (quoted, comma-separated).
+pub fn create_publication_sql(publication: &str, tables: &str) -> String {
+    // With only [[message]] sources the publication lists no table: pgoutput needs one by
+    // name, and logical decoding messages are sent whatever it lists.
+    let for_tables = if tables.is_empty() {
+        String::new()
+    } else {
+        format!("FOR TABLE {tables} ")
+    };
+    // Via the partition root: a partitioned outbox's rows then arrive under its own name
+    // (without it they arrive as the partitions' and match no [[outbox]] entry).
+    format!(
+        "CREATE PUBLICATION {publication} {for_tables}WITH (publish = 'insert', publish_via_partition_root = true)"
+    )
+}
+
+/// Creates the publication `name` for `tables`.
+pub async fn create_publication(
+    client: &Client,
+    name: &str,
+    tables: &[OutboxConfig],
+) -> Result<(), PgError> {
+    let list = tables.iter().map(quoted).collect::<Vec<_>>().join(", ");
+    client
+        .batch_execute(&create_publication_sql(&quote_ident(name), &list))
+        .await?;
+    Ok(())
+}
+
+/// The publication comment that records "this relay created slot X": it outlives the slot
+/// (catalogs are replicated, slots are not), so a slot lost in a failover is noticed.
+fn marker_prefix(slot: &str) -> String {
+    format!("outbox-relay: slot {slot} created")
+}
+
+impl Publication {
+    /// The marker saying that the relay created `slot`, if the comment is one.
+    pub fn created_slot(&self, slot: &str) -> Option<&str> {
+        self.comment
+            .as_deref()
+            .filter(|c| c.starts_with(&marker_prefix(slot)))
+    }
+}
+
+/// Records on the publication that this relay created `slot` at `lsn`, so that its loss is
+/// noticed (see [`slot_verdict`]); without the publication's ownership only a warning, since
+/// the slot itself is fine.
+pub async fn write_marker(client: &Client, slot: &str, publication: &str, lsn: Lsn) {
+    let comment = format!(
+        "{} at {lsn}; if the slot disappears outbox-relay refuses to create a new one until this comment is cleared",
+        marker_prefix(slot)
+    );
+    let sql = format!(
+        "COMMENT ON PUBLICATION {} IS {}",
+        quote_ident(publication),
+        quote_literal(&comment)
+    );
+    if let Err(e) = client.batch_execute(&sql).await {
+        tracing::warn!(
+            "cannot mark publication {publication} with the slot's creation ({}); a slot lost in a failover will then not be detected at start",
+            PgError::from(e)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg() -> PostgresConfig {
+        let mut pg: PostgresConfig =
+            toml::from_str("url = \"postgres://relay@db/app\"").expect("minimal [postgres]");
+        pg.slot = "outbox_relay".into();
+        pg.publication = "outbox_pub".into();
+        pg
+    }
+
+    fn reading(slot: Option<Slot>) -> SlotReading {
+        SlotReading {
+            current_database: "app".into(),
+            in_recovery: false,
+            wal: Some(Lsn(0x16B_3748)),
+            slot,
+        }
+    }
+
+    fn healthy() -> Slot {
+        Slot {
+            plugin: Some("pgoutput".into()),
+            slot_type: Some("logical".into()),
+            database: Some("app".into()),
+            wal_status: Some("reserved".into()),
+            confirmed_flush: Some(Lsn(0x16B_3700)),
+            restart: Some(Lsn(0x16B_3000)),
+            ..Slot::default()
+        }
+    }
+
+    fn problem(verdict: SlotVerdict) -> String {
+        match verdict {
+            SlotVerdict::Unusable(p) => p.to_string(),
+            other => panic!("expected a problem, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pgoutput_slot_of_this_database_is_usable_from_its_confirmed_position() {
+        let verdict = slot_verdict(&reading(Some(healthy())), None, &pg());
+        assert_eq!(verdict, SlotVerdict::Usable(Lsn(0x16B_3700)));
+        let r = reading(Some(healthy()));
+        assert_eq!(r.lag_bytes(), Some(0x48));
+        assert_eq!(r.retained_bytes(), Some(0x748));
+        assert_eq!(r.primary_wal(), Ok(Lsn(0x16B_3748)));
+    }
+
+    #[test]
+    fn physical_wrong_plugin_other_database_and_lost_slots_are_refused_with_the_fix() {
+        let physical = Slot {
+            slot_type: Some("physical".into()),
+            plugin: None,
+            ..healthy()
+        };
+        let text = problem(slot_verdict(&reading(Some(physical)), None, &pg()));
+        assert!(text.contains("is a physical slot") && text.contains("pg_drop_replication_slot"));
+
+        let wrong = Slot {
+            plugin: Some("test_decoding".into()),
+            ..healthy()
+        };
+        let text = problem(slot_verdict(&reading(Some(wrong)), None, &pg()));
+        assert!(text.contains("plugin test_decoding"), "{text}");
+
+        let other = Slot {
+            database: Some("billing".into()),
+            ..healthy()
+        };
+        let text = problem(slot_verdict(&reading(Some(other)), None, &pg()));
+        assert!(text.contains("database billing, not app"), "{text}");
+
+        let lost = Slot {
+            wal_status: Some("lost".into()),
+            ..healthy()
+        };
+        let text = problem(slot_verdict(&reading(Some(lost)), None, &pg()));
+        for needle in [
+            "wal_status = lost",
+            "0/16B3700",
+            "may never reach Kafka",
+            "pg_drop_replication_slot('outbox_relay')",
+            "COMMENT ON PUBLICATION outbox_pub IS NULL",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_missing_slot_is_created_unless_the_publication_records_its_creation() {
+        assert_eq!(
+            slot_verdict(&reading(None), None, &pg()),
+            SlotVerdict::Missing
+        );
+        let other_comment = Publication {
+            comment: Some("owned by the billing team".into()),
+            ..Publication::default()
+        };
+        assert_eq!(
+            slot_verdict(&reading(None), Some(&other_comment), &pg()),
+            SlotVerdict::Missing
+        );
+        let marked = Publication {
+            comment: Some("outbox-relay: slot outbox_relay created at 0/16B3700; ...".into()),
+            ..Publication::default()
+        };
+        let text = problem(slot_verdict(&reading(None), Some(&marked), &pg()));
+        assert!(
+            text.contains("is gone") && text.contains("COMMENT ON PUBLICATION outbox_pub IS NULL")
+        );
+        // Another slot's marker says nothing about this one.
+        let elsewhere = Publication {
+            comment: Some("outbox-relay: slot outbox_relay_2 created at 0/1".into()),
+            ..Publication::default()
+        };
+        assert_eq!(
+            slot_verdict(&reading(None), Some(&elsewhere), &pg()),
+            SlotVerdict::Missing
+        );
+    }
+
+    #[test]
+    fn a_slot_without_a_confirmed_position_is_being_created() {
+        let creating = Slot {
+            confirmed_flush: None,
+            ..healthy()
+        };
+        assert_eq!(
+            slot_verdict(&reading(Some(creating)), None, &pg()),
+            SlotVerdict::Creating
+        );
+    }
+
+    #[test]
+    fn a_standby_has_no_primary_wal_position() {
+        let standby = SlotReading {
+            in_recovery: true,
+            ..reading(Some(healthy()))
+        };
+        let e = standby.primary_wal().expect_err("a standby");
+        assert_eq!(e.to_string(), IN_RECOVERY);
+        let state = ServerState {
+            wal_level: "logical".into(),
+            in_recovery: true,
+        };
+        assert_eq!(state.problems(), [ServerProblem::InRecovery]);
+    }
+
+    fn outbox(table: &str) -> OutboxConfig {
+        toml::from_str(&format!("table = \"{table}\"")).expect("minimal [[outbox]]")
+    }
+
+    fn published(tables: &[(&str, &str)], via_root: bool) -> Publication {
+        Publication {
+            inserts: true,
+            via_root,
+            tables: tables
+                .iter()
+                .map(|(s, n)| TableName {
+                    schema: (*s).into(),
+                    name: (*n).into(),
+                })
+                .collect(),
+            ..Publication::default()
+        }
+    }
+
+    #[test]
+    fn a_partitioned_outbox_needs_publish_via_partition_root() {
+        let table = outbox("public.outbox");
+        let tables = [OutboxTable {
+            config: &table,
+            partitioned: true,
+        }];
+        // Without via_root, pg_publication_tables lists the partitions, not the table.
+        let leaves = published(&[("public", "outbox_2025_01")], false);
+        let problems = publication_problems("p", &leaves, &tables);
+        assert_eq!(
+            problems,
+            [PublicationProblem::ViaPartitions {
+                publication: "p".into(),
+                table: "public.outbox".into()
+            }]
+        );
+        assert!(problems[0]
+            .to_string()
+            .contains("SET (publish_via_partition_root = true)"));
+        let root = published(&[("public", "outbox")], true);
+        assert!(publication_problems("p", &root, &tables).is_empty());
+    }
+
+    #[test]
+    fn a_publication_must_publish_inserts_of_every_table() {
+        let a = outbox("public.a");
+        let b = outbox("sales.b");
+        let tables = [
+            OutboxTable {
+                config: &a,
+                partitioned: false,
+            },
+            OutboxTable {
+                config: &b,
+                partitioned: false,
+            },
+        ];
+        let only_a = published(&[("public", "a")], false);
+        assert_eq!(
+            publication_problems("p", &only_a, &tables),
+            [PublicationProblem::MissesTable {
+                publication: "p".into(),
+                table: "sales.b".into()
+            }]
+        );
+        let no_inserts = Publication {
+            inserts: false,
+            ..published(&[("public", "a"), ("sales", "b")], false)
+        };
+        assert_eq!(
+            publication_problems("p", &no_inserts, &tables),
+            [PublicationProblem::NoInserts("p".into())]
+        );
+    }
+}
