@@ -784,7 +784,12 @@ mod tests {
     }
 
     fn outbox(table: &str) -> OutboxConfig {
-        toml::from_str(&format!("table = \"{table}\"")).expect("minimal [[outbox]]")
+        let text = format!(
+            "[postgres]\nurl = \"postgres://relay@db/app\"\n[kafka]\nbrokers = \"kafka:9092\"\n[[outbox]]\ntable = \"{table}\"\n"
+        );
+        let mut config =
+            crate::config::Config::parse(&text, "relay.toml", |_| None).expect("a minimal config");
+        config.outbox.remove(0)
     }
 
     fn published(tables: &[(&str, &str)], via_root: bool) -> Publication {
