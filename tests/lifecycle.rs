@@ -66,6 +66,20 @@ fn start_relay(pg: &Pg, broker: &Broker) -> (Relay, u16) {
     (Relay::start(&config(pg, broker, port)), port)
 }
 
+/// A relay whose producer queue holds only `records`, so a frozen broker keeps it waiting for
+/// room; started and ready. Returns it, its config and its metrics port.
+async fn start_with_small_queue(pg: &Pg, broker: &Broker, records: u32) -> (Relay, String, u16) {
+    let port = free_port();
+    let small = format!(
+        "{}\n[kafka.properties]\n\"queue.buffering.max.messages\" = \"{records}\"\n",
+        config(pg, broker, port)
+    );
+    let mut relay = Relay::start(&small);
+    relay.wait_for_slot(pg, SLOT, STARTUP).await;
+    wait_ready(&mut relay, port, SECONDS, "at start").await;
+    (relay, small, port)
+}
+
 fn aggregate_of(key: &str) -> &'static str {
     if key.starts_with("customer") {
         "customer"
@@ -682,14 +696,7 @@ async fn sigterm_in_the_middle_of_a_large_transaction_resends_nothing() {
 #[tokio::test]
 async fn sigterm_with_the_broker_frozen_exits_within_the_shutdown_timeout() {
     let (pg, broker) = setup().await;
-    let port = free_port();
-    let small = format!(
-        "{}\n[kafka.properties]\n\"queue.buffering.max.messages\" = \"100\"\n",
-        config(&pg, &broker, port)
-    );
-    let mut relay = Relay::start(&small);
-    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
-    wait_ready(&mut relay, port, SECONDS, "first relay").await;
+    let (mut relay, small, port) = start_with_small_queue(&pg, &broker, 100).await;
     let client = pg.client().await;
     let mut seqs = Seqs::default();
     let mut expected = insert_outbox(
@@ -750,14 +757,7 @@ async fn sigterm_with_the_broker_frozen_exits_within_the_shutdown_timeout() {
 #[tokio::test]
 async fn a_session_lost_while_the_producer_queue_is_full_reconnects_and_delivers() {
     let (pg, broker) = setup().await;
-    let port = free_port();
-    let small = format!(
-        "{}\n[kafka.properties]\n\"queue.buffering.max.messages\" = \"20\"\n",
-        config(&pg, &broker, port)
-    );
-    let mut relay = Relay::start(&small);
-    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
-    wait_ready(&mut relay, port, SECONDS, "at start").await;
+    let (mut relay, _, _) = start_with_small_queue(&pg, &broker, 20).await;
     let client = pg.client().await;
     let mut seqs = Seqs::default();
     let mut expected = Vec::new();

@@ -205,6 +205,13 @@ pub(crate) mod tests {
         (var == "PGPASSWORD").then(|| "s3cret".to_owned())
     }
 
+    /// The one-line error `text` is refused with.
+    pub(crate) fn parse_err(text: &str) -> String {
+        Config::parse(text, "relay.toml", env)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn minimal_file_gets_debezium_defaults() {
         let c = Config::parse(MINIMAL, "relay.toml", env).unwrap();
@@ -223,18 +230,14 @@ pub(crate) mod tests {
     #[test]
     fn unknown_key_is_named() {
         let text = MINIMAL.replace("url =", "urll =");
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("urll"), "{err}");
         assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]
     fn malformed_toml_names_the_line() {
-        let err = Config::parse("[postgres\nurl = 1", "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err("[postgres\nurl = 1");
         assert!(err.contains("line 1"), "{err}");
     }
 
@@ -249,9 +252,7 @@ pub(crate) mod tests {
     #[test]
     fn missing_outbox_is_rejected_with_an_example() {
         let text = MINIMAL.replace("[[outbox]]\n        table = \"public.outbox\"", "");
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("[[outbox]]"), "{err}");
     }
 
@@ -279,9 +280,7 @@ pub(crate) mod tests {
             "[[outbox]]",
             &format!("slot = \"{long}\"\ninitial_snapshot = true\n[[outbox]]"),
         );
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("at most 54") && err.contains(&long), "{err}");
         // Without the snapshot the same name is fine.
         let text = MINIMAL.replace("[[outbox]]", &format!("slot = \"{long}\"\n[[outbox]]"));

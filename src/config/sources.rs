@@ -249,7 +249,7 @@ impl MessageConfig {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::tests::{env, MINIMAL};
+    use crate::config::tests::{env, parse_err, MINIMAL};
     use crate::config::Config;
 
     #[test]
@@ -265,9 +265,7 @@ mod tests {
             "table = \"public.outbox\"",
             "table = \"public.outbox\"\n topic = \"x.{aggregatetype\"",
         );
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("unbalanced or empty braces"), "{err}");
     }
 
@@ -277,17 +275,13 @@ mod tests {
             "[kafka]",
             "[[outbox]]\ntable = \"outbox\"\n[kafka]", // the same as public.outbox
         );
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("\"outbox\" is configured twice"), "{err}");
         let text = MINIMAL.replace(
             "[kafka]",
             "[[message]]\nprefix = \"p\"\n[[message]]\nprefix = \"p\"\n[kafka]",
         );
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("prefix \"p\" is configured twice"), "{err}");
     }
 
@@ -297,9 +291,7 @@ mod tests {
             "table = \"public.outbox\"",
             "table = \"public.outbox\"\nsnapshot_order_by = \" \"",
         );
-        let err = Config::parse(&text, "relay.toml", env)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&text);
         assert!(err.contains("snapshot_order_by"), "{err}");
     }
 

@@ -229,7 +229,7 @@ impl AckTracker {
             debug_assert!(t.pending > 0);
             t.pending = t.pending.saturating_sub(1);
         }
-        self.release(&mut s);
+        // No release here: the transaction is still open, so nothing it holds up can move.
     }
 
     /// Closes `txn` (pgoutput Commit); `end_lsn` is confirmed once all its records are acked.
