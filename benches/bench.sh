@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # outbox-relay benchmark: one command, Markdown tables on stdout (progress on stderr).
 #
-#   benches/bench.sh                 full run on a throwaway PostgreSQL 15 + Tansu (~10 min)
-#   benches/bench.sh --quick         small sizes, a smoke test (~1.5 min after the build)
+#   benches/bench.sh                 full run on a throwaway PostgreSQL 15 + Apache Kafka (~10 min)
+#   benches/bench.sh --quick         small sizes, a smoke test (~5 min after the build)
 #   benches/bench.sh --pg-url postgres://me@db:5432/app --brokers kafka:9092
 #                                    against your own server and/or broker
 #
@@ -22,6 +22,15 @@
 #   scaling  payload sizes, number of outbox tables, backlog sizes
 #   compare  (not in the default run) two relay builds, --relay-bin and --compare-bin,
 #            draining the same backlog in turns, --repeat times each: an A/B of a change
+#   eos      (not in the default run) at-least-once against exactly-once ([kafka] delivery):
+#            the same backlog drained in turns, --repeat times each; then single-event
+#            transactions at --eos-rate, commit-to-consumer in both modes (read_committed
+#            consumer for exactly-once)
+#
+# The throwaway broker is a single-node Apache Kafka (scripts/lib.sh start_kafka, jars from
+# Maven Central), fresh for each section, with the JVM settings of Kafka's own start scripts
+# (G1, C2, 1 GB heap) unless KAFKA_JVM_OPTS / KAFKA_HEAP_OPTS say otherwise (scripts/kafka.sh's
+# defaults, C1 only, favour start-up over throughput).
 #
 # On your own setup it works in a schema, publication, slots and topics of its own, all named
 # outbox_bench / outbox-bench.*, and drops the schema, publication and slots when done (the
@@ -34,7 +43,7 @@ usage() {
     cat <<'EOF'
 Usage: benches/bench.sh [options]
 
-  --quick                 small sizes (smoke test, ~2 minutes)
+  --quick                 small sizes (smoke test, ~5 minutes)
   -n, --events N          backlog size for the drain comparison (default 1000000)
   --txn N                 events per transaction in backlogs (default 10000)
   --payload BYTES         JSON payload size (default 230)
@@ -51,11 +60,14 @@ Usage: benches/bench.sh [options]
                           (pg_logical_emit_message, the table-less outbox) (default table,message)
   --scale-backlogs LIST   scaling: backlog sizes (default 100000,1000000)
   --quota-pct P           quota: CPU limit in % of one core (default 25)
-  --sections LIST         any of drain,quota,latency,memory,scaling,compare (default: all
-                          but compare)
+  --eos-rate R            eos: transactions per second of the latency part (default 1000)
+  --sections LIST         any of drain,quota,latency,memory,scaling,compare,eos (default: all
+                          but compare and eos)
   --pg-url URL            use this PostgreSQL (wal_level=logical) instead of a throwaway one
-  --brokers HOST:PORT     use this Kafka instead of a throwaway Tansu
-  --relay-bin PATH        relay binary to measure (default: target/release/outbox-relay, built)
+  --brokers HOST:PORT     use this Kafka instead of a throwaway Apache Kafka (it must support
+                          transactions for eos; its offsets topic is outbox-bench.offsets)
+  --relay-bin PATH        relay binary to measure (default: outbox-relay in
+                          ${CARGO_TARGET_DIR:-target}/release, built)
   --compare-bin PATH      compare: the other relay binary (e.g. a build of the previous commit)
   --no-build              don't run cargo build (binaries must exist)
   --perf FILE             also profile one extra relay drain with perf into FILE and print
@@ -83,6 +95,7 @@ SCALE_TABLES=1,4,16
 SCALE_SOURCES=table,message
 SCALE_BACKLOGS=100000,1000000
 QUOTA_PCT=25
+EOS_RATE=1000
 SECTIONS=drain,quota,latency,memory,scaling
 PG_URL_ARG=
 BROKERS_ARG=
@@ -112,6 +125,7 @@ while [ $# -gt 0 ]; do
     --scale-sources) SCALE_SOURCES=$2 && shift ;;
     --scale-backlogs) SCALE_BACKLOGS=$2 && shift ;;
     --quota-pct) QUOTA_PCT=$2 && shift ;;
+    --eos-rate) EOS_RATE=$2 && shift ;;
     --sections) SECTIONS=$2 && shift ;;
     --pg-url) PG_URL_ARG=$2 && shift ;;
     --brokers) BROKERS_ARG=$2 && shift ;;
@@ -125,7 +139,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-for v in N TXN PAYLOAD REPEAT POLL_BATCH LOAD_SECS MEM_EVENTS SCALE_N QUOTA_PCT; do
+for v in N TXN PAYLOAD REPEAT POLL_BATCH LOAD_SECS MEM_EVENTS SCALE_N QUOTA_PCT EOS_RATE; do
     [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v must be a number, not '${!v}'"
 done
 has_section() { [[ ",$SECTIONS," == *",$1,"* ]]; }
@@ -138,6 +152,7 @@ BASE_SLOT=outbox_bench_base # pristine copy of the slot as it was before the bac
 COPY_SLOT=outbox_bench_copy # what pg_recvlogical reads
 TOPIC_PREFIX=outbox-bench.
 TOPICS="${TOPIC_PREFIX}order,${TOPIC_PREFIX}customer"
+OFFSETS_TOPIC=${TOPIC_PREFIX}offsets # exactly-once: the relay's positions (1 partition, compacted)
 MARKER='outbox-relay benchmark scratch schema (benches/bench.sh drops it)'
 
 # ---------------------------------------------------------------------------------------
@@ -158,14 +173,15 @@ RESULTS="$WORK_DIR/results.jsonl"
 : >"$RESULTS"
 TCK=$(getconf CLK_TCK)
 
-EX=target/release/examples
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+EX=$TARGET_DIR/release/examples
 if [ -n "$BUILD" ]; then
     say "building the relay and the benchmark programs (release)"
     cargo build --release --quiet --bin outbox-relay --example create_topics \
         --example bench_drain --example bench_poller --example bench_load --example bench_floor
 fi
-RELAY_BIN=${RELAY_BIN:-target/release/outbox-relay}
-for b in "$RELAY_BIN" $EX/create_topics $EX/bench_drain $EX/bench_poller $EX/bench_load $EX/bench_floor; do
+RELAY_BIN=${RELAY_BIN:-$TARGET_DIR/release/outbox-relay}
+for b in "$RELAY_BIN" "$EX"/create_topics "$EX"/bench_drain "$EX"/bench_poller "$EX"/bench_load "$EX"/bench_floor; do
     [ -x "$b" ] || die "$b not found; build it (or drop --no-build)"
 done
 
@@ -175,20 +191,45 @@ else
     start_pg "$WORK_DIR/pg" "$(free_port)"
 fi
 OWN_BROKER=
+BROKER_PID=
+BROKER_DIR=
+BROKER_N=0
 WATCH=()
+# Kafka's own start scripts' JVM settings (kafka-server-start.sh, kafka-run-class.sh): C2 on,
+# which scripts/kafka.sh's defaults (C1 only, for fast starts in tests) leave off.
+export KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xmx1g -Xms1g}
+export KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true}
 new_broker() {
-    # A fresh in-memory Tansu between sections, so the broker's memory does not keep growing
-    # with every record the benchmark wrote (and it starts each section alike).
+    # A fresh broker between sections, so that every section starts alike (empty logs, no
+    # records of the previous sections to keep in the page cache or to clean up).
     if [ -n "$BROKERS_ARG" ]; then
         KAFKA_BROKERS=$BROKERS_ARG
     else
-        stop_tansu
-        start_tansu "$(free_port)" 2>/dev/null
+        stop_kafka
+        [ -z "$BROKER_DIR" ] || rm -rf "$BROKER_DIR"
+        BROKER_N=$((BROKER_N + 1))
+        BROKER_DIR="$WORK_DIR/kafka-$BROKER_N"
+        start_kafka "$BROKER_DIR" "$(free_port)"
+        BROKER_PID=$KAFKA_PID
         OWN_BROKER=1
-        WATCH=(--watch-pid "$TANSU_PID") # the broker's CPU time is reported too
+        WATCH=(--watch-pid "$BROKER_PID") # the broker's CPU time is reported too
     fi
-    $EX/create_topics --brokers "$KAFKA_BROKERS" --partitions "$PARTITIONS" \
+    # The broker creates no topics on its own (auto.create.topics.enable=false).
+    "$EX"/create_topics --brokers "$KAFKA_BROKERS" --partitions "$PARTITIONS" \
         "${TOPICS%%,*}" "${TOPICS##*,}" >/dev/null
+    if has_section eos; then
+        "$EX"/create_topics --brokers "$KAFKA_BROKERS" --partitions 1 \
+            --config cleanup.policy=compact "$OFFSETS_TOPIC" >/dev/null
+    fi
+    if [ -n "$OWN_BROKER" ]; then
+        # Not measured: a new broker creates and loads its transaction state log when the first
+        # (idempotent) producer asks for a producer id ("Coordinator load in progress", up to a
+        # second), and its JIT compiles the hot paths under the first load; a broker that has
+        # been running for a while did both long ago.
+        say "warming the broker up (200,000 records straight to it, not measured)"
+        "$EX"/bench_floor --brokers "$KAFKA_BROKERS" --topics "$TOPICS" -n 200000 \
+            --payload "$PAYLOAD" --keys "$KEYS" >/dev/null || die "bench_floor (broker warm-up) failed"
+    fi
 }
 new_broker
 
@@ -347,9 +388,15 @@ reset_slot() {
         -c "SELECT pg_copy_logical_replication_slot('$BASE_SLOT', '$1')" >/dev/null
 }
 
-# relay_config FILE TABLES [METRICS_ADDR]
+# relay_config FILE TABLES [METRICS_ADDR]: in the delivery mode $DELIVERY (at-least-once by
+# default; exactly-once: a transactional id of its own for every configuration written, so
+# that no run finds the position of an earlier one in the offsets topic).
+DELIVERY=at-least-once
+BENCH_ID="$(date +%s)-$$"
+CFG_N=0
 relay_config() {
     local file=$1 k=$2 listen=${3:-} t
+    CFG_N=$((CFG_N + 1))
     {
         printf '[postgres]\nurl = "%s"\nslot = "%s"\npublication = "%s"\n' "$PG_URL" "$SLOT" "$PUB"
         if [ "$k" = message ]; then
@@ -359,6 +406,10 @@ relay_config() {
             printf '[[outbox]]\ntable = "%s"\ntopic = "%s{aggregatetype}"\n' "$(table_name "$t")" "$TOPIC_PREFIX"
         done
         printf '[kafka]\nbrokers = "%s"\n' "$KAFKA_BROKERS"
+        if [ "$DELIVERY" = exactly-once ]; then
+            printf 'delivery = "exactly-once"\ntransactional_id = "outbox-bench-%s-%s"\noffsets_topic = "%s"\n' \
+                "$BENCH_ID" "$CFG_N" "$OFFSETS_TOPIC"
+        fi
         [ -z "$listen" ] || printf '[metrics]\nlisten = "%s"\n' "$listen"
     } >"$file"
 }
@@ -377,7 +428,7 @@ on_copy() {
     RUN=$((RUN + 1))
     reset_slot "$COPY_SLOT"
     say "$label: $what"
-    out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$COPY_SLOT" --clk-tck "$TCK" \
+    out=$("$EX"/bench_drain --pg-url "$PG_URL" --slot "$COPY_SLOT" --clk-tck "$TCK" \
         --log "$WORK_DIR/$kind-$RUN.log" -- "$@") ||
         { cat "$WORK_DIR/$kind-$RUN.log" >&2; die "$what failed"; }
     record kind="$kind" "${fields[@]}" "${BL_FIELDS[@]}" "$out"
@@ -409,7 +460,7 @@ measure_sql_decode() {
 # measure_relay LABEL [--quota] [--perf FILE] FIELDS...: the relay on the backlog (--quota:
 # started through QUOTA_PREFIX, inside the CPU limit).
 measure_relay() {
-    local label=$1 prefix=() perf=() out cfg
+    local label=$1 prefix=() perf=() out cfg loadavg
     shift
     while true; do
         case "${1:-}" in
@@ -423,11 +474,12 @@ measure_relay() {
     cfg="$WORK_DIR/relay-$RUN.toml"
     relay_config "$cfg" "$BL_TABLES"
     say "$label: outbox-relay${prefix:+ (${prefix[*]})}"
-    out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --target-lsn "$TARGET" \
+    loadavg=$(cut -d' ' -f1 /proc/loadavg)
+    out=$("$EX"/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --target-lsn "$TARGET" \
         --clk-tck "$TCK" --log "$WORK_DIR/relay-$RUN.log" "${WATCH[@]}" "${perf[@]}" -- \
         "${prefix[@]}" "$RELAY_BIN" run --config "$cfg") ||
         { tail -n 20 "$WORK_DIR/relay-$RUN.log" >&2; die "relay run failed"; }
-    record kind=relay "$@" "${BL_FIELDS[@]}" "$out"
+    record kind=relay delivery="$DELIVERY" loadavg="$loadavg" "$@" "${BL_FIELDS[@]}" "$out"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -452,9 +504,9 @@ if has_section drain; then
             -c "VACUUM (ANALYZE) $SCHEMA.outbox_poll" >/dev/null
         say "drain $rep/$REPEAT: polling publisher"
         RUN=$((RUN + 1))
-            out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --clk-tck "$TCK" \
+            out=$("$EX"/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --clk-tck "$TCK" \
             --log "$WORK_DIR/poller-$RUN.log" "${WATCH[@]}" -- \
-            $EX/bench_poller --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" \
+            "$EX"/bench_poller --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" \
             --table "$SCHEMA.outbox_poll" --batch "$POLL_BATCH" --topic-prefix "$TOPIC_PREFIX" \
             --clk-tck "$TCK") || { cat "$WORK_DIR/poller-$RUN.log" >&2; die "poller failed"; }
         poll=$(grep '^{' "$WORK_DIR/poller-$RUN.log" | tail -n 1)
@@ -466,7 +518,7 @@ if has_section drain; then
             "$out"
         # librdkafka alone: the same records straight to the broker, no database (the floor).
         say "drain $rep/$REPEAT: librdkafka alone (bench_floor)"
-        floor=$($EX/bench_floor --brokers "$KAFKA_BROKERS" --topics "$TOPICS" -n "$N" \
+        floor=$("$EX"/bench_floor --brokers "$KAFKA_BROKERS" --topics "$TOPICS" -n "$N" \
             --payload "$PAYLOAD" --keys "$KEYS") || die "bench_floor failed"
         record kind=floor section=drain rep=$rep "$floor"
     done
@@ -569,16 +621,54 @@ proc_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 ticks_s() { if [ -n "$1" ] && [ -n "$2" ]; then python3 -c "print(($2 - $1) / $TCK)"; else echo null; fi; }
 
+# warm_up: 2 s at 100 transactions/s, not measured: the relay's producer learns each topic's
+# metadata with its first records (a few hundred ms), which a long-running relay did long ago.
+warm_up() {
+    say "$1: warming up (2 s at 100 transactions/s, not measured)"
+    "$EX"/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
+        --topics "$TOPICS" --rate 100 --secs 2 "${@:2}" >/dev/null 2>"$WORK_DIR/warmup.log" ||
+        { cat "$WORK_DIR/warmup.log" >&2; die "bench_load (warm-up) failed"; }
+}
+# load_run RATE [BENCH_LOAD_OPTIONS...]: single-event transactions at RATE for $LOAD_SECS
+# (examples/bench_load.rs) against the relay start_relay started, until the relay acknowledged
+# every committed event. Sets LOAD_FIELDS, record's arguments: the CPU the relay, its walsender,
+# the broker and the whole machine used meanwhile, bench_load's JSON (commit-to-consumer) and
+# the relay's commit-to-ack quantiles.
+load_run() {
+    local rate=$1 load committed i t0 t1 ws w0 w1 b0 b1 m0 m1 s0 s1 before loadavg
+    shift
+    $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-before"
+    before=$($REPORT hist-count "$WORK_DIR/m-before")
+    loadavg=$(cut -d' ' -f1 /proc/loadavg)
+    t0=$(proc_ticks "$RELAY_PID")
+    ws=$(bpsql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$SLOT'")
+    w0=$(proc_ticks "$ws" 2>/dev/null || echo)
+    b0=$([ -z "$OWN_BROKER" ] || proc_ticks "$BROKER_PID")
+    m0=$(machine_ticks) s0=$(date +%s.%N)
+    load=$("$EX"/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
+        --topics "$TOPICS" --rate "$rate" --secs "$LOAD_SECS" "$@" 2>"$WORK_DIR/load.log") ||
+        { cat "$WORK_DIR/load.log" >&2; die "bench_load failed"; }
+    committed=$(echo "$load" | python3 -c 'import json,sys; print(json.load(sys.stdin)["committed"])')
+    for ((i = 0; i < 600; i++)); do
+        $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-after"
+        [ "$($REPORT hist-count "$WORK_DIR/m-after")" -ge $((before + committed)) ] && break
+        sleep 0.1
+    done
+    t1=$(proc_ticks "$RELAY_PID")
+    w1=$(proc_ticks "$ws" 2>/dev/null || echo)
+    b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$BROKER_PID")
+    m1=$(machine_ticks) s1=$(date +%s.%N)
+    LOAD_FIELDS=(secs="$LOAD_SECS" loadavg="$loadavg" relay_cpu_s="$(ticks_s "$t0" "$t1")"
+        walsender_cpu_s="$(ticks_s "$w0" "$w1")" broker_cpu_s="$(ticks_s "$b0" "$b1")"
+        machine_cpu_s="$(ticks_s "$m0" "$m1")" wall_s="$(python3 -c "print($s1 - $s0)")"
+        "$load" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")")
+}
+
 if has_section latency; then
     new_broker
     new_backlog 0 "$PAYLOAD" 1
     start_relay 1
-    # Warm-up, not measured: the relay's producer learns each topic's metadata with its first
-    # records (a few hundred ms), which a long-running relay did long ago.
-    say "latency: warming up (2 s at 100 transactions/s, not measured)"
-    $EX/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
-        --topics "$TOPICS" --rate 100 --secs 2 >/dev/null 2>"$WORK_DIR/warmup.log" ||
-        { cat "$WORK_DIR/warmup.log" >&2; die "bench_load (warm-up) failed"; }
+    warm_up latency
     for rate in ${RATES//,/ }; do
         # Twice: the relay alone (the broker serves nothing else, as for the baseline below),
         # then with a consumer reading the topics (commit-to-consumer).
@@ -586,43 +676,51 @@ if has_section latency; then
             extra=()
             [ "$pass" = consumer ] || extra=(--no-consumer)
             say "latency: $rate transactions/s for $LOAD_SECS s ($pass)"
-            $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-before"
-            before=$($REPORT hist-count "$WORK_DIR/m-before")
-            t0=$(proc_ticks "$RELAY_PID")
-            ws=$(bpsql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$SLOT'")
-            w0=$(proc_ticks "$ws" 2>/dev/null || echo)
-            b0=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
-            m0=$(machine_ticks) s0=$(date +%s.%N)
-            load=$($EX/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
-                --topics "$TOPICS" --rate "$rate" --secs "$LOAD_SECS" "${extra[@]}" 2>"$WORK_DIR/load.log") ||
-                { cat "$WORK_DIR/load.log" >&2; die "bench_load failed"; }
-            committed=$(echo "$load" | python3 -c 'import json,sys; print(json.load(sys.stdin)["committed"])')
-            for ((i = 0; i < 600; i++)); do
-                $REPORT scrape "$METRICS_URL/metrics" >"$WORK_DIR/m-after"
-                [ "$($REPORT hist-count "$WORK_DIR/m-after")" -ge $((before + committed)) ] && break
-                sleep 0.1
-            done
-            t1=$(proc_ticks "$RELAY_PID")
-            w1=$(proc_ticks "$ws" 2>/dev/null || echo)
-            b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$TANSU_PID")
-            m1=$(machine_ticks) s1=$(date +%s.%N)
+            load_run "$rate" "${extra[@]}"
             if [ "$pass" = alone ]; then
                 # The baseline: the same records at the same rate produced straight to the broker
                 # with the relay's producer settings (no database), right after.
                 say "latency: $rate records/s produced straight to the broker (baseline)"
-                direct=$($EX/bench_load --direct --brokers "$KAFKA_BROKERS" --topics "$TOPICS" \
+                direct=$("$EX"/bench_load --direct --brokers "$KAFKA_BROKERS" --topics "$TOPICS" \
                     --rate "$rate" --secs "$LOAD_SECS" 2>"$WORK_DIR/direct.log") ||
                     { cat "$WORK_DIR/direct.log" >&2; die "bench_load --direct failed"; }
             else
                 direct='{}'
             fi
-            record section=latency pass="$pass" secs="$LOAD_SECS" relay_cpu_s="$(ticks_s "$t0" "$t1")" \
-                walsender_cpu_s="$(ticks_s "$w0" "$w1")" broker_cpu_s="$(ticks_s "$b0" "$b1")" \
-                machine_cpu_s="$(ticks_s "$m0" "$m1")" wall_s="$(python3 -c "print($s1 - $s0)")" \
-                "$load" "$direct" "$($REPORT quantiles "$WORK_DIR/m-before" "$WORK_DIR/m-after")"
+            record section=latency pass="$pass" "${LOAD_FIELDS[@]}" "$direct"
         done
     done
     stop_relay
+fi
+
+# ---------------------------------------------------------------------------------------
+# 8. At-least-once against exactly-once: the same backlog drained in turns (ABBA...), then
+# commit-to-consumer under a steady load, read_committed in exactly-once mode.
+if has_section eos; then
+    new_broker
+    new_backlog "$N" "$PAYLOAD" 1
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        order=(at-least-once exactly-once)
+        ((rep % 2)) || order=(exactly-once at-least-once)
+        for mode in "${order[@]}"; do
+            DELIVERY=$mode measure_relay "eos $rep/$REPEAT: $mode" section=eos rep="$rep"
+        done
+    done
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        order=(at-least-once exactly-once)
+        ((rep % 2)) || order=(exactly-once at-least-once)
+        for mode in "${order[@]}"; do
+            extra=()
+            [ "$mode" = at-least-once ] || extra=(--read-committed)
+            new_backlog 0 "$PAYLOAD" 1
+            DELIVERY=$mode start_relay 1
+            warm_up "eos latency ($mode)" "${extra[@]}"
+            say "eos latency $rep/$REPEAT: $EOS_RATE transactions/s for $LOAD_SECS s ($mode${extra:+, read_committed consumer})"
+            load_run "$EOS_RATE" "${extra[@]}"
+            record section=eos kind=latency delivery="$mode" rep="$rep" "${LOAD_FIELDS[@]}"
+            stop_relay
+        done
+    done
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -642,10 +740,10 @@ if has_section memory; then
                 record section=memory scenario="$label" n="$MEM_EVENTS" skipped="not our broker (--brokers)"
                 continue
             fi
-            freeze=(--freeze-pid "$TANSU_PID" --freeze-secs "$FREEZE_SECS")
+            freeze=(--freeze-pid "$BROKER_PID" --freeze-secs "$FREEZE_SECS")
         fi
         say "memory: one transaction of $MEM_EVENTS events, $label"
-        out=$($EX/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --trigger "$trigger" "${freeze[@]}" \
+        out=$("$EX"/bench_drain --pg-url "$PG_URL" --slot "$SLOT" --trigger "$trigger" "${freeze[@]}" \
             --clk-tck "$TCK" --log "$WORK_DIR/relay-mem-$scenario.log" -- \
             "$RELAY_BIN" run --config "$WORK_DIR/relay-mem.toml") ||
             { tail -n 20 "$WORK_DIR/relay-mem-$scenario.log" >&2; die "memory run failed"; }
@@ -690,7 +788,9 @@ echo
 echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))," \
     "$(awk '/MemTotal/ {printf "%.0f GB", $2 / 1048576}' /proc/meminfo) RAM;" \
     "PostgreSQL: $(bpsql -At -c 'SHOW server_version');" \
-    "broker: $([ -n "$OWN_BROKER" ] && "$TANSU" --version 2>/dev/null | head -n 1 || echo "$KAFKA_BROKERS")."
+    "broker: $([ -n "$OWN_BROKER" ] && echo "Apache Kafka $(kafka_version), one node (KRaft), JVM $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS" || echo "$KAFKA_BROKERS")."
+echo
+echo "Load average at the end (1, 5, 15 min): $(cut -d' ' -f1-3 /proc/loadavg)."
 echo
 $REPORT render "$RESULTS"
 if [ -n "$PERF_OUT" ] && [ -s "$WORK_DIR/perf.txt" ]; then

@@ -355,6 +355,90 @@ def render_latency(res, out):
                "acknowledged the last event); machine busy: all processes, both cores.\n")
 
 
+def render_eos(res, out):
+    e = [r for r in res if r["section"] == "eos"]
+    if not e:
+        return
+    drains = [r for r in e if r.get("kind") == "relay"]
+    modes = ["at-least-once", "exactly-once"]
+    if drains:
+        by = {m: [r for r in drains if r["delivery"] == m] for m in modes}
+        base = rate(median_run(by["at-least-once"])) if by["at-least-once"] else None
+        rows = []
+        for mode in modes:
+            runs = by[mode]
+            if not runs:
+                continue
+            m = median_run(runs)
+            broker = (m.get("watch_cpu_s") or [None])[0]
+            rows.append([
+                f"`{mode}`",
+                fmt(rate(m)),
+                fmt(rate(m) / base, 2) if base else "n/a",
+                fmt(m["secs"], 2),
+                fmt(per100k(m.get("cpu_s"), m["n"]), 3),
+                fmt(mb(m.get("hwm_kb")), 1),
+                fmt(per100k(m.get("walsender_cpu_s"), m["n"]), 3),
+                fmt(per100k(broker, m["n"]), 3),
+                fmt(others(m, m.get("cpu_s"), m.get("walsender_cpu_s"), broker), 2),
+                ", ".join(fmt(r.get("loadavg"), 2) for r in runs),
+                spread(runs),
+            ])
+        f = drains[0]
+        out.append(f"### At-least-once vs exactly-once: draining {f['n']:,} events in transactions "
+                   f"of {f['txn']:,}, {f['payload_avg']:.0f}-byte payloads, 2 topics × "
+                   f"{f['partitions']} partitions\n")
+        out.append(table(
+            ["delivery", "events/s", "× at-least-once", "seconds", "relay CPU s / 100k events",
+             "peak RSS MB", "walsender CPU s / 100k", "broker CPU s / 100k",
+             "other load (cores)", "load avg (1 min) at start", "spread (events/s)"], rows))
+        out.append("\nThe same backlog (the slot reset to the same copy) drained in turns "
+                   "(ABBA...), from process start until `confirmed_flush_lsn` passed the last "
+                   "commit; exactly-once with the relay's defaults (a Kafka transaction committed "
+                   "at 10,000 events or 100 ms, a position record in it) and a transactional id "
+                   "of its own per run. Median run by duration.\n")
+    lat = [r for r in e if r.get("kind") == "latency"]
+    if lat:
+        rows = []
+        for mode in modes:
+            runs = [r for r in lat if r["delivery"] == mode]
+            if not runs:
+                continue
+            # With --repeat: the run with the median commit-to-consumer p99.
+            r = median(runs, key=lambda r: r.get("e2e_p99_ms") or 0)
+            rows.append([
+                f"`{mode}`",
+                "read_committed" if r.get("read_committed") else "read_uncommitted",
+                fmt(r["rate"]),
+                fmt(r["achieved_per_s"]),
+                fmt(r["committed"]),
+                fmt(r.get("consumed")),
+                fmt(r.get("e2e_p50_ms"), 2),
+                fmt(r.get("e2e_p99_ms"), 2),
+                fmt(r.get("e2e_max_ms"), 1),
+                fmt(r.get("ack_p50_ms"), 2),
+                fmt(r.get("ack_p99_ms"), 2),
+                fmt(100 * r["relay_cpu_s"] / r["wall_s"], 1, " %"),
+                fmt(100 * r["broker_cpu_s"] / r["wall_s"], 1, " %") if r.get("broker_cpu_s") is not None else "n/a",
+                fmt(r["machine_cpu_s"] / r["wall_s"], 2),
+                ", ".join(fmt(x.get("loadavg"), 2) for x in runs),
+            ])
+        out.append(f"### At-least-once vs exactly-once: commit→consumer, single-event "
+                   f"transactions at {lat[0]['rate']:,} /s for {lat[0]['secs']:g} s\n")
+        out.append(table(
+            ["delivery", "consumer", "target tx/s", "achieved tx/s", "events", "consumed",
+             "commit→consumer p50 ms", "p99 ms", "max ms", "commit→ack p50 ms", "p99 ms",
+             "relay CPU", "broker CPU", "machine busy (cores)", "load avg (1 min) at start"],
+            rows))
+        out.append("\ncommit→consumer: `bench_load`'s consumer (`isolation.level=read_committed` "
+                   "for exactly-once: a record is readable once its Kafka transaction commits) "
+                   "subtracts the row's `clock_timestamp()` from the time it reads the record. "
+                   "commit→ack: the relay's histogram, as in the latency table; in exactly-once "
+                   "mode it stops at the record's acknowledgement, before the transaction "
+                   "commits. With --repeat: the run with the median commit→consumer p99; the "
+                   "load averages of all runs.\n")
+
+
 def render_memory(res, out):
     mem = [r for r in res if r["section"] == "memory"]
     if not mem:
@@ -439,6 +523,7 @@ def cmd_render(args):
     render_quota(res, out)
     render_compare(res, out)
     render_latency(res, out)
+    render_eos(res, out)
     render_memory(res, out)
     render_scaling(res, out)
     print("\n".join(out))

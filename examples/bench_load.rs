@@ -18,7 +18,9 @@
 //!
 //! Prints one JSON line: sent/committed counts, achieved commits/s, how many records the
 //! consumer saw, and end-to-end p50/p99/max in milliseconds (`--no-consumer`: no consumer,
-//! for commit-to-ack measured with the broker serving the relay alone).
+//! for commit-to-ack measured with the broker serving the relay alone; `--read-committed`: the
+//! consumer reads with `isolation.level=read_committed`, for the relay's exactly-once mode,
+//! where a record is readable only once its Kafka transaction is committed).
 //!
 //! `--direct` is the baseline: no database; the same records at the same rate produced
 //! straight to the broker with the relay's producer settings, reporting send-to-ack p50/p99
@@ -74,6 +76,10 @@ struct Args {
     /// alone, as for the `--direct` baseline (commit-to-consumer is not reported).
     #[arg(long)]
     no_consumer: bool,
+    /// The consumer reads with `isolation.level=read_committed` (the relay's exactly-once
+    /// mode: a record counts once its Kafka transaction is committed).
+    #[arg(long)]
+    read_committed: bool,
     /// After the load, how long to wait for the consumer to see every record.
     #[arg(long, default_value_t = 60)]
     drain_secs: u64,
@@ -106,9 +112,21 @@ async fn main() -> ExitCode {
 }
 
 /// The consumer, positioned at the end of every partition of `topics`.
-fn consumer_at_end(brokers: &str, topics: &[String]) -> anyhow::Result<BaseConsumer> {
+fn consumer_at_end(
+    brokers: &str,
+    topics: &[String],
+    read_committed: bool,
+) -> anyhow::Result<BaseConsumer> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set(
+            "isolation.level",
+            if read_committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
         .set(
             "group.id",
             format!("outbox-bench-load-{}", std::process::id()),
@@ -196,7 +214,7 @@ async fn run(args: &Args) -> anyhow::Result<String> {
     let consumer_thread = if args.no_consumer {
         None
     } else {
-        let consumer = consumer_at_end(&args.brokers, &args.topics)?;
+        let consumer = consumer_at_end(&args.brokers, &args.topics, args.read_committed)?;
         let (run, expected, stop_at) = (run_id.clone(), expected.clone(), stop_at.clone());
         Some(std::thread::spawn(move || {
             consume(consumer, run, expected, stop_at)
@@ -276,8 +294,9 @@ async fn run(args: &Args) -> anyhow::Result<String> {
                 .map_err(|_| anyhow!("consumer thread panicked"))?;
             latencies.sort_unstable();
             format!(
-                "\"consumer\": true, \"consumed\": {}, \"e2e_p50_ms\": {:.2}, \
+                "\"consumer\": true, \"read_committed\": {}, \"consumed\": {}, \"e2e_p50_ms\": {:.2}, \
                  \"e2e_p99_ms\": {:.2}, \"e2e_max_ms\": {:.2}",
+                args.read_committed,
                 latencies.len(),
                 quantile(&latencies, 0.5),
                 quantile(&latencies, 0.99),

@@ -4,6 +4,8 @@
 //! ```text
 //! cargo run --example create_topics -- --brokers 127.0.0.1:9092 --partitions 3 \
 //!     outbox.event.order outbox.event.customer
+//! cargo run --example create_topics -- --brokers 127.0.0.1:9092 --partitions 1 \
+//!     --config cleanup.policy=compact outbox-relay-offsets
 //! ```
 
 use std::process::ExitCode;
@@ -24,9 +26,19 @@ struct Args {
     /// Partitions per topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+    /// A topic setting, KEY=VALUE (repeatable), e.g. cleanup.policy=compact.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = key_value)]
+    configs: Vec<(String, String)>,
     /// The topics to create.
     #[arg(required = true)]
     topics: Vec<String>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -45,7 +57,12 @@ async fn main() -> ExitCode {
     let new_topics: Vec<NewTopic<'_>> = args
         .topics
         .iter()
-        .map(|t| NewTopic::new(t, args.partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            args.configs.iter().fold(
+                NewTopic::new(t, args.partitions, TopicReplication::Fixed(1)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = match admin.create_topics(&new_topics, &options).await {

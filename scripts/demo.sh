@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The relay end to end on this machine: a throwaway PostgreSQL 15 and Tansu (a Kafka-compatible
-# broker), the relay in between, a few outbox events written in SQL and read back from Kafka,
-# and the replication slot's confirmed LSN catching up with the server's WAL position.
+# The relay end to end on this machine: a throwaway PostgreSQL 15 and Apache Kafka 4 (one KRaft
+# node started by scripts/kafka.sh from jars fetched from Maven Central once and cached), the relay
+# in between, a few outbox events written in SQL and read back from Kafka, and the replication
+# slot's confirmed LSN catching up with the server's WAL position.
 # Everything runs on 127.0.0.1 in a temporary directory removed on exit (KEEP_WORKDIR=1 keeps
 # it, logs included). Installs what is missing first (see scripts/lib.sh: ensure_tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+DEMO_T0=$SECONDS
 ensure_tools
 
 say "building the relay and the demo's Kafka tools (cargo build --release)"
 cargo build --release --bin outbox-relay --example create_topics --example consume
-RELAY=target/release/outbox-relay
-EXAMPLES=target/release/examples
+TARGET="${CARGO_TARGET_DIR:-target}"
+RELAY="$TARGET/release/outbox-relay"
+EXAMPLES="$TARGET/release/examples"
 
 make_workdir
 start_pg "$WORK_DIR" "$(free_port)"
-start_tansu "$(free_port)"
+start_kafka "$WORK_DIR/kafka" "$(free_port)"
 
 say "creating the outbox table and the relay's role (migrations/001_outbox.sql, 002_relay_role.sql)"
 pg_psql -f migrations/001_outbox.sql -f migrations/002_relay_role.sql
@@ -129,4 +132,4 @@ pg_psql -At -c "SELECT 'after shutdown: confirmed_flush_lsn ' || confirmed_flush
                 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'" | sed 's/^/    /'
 echo "---- relay log ----"
 sed 's/^/    /' "$WORK_DIR/relay.log"
-say "demo finished: $EXPECTED events relayed, slot confirmed past the last write"
+say "demo finished in $((SECONDS - DEMO_T0)) s: $EXPECTED events relayed, slot confirmed past the last write"

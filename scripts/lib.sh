@@ -3,22 +3,23 @@
 #   . "$(dirname "$0")/lib.sh"
 #
 #   ensure_tools        install what is missing (PostgreSQL 15 server, C toolchain for
-#                       librdkafka, python3, Tansu); sets PATH and exports TANSU
+#                       librdkafka, python3, Java 17 + Maven + the Kafka jars); sets PATH,
+#                       exports OUTBOX_KAFKA_LIBS
+#   ensure_kafka        just the Kafka part of that: java and mvn (apt), the broker's jars
+#                       (tests/kafka/pom.xml, cached per version); exports OUTBOX_KAFKA_LIBS
 #   make_workdir        a throwaway directory in $WORK_DIR, removed on exit (KEEP_WORKDIR=1 keeps it)
 #   free_port           print a free TCP port on 127.0.0.1
 #   start_pg DIR PORT   throwaway PostgreSQL 15 (wal_level=logical, trust auth on 127.0.0.1)
 #   stop_pg             stop it
 #   pg_psql ARGS...     psql against it as the superuser `postgres`
-#   start_tansu PORT    throwaway Tansu broker (in-memory storage) on 127.0.0.1:PORT
-#   stop_tansu          stop it
+#   start_kafka DIR PORT  throwaway single-node Apache Kafka (scripts/kafka.sh run) on
+#                       127.0.0.1:PORT, data in DIR; exports KAFKA_BROKERS, KAFKA_PID
+#   stop_kafka          stop it (SIGTERM: a controlled shutdown)
 #   on_exit CMD...      run CMD when the script exits (last registered runs first)
 #
 # Every process started here is stopped by its own pid, never by name.
 
 PG_BINDIR_DEBIAN=/usr/lib/postgresql/15/bin
-# Tansu's broker flags below were checked against this version; a tansu already installed
-# (on PATH, in ~/.cargo/bin or named by $TANSU) is used whatever its version.
-TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
 
 say() {
     if [ -t 2 ]; then
@@ -89,27 +90,115 @@ _ensure_postgres() {
     command -v initdb >/dev/null || die "initdb not found after installing postgresql-15"
 }
 
-# Prints the path of a tansu binary, if one is found.
-find_tansu() {
-    local c
-    for c in "${TANSU:-}" "$(command -v tansu 2>/dev/null || true)" \
-        "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" "$HOME/.cargo/bin/tansu"; do
-        if [ -n "$c" ] && [ -x "$c" ]; then
-            echo "$c"
-            return 0
-        fi
-    done
-    return 1
+# The Apache Kafka broker the tests and the demo run on: jars from Maven Central, listed in
+# tests/kafka/pom.xml and copied into a cache directory named after the Kafka version there:
+#   ${OUTBOX_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}/kafka-VERSION/libs
+# A stamp file in it holds the pom's checksum, so changing the pom (a version bump, say) fetches
+# again. Maven's own repository (~/.m2, or -Dmaven.repo.local in MAVEN_OPTS) is reused when
+# present and filled otherwise. Several callers at once (parallel tests spawning scripts/kafka.sh)
+# take turns on a lock; the first one fetches.
+_OUTBOX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KAFKA_POM="$_OUTBOX_ROOT/tests/kafka/pom.xml"
+
+# kafka_version: the Kafka version tests/kafka/pom.xml names.
+kafka_version() {
+    sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM" | head -n 1
 }
 
-_ensure_tansu() {
-    local found
-    if ! found="$(find_tansu)"; then
-        say "installing Tansu $TANSU_VERSION (cargo install; about 10 minutes, cached under ~/.cargo afterwards)"
-        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore
-        found="$(find_tansu)" || die "cargo install tansu finished but no tansu binary was found"
+# kafka_libs_dir: where the jars of that version are (or go).
+kafka_libs_dir() {
+    local cache="${OUTBOX_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}"
+    echo "$cache/kafka-$(kafka_version)/libs"
+}
+
+_ensure_java() {
+    local pkgs=()
+    command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null || pkgs+=(maven)
+    [ "${#pkgs[@]}" -eq 0 ] || _apt_install "${pkgs[@]}"
+    command -v java >/dev/null || die "java not found after installing openjdk-17-jre-headless"
+}
+
+# _kafka_libs_ok DIR SUM: the jars in DIR were fetched from the pom whose checksum is SUM.
+_kafka_libs_ok() {
+    [ -f "$1/.fetched" ] && [ "$(cat "$1/.fetched")" = "$2" ]
+}
+
+ensure_kafka() {
+    local libs sum tmp t0
+    libs="$(kafka_libs_dir)"
+    sum="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
+    if _kafka_libs_ok "$libs" "$sum"; then
+        command -v java >/dev/null || _ensure_java
+        export OUTBOX_KAFKA_LIBS="$libs"
+        return 0
     fi
-    export TANSU="$found"
+    _ensure_java
+    mkdir -p "$(dirname "$libs")"
+    (
+        # One fetch at a time per cache directory; whoever waited finds it done.
+        exec 9>"$(dirname "$libs")/.lock"
+        flock 9
+        _kafka_libs_ok "$libs" "$sum" && exit 0
+        say "fetching Apache Kafka $(kafka_version) from Maven Central into $libs (once per version; about 10 s, then 10 s more for the start-up archives)"
+        t0=$SECONDS
+        tmp="$(dirname "$libs")/libs.tmp.$$"
+        rm -rf "$tmp"
+        # (-q still prints colour resets with Maven 3.8: its output is shown only if it fails.)
+        mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$tmp" \
+            >"$tmp.log" 2>&1 || {
+            cat "$tmp.log" >&2
+            die "mvn could not fetch the Kafka jars (tests/kafka/pom.xml)"
+        }
+        rm -f "$tmp.log"
+        ls "$tmp"/kafka_2.13-*.jar >/dev/null 2>&1 || die "no kafka_2.13 jar among the fetched ones in $tmp"
+        echo "$sum" >"$tmp/.fetched"
+        rm -rf "$libs" "$(dirname "$libs")/kafka.jsa" "$(dirname "$libs")/tools.jsa"
+        mv "$tmp" "$libs"
+        say "fetched $(find "$libs" -name '*.jar' | wc -l) jars in $((SECONDS - t0)) s"
+        _kafka_make_cds "$libs"
+    ) || exit 1
+    export OUTBOX_KAFKA_LIBS="$libs"
+}
+
+# _kafka_make_cds LIBS: a class-data sharing archive of a broker's start-up (LIBS/../kafka.jsa),
+# which scripts/kafka.sh run then uses: start-to-ready takes about half as long. Made by starting
+# a throwaway broker once, with the JVM writing the classes it loaded when it exits. Best effort:
+# without it brokers start all the same.
+_kafka_make_cds() {
+    local libs=$1 jsa tmp pid i
+    jsa="$(dirname "$libs")/kafka.jsa"
+    tmp="$(mktemp -d "${TMPDIR:-/tmp}/outbox-kafka-cds.XXXXXX")"
+    say "making a class-data sharing archive for faster broker starts ($jsa)"
+    OUTBOX_KAFKA_LIBS="$libs" KAFKA_CDS_DUMP="$jsa.tmp.$$" \
+        bash "$_OUTBOX_ROOT/scripts/kafka.sh" run --dir "$tmp" --node-id 1 --port "$(free_port)" \
+        >"$tmp/kafka.log" 2>&1 &
+    pid=$!
+    for ((i = 0; i < 1200; i++)); do
+        grep -q 'Kafka Server started' "$tmp/kafka.log" 2>/dev/null && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    stop_pid "$pid" 30
+    if [ -s "$jsa.tmp.$$" ]; then
+        mv "$jsa.tmp.$$" "$jsa"
+    else
+        rm -f "$jsa.tmp.$$"
+        warn "no class-data sharing archive made (log: $tmp/kafka.log); brokers start without it"
+        return 0
+    fi
+    # The same for the tools (scripts/kafka.sh's format step, console producer ...), trained on
+    # formatting a directory: that step then takes ~0.6 s instead of ~1.2 s.
+    jsa="$(dirname "$libs")/tools.jsa"
+    rm -rf "$tmp/data"
+    if OUTBOX_KAFKA_LIBS="$libs" KAFKA_CDS_DUMP="$jsa.tmp.$$" bash "$_OUTBOX_ROOT/scripts/kafka.sh" java \
+        kafka.tools.StorageTool format --config "$tmp/server.properties" \
+        --cluster-id AAAAAAAAAAAAAAAAAAAAAQ >/dev/null 2>&1 && [ -s "$jsa.tmp.$$" ]; then
+        mv "$jsa.tmp.$$" "$jsa"
+    else
+        rm -f "$jsa.tmp.$$"
+    fi
+    rm -rf "$tmp"
 }
 
 # Installs what the relay's build, its tests and the demo need, only where missing.
@@ -128,11 +217,11 @@ ensure_tools() {
     [ "${#pkgs[@]}" -eq 0 ] || _apt_install "${pkgs[@]}"
 
     _ensure_postgres
-    _ensure_tansu
+    ensure_kafka
     # Said once per run: scripts that call each other (test.sh -> pg-matrix.sh) check again
     # but need not repeat it.
     if [ -z "${OUTBOX_TOOLS_SAID:-}" ]; then
-        say "tools: $(initdb --version), $(cargo --version), tansu at $TANSU"
+        say "tools: $(initdb --version), $(cargo --version), $(java -version 2>&1 | head -n 1), Kafka $(kafka_version) jars in $OUTBOX_KAFKA_LIBS"
         export OUTBOX_TOOLS_SAID=1
     fi
 }
@@ -257,29 +346,41 @@ pg_psql() {
 }
 
 # ---------------------------------------------------------------------------------------
-# Tansu (a Kafka-compatible broker in one binary), in-memory storage.
-TANSU_PID=
-start_tansu() {
-    local port=$1 log
-    [ -n "${TANSU:-}" ] || _ensure_tansu
-    log="${WORK_DIR:-${TMPDIR:-/tmp}}/tansu-$port.log"
-    say "starting Tansu on 127.0.0.1:$port"
-    "$TANSU" broker \
-        --storage-engine memory://tansu/ \
-        --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$port" \
-        >"$log" 2>&1 &
-    TANSU_PID=$!
-    on_exit stop_tansu
-    wait_port "$port" 30 "$TANSU_PID" || {
-        tail -n 30 "$log" >&2
-        die "Tansu did not start listening on 127.0.0.1:$port (log: $log)"
+# Apache Kafka, one node, as scripts/kafka.sh starts it (the one place that knows how).
+KAFKA_PID=
+# start_kafka DIR PORT [kafka.sh run options...]: a single-node broker on 127.0.0.1:PORT with its
+# data in DIR (reused if DIR was formatted before); its log is DIR/kafka.log. Waits until the
+# broker says "Kafka Server started" (it then serves requests: topics can be created).
+# Exports KAFKA_BROKERS and KAFKA_PID.
+start_kafka() {
+    local dir=$1 port=$2 t0 i
+    shift 2
+    ensure_kafka
+    mkdir -p "$dir"
+    say "starting Apache Kafka $(kafka_version) on 127.0.0.1:$port (log: $dir/kafka.log)"
+    t0=$(date +%s%N)
+    bash "$_OUTBOX_ROOT/scripts/kafka.sh" run --dir "$dir" --node-id 1 --port "$port" "$@" \
+        >"$dir/kafka.log" 2>&1 &
+    KAFKA_PID=$!
+    on_exit stop_kafka
+    for ((i = 0; i < 1200; i++)); do
+        grep -q 'Kafka Server started' "$dir/kafka.log" 2>/dev/null && break
+        if ! kill -0 "$KAFKA_PID" 2>/dev/null; then
+            tail -n 40 "$dir/kafka.log" >&2
+            die "Kafka exited during start-up (log: $dir/kafka.log)"
+        fi
+        sleep 0.1
+    done
+    grep -q 'Kafka Server started' "$dir/kafka.log" || {
+        tail -n 40 "$dir/kafka.log" >&2
+        die "Kafka did not start within 120 s (log: $dir/kafka.log)"
     }
-    export TANSU_PORT=$port KAFKA_BROKERS="127.0.0.1:$port"
+    say "Kafka ready in $((($(date +%s%N) - t0) / 1000000)) ms"
+    export KAFKA_PID KAFKA_BROKERS="127.0.0.1:$port"
 }
 
-stop_tansu() {
-    [ -n "$TANSU_PID" ] || return 0
-    stop_pid "$TANSU_PID" 10
-    TANSU_PID=
+stop_kafka() {
+    [ -n "$KAFKA_PID" ] || return 0
+    stop_pid "$KAFKA_PID" 30
+    KAFKA_PID=
 }

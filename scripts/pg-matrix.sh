@@ -12,8 +12,8 @@
 # ~/.cache/outbox-relay/pg/<version> ($PG_MATRIX_CACHE), so reruns need no network. Each
 # version then runs the test binaries of `cargo test --test e2e --test lifecycle` (built once,
 # so every version runs the same code) with OUTBOX_TEST_PG_BIN pointing at its bin/
-# (tests/common/mod.rs puts it first on PATH for initdb/pg_ctl); the Kafka side is Tansu as in
-# scripts/test.sh.
+# (tests/common/pg.rs puts it first on PATH for initdb/pg_ctl); the Kafka side is Apache Kafka as
+# in scripts/test.sh.
 #
 #   PG_MATRIX_TESTS="e2e"   test binaries to run (default: "e2e lifecycle")
 #   PG_MATRIX_COUNTS=FILE   append "passed failed" per version to FILE and print no closing

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests (decoder on captured pgoutput bytes, config, ack tracking,
 # mapping) and the integration tests in tests/, which start their own throwaway PostgreSQL and
-# Tansu broker and run the built relay against them. Installs what is missing first (see
-# scripts/lib.sh: ensure_tools) and exports TANSU, the broker binary the tests start.
+# Apache Kafka (scripts/kafka.sh) and run the built relay against them. Installs what is
+# missing first (see scripts/lib.sh: ensure_tools) and exports OUTBOX_KAFKA_LIBS, Kafka's jars.
 # Extra arguments go to cargo test, e.g. scripts/test.sh --test crash -- --nocapture; without
 # any, the end-to-end tests also run on PostgreSQL 14, 16, 17 and 18 (scripts/pg-matrix.sh).
 set -euo pipefail

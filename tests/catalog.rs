@@ -1,15 +1,14 @@
 //! `check`, `run` and `status` judge the slot, the publication and the server by the same
-//! rules, against a real PostgreSQL 15 and a real Kafka-protocol broker (Tansu): where `run`
+//! rules, against a real PostgreSQL 15 and Apache Kafka: where `run`
 //! refuses to start, `check` fails with the same words, and a server that is a standby (in
 //! recovery) is named as such by all three, once, instead of being retried forever.
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    basic_config, last_line, Broker, Pg, Relay, OUTBOX_DDL, PARTITIONED_OUTBOX_DDL, SLOT,
+    basic_config, cli, last_line, Broker, Pg, Relay, OUTBOX_DDL, PARTITIONED_OUTBOX_DDL, SLOT,
 };
 
 /// Generous: the machine is small and shared; this bounds waiting, it measures nothing.
@@ -19,84 +18,11 @@ const REFUSAL: Duration = Duration::from_secs(30);
 const TOPIC: &str = "outbox.event.order";
 const STANDBY: &str = "connected to a standby (in recovery): point [postgres] url at the primary";
 
-/// What one `outbox-relay <command>` printed and how it exited.
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn fails(&self) -> Vec<&str> {
-        self.stdout
-            .lines()
-            .filter(|l| l.starts_with("FAIL  "))
-            .collect()
-    }
-
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    /// A non-zero exit and exactly one `FAIL` line; returns its message (without the label).
-    fn one_failure(&self) -> String {
-        assert!(
-            matches!(self.code, Some(c) if c != 0),
-            "should fail:\n{}",
-            self.show()
-        );
-        let fails = self.fails();
-        assert_eq!(fails.len(), 1, "expected one FAIL line:\n{}", self.show());
-        fails[0].trim_start_matches("FAIL").trim_start().to_owned()
-    }
-}
-
-/// Runs `outbox-relay <args> --config <config written to a temp file>`.
-async fn cli(args: &[&str], config: &str) -> Out {
-    let dir = tempfile::Builder::new()
-        .prefix("outbox-relay-catalog-")
-        .tempdir()
-        .expect("create temp dir");
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).expect("write relay.toml");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.args(args)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn");
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .expect("join")
-        .expect("run outbox-relay");
-    let out = Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    eprintln!("$ outbox-relay {}\n{}", args.join(" "), out.show());
-    out
-}
-
 /// Starts `run` and expects it to give up on its own, quickly: returns its one-line error.
 async fn run_refuses(config: &str, what: &str) -> String {
     let mut relay = Relay::start(config);
-    let status = relay.wait_exit(REFUSAL).await;
-    let stderr = relay.stderr();
-    let status = status.unwrap_or_else(|| {
-        panic!("{what}: run still going after {REFUSAL:?} (retrying?); stderr:\n{stderr}")
-    });
-    assert!(
-        !status.success(),
-        "{what}: run exited {status}; stderr:\n{stderr}"
-    );
-    let line = last_line(&stderr);
-    let message = line
-        .strip_prefix("outbox-relay: error: ")
-        .unwrap_or_else(|| panic!("{what}: the last line is not the error: {line:?}\n{stderr}"));
-    message.to_owned()
+    let line = relay.expect_fatal_exit(REFUSAL, what).await;
+    line.trim_start_matches("outbox-relay: error: ").to_owned()
 }
 
 async fn slots(pg: &Pg) -> Vec<String> {

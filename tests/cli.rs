@@ -1,158 +1,32 @@
-//! `outbox-relay check` and `outbox-relay status` against a real PostgreSQL 15 and a real
-//! Kafka-protocol broker (Tansu): a good setup passes every check; each bad setup fails with
+//! `outbox-relay check` and `outbox-relay status` against a real PostgreSQL 15 and Apache
+//! Kafka: a good setup passes every check; each bad setup fails with
 //! exactly one `FAIL` line naming its cause; `status --json` tracks the slot the relay uses.
 
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    basic_config, free_port, insert_outbox, wait_until, Broker, Pg, Relay, Seqs, OUTBOX_DDL,
-    PARTITIONED_OUTBOX_DDL, SLOT,
+    basic_config, cli, free_port, insert_outbox, run_cli, wait_until, Broker, Out, Pg, Relay, Seqs,
+    OUTBOX_DDL, PARTITIONED_OUTBOX_DDL, SLOT,
 };
-use tempfile::TempDir;
 
 /// Generous: the machine is small and shared; this bounds waiting, it measures nothing.
 const STARTUP: Duration = Duration::from_secs(60);
 const TOPIC: &str = "outbox.event.order";
 
-/// What one run of the binary left behind.
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn lines(&self) -> Vec<&str> {
-        self.stdout.lines().collect()
-    }
-
-    fn with_label(&self, label: &str) -> Vec<&str> {
-        self.lines()
-            .into_iter()
-            .filter(|l| l.split_whitespace().next() == Some(label))
-            .collect()
-    }
-
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    /// No panic, whatever happened.
-    fn assert_no_panic(&self) {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "the binary panicked:\n{}",
-            self.show()
-        );
-    }
-
-    /// Exit 0 and only `ok`/`info` lines.
-    fn assert_all_ok(&self) {
-        self.assert_no_panic();
-        let bad: Vec<&str> = self
-            .lines()
-            .into_iter()
-            .filter(|l| !(l.starts_with("ok    ") || l.starts_with("info  ")))
-            .collect();
-        assert!(
-            self.code == Some(0) && bad.is_empty() && !self.stdout.is_empty(),
-            "check should pass with every line ok; not ok: {bad:?}\n{}",
-            self.show()
-        );
-    }
-
-    /// A non-zero exit and exactly one `FAIL` line, which contains every one of `needles`.
-    /// Returns that line.
-    fn assert_one_fail(&self, needles: &[&str]) -> String {
-        self.assert_no_panic();
-        assert!(
-            matches!(self.code, Some(c) if c != 0),
-            "check should fail:\n{}",
-            self.show()
-        );
-        let fails = self.with_label("FAIL");
-        assert_eq!(
-            fails.len(),
-            1,
-            "expected exactly one FAIL line:\n{}",
-            self.show()
-        );
-        for needle in needles {
-            assert!(
-                fails[0].contains(needle),
-                "the FAIL line should mention {needle:?}:\n{}",
-                self.show()
-            );
-        }
-        fails[0].to_owned()
-    }
-
-    fn has_line(&self, prefix: &str, needle: &str) -> bool {
-        self.lines()
-            .iter()
-            .any(|l| l.starts_with(prefix) && l.contains(needle))
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "status --json printed no JSON object ({e}):\n{}",
-                self.show()
-            )
-        })
-    }
-}
-
-/// A config file in its own temp dir (kept alive by the returned guard).
-fn write_config(text: &str) -> (TempDir, PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("outbox-relay-cli-")
-        .tempdir()
-        .expect("create temp dir");
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, text).expect("write relay.toml");
-    (dir, path)
-}
-
-/// Runs `outbox-relay <args> --config <path>` off the test's runtime thread.
-async fn run_cli(args: &[&str], config_path: &std::path::Path) -> Out {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.args(args).arg("--config").arg(config_path);
-    cmd.env("RUST_LOG", "warn");
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .expect("join")
-        .expect("run outbox-relay");
-    let out = Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    // Shown by the test runner only for failing tests (or with --nocapture).
-    eprintln!("$ outbox-relay {}\n{}", args.join(" "), out.show());
-    out
-}
-
 async fn check(config: &str) -> Out {
-    let (_dir, path) = write_config(config);
-    run_cli(&["check"], &path).await
+    cli(&["check"], config).await
 }
 
 async fn status(config: &str, json: bool) -> Out {
-    let (_dir, path) = write_config(config);
     let args: &[&str] = if json {
         &["status", "--json"]
     } else {
         &["status"]
     };
-    run_cli(args, &path).await
+    cli(args, config).await
 }
 
 /// PostgreSQL with the default outbox table, and a broker with its topic.

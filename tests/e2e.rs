@@ -1,4 +1,4 @@
-//! End to end: a real PostgreSQL 15, a real Kafka-protocol broker (Tansu) and the relay
+//! End to end: a real PostgreSQL 15, Apache Kafka and the relay
 //! binary, checked through what a Kafka consumer and `pg_replication_slots` show.
 
 mod common;
@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    basic_config, check_delivery, insert_outbox, java_murmur2_partition, last_line, lsn_text,
-    wait_until, Broker, Event, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    aggregate_of, basic_config, check_delivery, insert_outbox, java_murmur2_partition, last_line,
+    lsn_text, wait_until, Broker, Event, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 8;
@@ -35,20 +35,6 @@ async fn settle(
         confirm: IDLE_CONFIRM,
     };
     common::settle(pg, broker, relay, topics, n, target, patience).await
-}
-
-/// Aggregate type by key (fixed per key, so a key's events share one topic): `customer-*`
-/// and odd `bulk-*` keys are customers, everything else is an order.
-fn aggregate_of(key: &str) -> &'static str {
-    let odd_bulk = key
-        .strip_prefix("bulk-")
-        .and_then(|n| n.parse::<u32>().ok())
-        .is_some_and(|n| n % 2 == 1);
-    if key.starts_with("customer") || odd_bulk {
-        "customer"
-    } else {
-        "order"
-    }
 }
 
 #[tokio::test]
@@ -217,6 +203,40 @@ async fn relays_every_committed_outbox_insert_exactly_once() {
     // Both aggregate types were routed to their own topic.
     for topic in TOPICS {
         assert!(recs.iter().any(|r| r.topic == topic), "nothing on {topic}");
+    }
+
+    // Kafka's own Java producer puts every one of these keys on the partition the relay chose.
+    let mut relay_partition: std::collections::BTreeMap<Vec<u8>, i32> = Default::default();
+    for r in &recs {
+        if let Some(key) = &r.key {
+            relay_partition.insert(key.clone(), r.partition);
+        }
+    }
+    let java_topic = "java.partitions";
+    broker.create_topic(java_topic, PARTITIONS).await;
+    let keys: Vec<String> = relay_partition
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    let lines: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "java")).collect();
+    assert!(lines.len() >= 6, "too few keys to compare: {keys:?}");
+    broker.produce_java(java_topic, &lines);
+    let from_java = broker
+        .read_all(&[java_topic], lines.len(), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        from_java.len(),
+        lines.len(),
+        "records from Java: {from_java:#?}"
+    );
+    for rec in &from_java {
+        let key = rec.key.clone().unwrap_or_default();
+        assert_eq!(
+            Some(&rec.partition),
+            relay_partition.get(&key),
+            "key {:?}: Java's producer and the relay disagree on the partition",
+            String::from_utf8_lossy(&key)
+        );
     }
 
     let waited = confirmed.unwrap_or_else(|e| panic!("{e}"));
@@ -462,18 +482,12 @@ async fn an_unknown_config_key_is_fatal_and_named() {
                   [[outbox]]\ntable = \"public.outbox\"\n\n\
                   [kafka]\nbrokers = \"127.0.0.1:1\"\n";
     let mut relay = Relay::start(config);
-    let status = relay.wait_exit(Duration::from_secs(30)).await;
-    let stderr = relay.stderr();
-    let status =
-        status.unwrap_or_else(|| panic!("still running with a bad config; stderr:\n{stderr}"));
-    assert!(
-        !status.success(),
-        "exit {status} with a bad config; stderr:\n{stderr}"
-    );
-    let line = last_line(&stderr);
+    let line = relay
+        .expect_fatal_exit(Duration::from_secs(30), "a bad config")
+        .await;
     assert!(
         line.contains("urll"),
-        "last stderr line does not name `urll`: {line:?}\n{stderr}"
+        "last stderr line does not name `urll`: {line:?}"
     );
 }
 

@@ -1,46 +1,30 @@
-//! Exactly-once mode (`[kafka] delivery = "exactly-once"`, issue #6 item 1), on librdkafka's
-//! mock cluster (`rdkafka::mocking::MockCluster`, three brokers in the test process): Tansu,
-//! the real broker of the other tests, has no transactions.
+//! Exactly-once mode (`[kafka] delivery = "exactly-once"`, issues #6 item 1 and #12 item 3),
+//! on real Apache Kafka (one KRaft node started by `tests/common/broker.rs`), read back by a
+//! consumer with `isolation.level=read_committed`, as a user's consumer reads it: the broker
+//! writes the commit and abort markers, so what the reader sees is what exactly-once
+//! promises, with no emulation in the test. Each test's checker (`tests/common/checker.rs`)
+//! counts lost, duplicated and reordered events over those records.
 //!
-//! **What the mock lacks, and how these tests make up for it.** The mock cluster implements
-//! the transactional *protocol* (InitProducerId with epoch bumps, so fencing works; producer
-//! epochs checked on every transactional Produce; AddPartitionsToTxn, EndTxn) but not its
-//! *effect on readers*: EndTxn writes no commit or abort markers, the last stable offset it
-//! reports is the high watermark and it returns no aborted-transaction list, so a consumer
-//! with `isolation.level=read_committed` sees every record ever appended, aborted ones
-//! included (librdkafka 2.12, `rdkafka_mock_handlers.c`). The tests therefore read with
-//! `read_committed` (as a real consumer would) and then apply read_committed themselves:
+//! Besides the events, every audit checks the position records against them: a Kafka
+//! transaction's last record is its position, which counts the records the transaction wrote
+//! (`records`), so the positions a `read_committed` consumer sees must add up to exactly the
+//! events it sees. A position committed without its records, or records without their
+//! position, breaks that sum.
 //!
-//! - Each relay process is one producer; the test notes both topics' end offsets when it
-//!   kills one (and at the end), so it knows which offsets each process wrote.
-//! - A Kafka transaction's last record is its position record, which says how many records
-//!   the transaction wrote (`records`), and the relay writes it only once all of them were
-//!   acknowledged. Within one process the transactions run one after another, so the
-//!   records of a process's n-th committed transaction are the `records` ones after those of
-//!   its earlier transactions, in the one partition the events go to.
-//! - What a process appended after its last position record is its transaction that never
-//!   committed (a real broker aborts it when the next process calls `init_transactions`);
-//!   those records are counted as `aborted` and left out.
-//!
-//! So the events go to one topic with one partition (`outbox.event.order`), and a position
-//! record that claims records the process did not write, or a committed transaction in the
-//! middle of a process's range that the count does not explain, shows up as lost, duplicated
-//! or reordered events in the checker of `tests/common/checker.rs`. A relay that confirmed the
-//! slot past events of a transaction that never committed shows up as lost events: the next
-//! process starts after them, and their only copies are aborted.
+//! One test stays on librdkafka's mock cluster (`rdkafka::mocking::MockCluster`), because it
+//! needs a broker without the transaction APIs, which a real Kafka cannot be made to be.
 //!
 //! Timeouts are generous bounds on a small shared machine, never performance assertions.
 
 mod common;
 
-use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::checker::{outbox_ids, runs, seed, tally, Ledger, Report, Rng, Writer};
+use common::checker::{outbox_ids, runs, seed, tally, Ledger, Report, Resolved, Rng, Writer};
 use common::{
-    basic_config, check_delivery, insert_outbox, last_line, lsn_text, Event, Pg, Reader, Rec,
-    Relay, Seqs, OUTBOX_DDL, SLOT,
+    basic_config, check_delivery, connect, insert_outbox, last_line, lsn_text, Broker, Event, Pg,
+    Rec, Relay, Seqs, OUTBOX_DDL, QUIET, SLOT,
 };
 use outbox_relay::config::DEFAULT_OFFSETS_TOPIC;
 use outbox_relay::kafka::position::{Position, FIRST_WINDOW};
@@ -50,9 +34,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::types::RDKafkaApiKey;
 
 const TOPIC: &str = "outbox.event.order";
+/// Partitions of the events topic: more than one, so per-key order and the partition of
+/// each key are checked as well.
+const PARTITIONS: i32 = 3;
 const OFFSETS: &str = DEFAULT_OFFSETS_TOPIC;
 /// The position records' key: the default transactional id, `outbox-relay-{slot}`.
 const KEY: &str = "outbox-relay-outbox_relay";
@@ -61,50 +48,46 @@ const OTHER_RELAY: &str = "outbox-relay-elsewhere";
 const STARTUP: Duration = Duration::from_secs(60);
 /// For everything written to be committed and confirmed.
 const SETTLE: Duration = Duration::from_secs(180);
-
-type Cluster = MockCluster<'static, DefaultProducerContext>;
-
-/// Where both topics ended when a relay process stopped writing.
-#[derive(Clone, Copy, Debug, Default)]
-struct Mark {
-    data: i64,
-    offsets: i64,
-}
+/// The offsets topic as the README asks for it.
+const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
 
 struct Rig {
     pg: Pg,
-    cluster: Cluster,
+    broker: Broker,
     config: String,
-    /// One per relay process that is done writing, in order.
-    marks: Vec<Mark>,
+    /// A `read_uncommitted` client, for the partitions' high watermarks (open and aborted
+    /// transactions' records and the markers included).
     watermarks: BaseConsumer,
 }
 
-/// PostgreSQL with the outbox table, a mock cluster of three brokers with the events topic
-/// and the offsets topic (one partition each), and the relay's config in exactly-once mode
-/// with `kafka_lines` added to `[kafka]`.
+/// PostgreSQL with the outbox table, a Kafka node with the events topic and a compacted
+/// offsets topic, and the relay's config in exactly-once mode with `kafka_lines` added to
+/// `[kafka]`.
 async fn rig(kafka_lines: &str) -> Rig {
+    rig_with(kafka_lines, Some(COMPACTED)).await
+}
+
+/// Like [`rig`]; the offsets topic is created with `offsets` as its configs, or not at all.
+async fn rig_with(kafka_lines: &str, offsets: Option<&[(&str, &str)]>) -> Rig {
     let pg = Pg::start();
     pg.sql(OUTBOX_DDL).await;
-    let cluster = MockCluster::new(3).expect("start librdkafka's mock cluster");
-    for topic in [TOPIC, OFFSETS] {
-        cluster
-            .create_topic(topic, 1, 3)
-            .unwrap_or_else(|e| panic!("create {topic}: {e}"));
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, PARTITIONS).await;
+    if let Some(configs) = offsets {
+        broker.create_topic_with(OFFSETS, 1, configs).await;
     }
     let config = format!(
         "{}delivery = \"exactly-once\"\n{kafka_lines}\n[relay]\nreconnect_max_backoff_secs = 2\n",
-        basic_config(&pg.url(), &cluster.bootstrap_servers())
+        basic_config(&pg.url(), &broker.bootstrap())
     );
     let watermarks: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("bootstrap.servers", broker.bootstrap())
         .create()
         .expect("create a watermark client");
     Rig {
         pg,
-        cluster,
+        broker,
         config,
-        marks: Vec::new(),
         watermarks,
     }
 }
@@ -117,49 +100,47 @@ impl Rig {
         relay
     }
 
+    /// The sum of `topic`'s high watermarks: records of every transaction, open, committed
+    /// or aborted, and the markers.
     fn end_of(&self, topic: &str) -> i64 {
-        self.watermarks
-            .fetch_watermarks(topic, 0, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("watermarks of {topic}: {e}"))
-            .1
+        let partitions = if topic == TOPIC { PARTITIONS } else { 1 };
+        (0..partitions)
+            .map(|p| {
+                self.watermarks
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("watermarks of {topic}[{p}]: {e}"))
+                    .1
+            })
+            .sum()
     }
 
-    /// The process that wrote last is done: note where both topics end.
-    fn mark(&mut self) {
-        let mark = Mark {
-            data: self.end_of(TOPIC),
-            offsets: self.end_of(OFFSETS),
-        };
-        self.marks.push(mark);
-    }
-
-    /// Both topics up to the last mark, as a `read_committed` consumer reads them.
-    async fn read(&self) -> (Vec<Rec>, Vec<Rec>) {
-        let end = self.marks.last().copied().unwrap_or_default();
-        let mut reader =
-            Reader::read_committed(&self.cluster.bootstrap_servers(), &[TOPIC, OFFSETS]);
-        let n = (end.data + end.offsets) as usize;
+    /// `topic` as a `read_committed` consumer reads it: at least `expected` records, then
+    /// nothing new for a quiet spell (so that extras on their way show up too).
+    async fn read_committed(&self, topic: &str, expected: usize) -> Vec<Rec> {
+        let mut reader = self.broker.read_committed(&[topic]);
         assert!(
-            reader.wait_for(n, SETTLE, || {}).await,
-            "read {} of {n} records",
+            reader.wait_for(expected, SETTLE, || {}).await,
+            "{topic}: read {} of {expected} records as read_committed",
             reader.len()
         );
-        let (data, mut offsets): (Vec<Rec>, Vec<Rec>) =
-            reader.records().into_iter().partition(|r| r.topic == TOPIC);
-        // Another relay's transactions wrote no events of ours.
-        offsets.retain(|r| r.key_str().as_deref() != Some(OTHER_RELAY));
-        (data, offsets)
+        reader.settle(QUIET).await;
+        reader.records()
     }
 
-    /// Waits (with `relay` alive) until the slot is confirmed up to the WAL end, marks the
-    /// end of `relay`'s records and checks what a read_committed consumer would see.
-    async fn settle(
-        &mut self,
-        fault: &str,
-        runs: usize,
-        ledger: &Ledger,
-        relay: &mut Relay,
-    ) -> Audit {
+    /// Our position records as a `read_committed` consumer reads them (another relay's
+    /// left out: its transactions wrote no events of ours).
+    async fn positions(&self) -> Vec<Position> {
+        self.read_committed(OFFSETS, 1)
+            .await
+            .iter()
+            .filter(|r| r.key_str().as_deref() != Some(OTHER_RELAY))
+            .map(position)
+            .collect()
+    }
+
+    /// Waits (with `relay` alive) until the slot is confirmed up to the WAL end, then checks
+    /// what a read_committed consumer sees.
+    async fn settle(&self, fault: &str, runs: usize, ledger: &Ledger, relay: &mut Relay) -> Audit {
         let target = self.pg.current_wal_lsn().await;
         let started = Instant::now();
         loop {
@@ -176,65 +157,62 @@ impl Rig {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        self.mark();
         self.audit(fault, runs, ledger).await
     }
 
     async fn audit(&self, fault: &str, runs: usize, ledger: &Ledger) -> Audit {
-        let (data, offsets) = self.read().await;
-        let view = committed_view(&data, &offsets, &self.marks);
-        let in_table = outbox_ids(&self.pg).await;
-        let mut committed = ledger.committed.clone();
-        let mut never: HashSet<&str> = ledger
-            .never_committed
-            .iter()
-            .map(|e| e.id.as_str())
-            .collect();
-        for e in &ledger.maybe {
-            if in_table.contains(&e.id) {
-                committed.push(e.clone());
-            } else {
-                never.insert(&e.id);
-            }
-        }
+        let Resolved {
+            committed, never, ..
+        } = ledger.resolve(&outbox_ids(&self.pg).await);
+        let data = self.read_committed(TOPIC, committed.len()).await;
+        let positions = if committed.is_empty() {
+            Vec::new()
+        } else {
+            self.positions().await
+        };
         let mut report = Report {
             fault: fault.into(),
             runs,
             committed: committed.len(),
             maybe: ledger.maybe.len(),
             never_committed: never.len(),
-            problems: view.problems.clone(),
             ..Report::default()
         };
-        tally(&mut report, &view.committed, &committed, &never);
-        let delivery = check_delivery(&view.committed, &committed, 1);
+        tally(&mut report, &data, &committed, &never);
+        let delivery = check_delivery(&data, &committed, PARTITIONS);
         if !report.ok() || delivery.duplicates > 0 {
             report.problems.extend(delivery.problems);
         }
-        println!(
-            "{report} kafka_transactions={} aborted_records={} ranges={}",
-            view.transactions,
-            view.aborted,
-            self.marks.len()
-        );
-        Audit {
-            report,
-            positions: offsets.iter().map(position).collect(),
+        let counted: u64 = positions.iter().map(|p| p.records).sum();
+        if counted != data.len() as u64 {
+            report.problems.push(format!(
+                "the committed positions count {counted} records, a read_committed consumer sees {}",
+                data.len()
+            ));
         }
+        // Aborted records and markers: the offsets a read_committed consumer skips.
+        let skipped = self.end_of(TOPIC) - data.len() as i64;
+        println!(
+            "{report} kafka_transactions={} skipped_offsets={skipped}",
+            positions.len()
+        );
+        Audit { report, positions }
     }
 }
 
-/// The checker's findings and every position record.
+/// The checker's findings and our position records.
 struct Audit {
     report: Report,
     positions: Vec<Position>,
 }
 
 impl Audit {
-    /// Nothing lost, reordered, invented, and no duplicates either.
+    /// Nothing lost, reordered, invented, no duplicates, and positions that count the
+    /// records.
     fn assert_exactly_once(&self) {
         self.report.assert_ok();
         assert_eq!(self.report.duplicates, 0, "{}", self.report);
+        assert!(self.report.problems.is_empty(), "{}", self.report);
     }
 }
 
@@ -248,62 +226,21 @@ fn position(r: &Rec) -> Position {
         .unwrap_or_else(|e| panic!("position record at {}: {e}", r.offset))
 }
 
-/// What a read_committed consumer of a broker with transactions would see (see the module
-/// docs for why this holds on the mock cluster).
-struct View {
-    committed: Vec<Rec>,
-    transactions: usize,
-    aborted: usize,
-    problems: Vec<String>,
-}
-
-fn committed_view(data: &[Rec], offsets: &[Rec], marks: &[Mark]) -> View {
-    let mut view = View {
-        committed: Vec::new(),
-        transactions: 0,
-        aborted: 0,
-        problems: Vec::new(),
-    };
-    for (i, r) in data.iter().enumerate() {
-        assert_eq!(
-            r.offset, i as i64,
-            "the mock's offsets have no gaps (no markers)"
-        );
-    }
-    let mut from = Mark::default();
-    for (process, mark) in marks.iter().enumerate() {
-        let mut next = from.data;
-        for record in offsets
-            .iter()
-            .filter(|r| r.offset >= from.offsets && r.offset < mark.offsets)
-        {
-            let p = position(record);
-            let end = next + p.records as i64;
-            if end > mark.data {
-                view.problems.push(format!(
-                    "process {process}: the position at offset {} claims {} records, but the process wrote only {} after its earlier transactions",
-                    record.offset,
-                    p.records,
-                    mark.data - next
-                ));
-                break;
-            }
-            view.committed
-                .extend_from_slice(&data[next as usize..end as usize]);
-            view.transactions += 1;
-            next = end;
-        }
-        view.aborted += (mark.data - next).max(0) as usize;
-        from = *mark;
-    }
-    view
-}
-
-/// `n` events of the `order` aggregate over `keys` keys, next in `seqs`.
+/// `n` events of the `order` aggregate over `keys` keys named `{prefix}-{k}`, next in `seqs`.
 fn orders(seqs: &mut Seqs, n: usize, keys: usize, note: &str) -> Vec<common::NewEvent> {
+    keyed(seqs, "order", n, keys, note)
+}
+
+fn keyed(
+    seqs: &mut Seqs,
+    prefix: &str,
+    n: usize,
+    keys: usize,
+    note: &str,
+) -> Vec<common::NewEvent> {
     (0..n)
         .map(|i| {
-            let key = format!("order-{}", i % keys);
+            let key = format!("{prefix}-{}", i % keys);
             seqs.event("order", &key, "Changed", note)
         })
         .collect()
@@ -359,9 +296,19 @@ fn signal(relay: &Relay, sig: &str) {
     assert!(ok, "kill {sig} {}", relay.pid());
 }
 
+/// Waits until `topic`'s high watermarks reach `n` (records appended, committed or not).
+async fn wait_appended(rig: &Rig, relay: &mut Relay, topic: &str, n: i64, what: &str) {
+    let started = Instant::now();
+    while rig.end_of(topic) < n {
+        relay.assert_running();
+        assert!(started.elapsed() < SETTLE, "{what} within {SETTLE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn events_are_read_once_with_their_position_and_a_restart_resends_nothing() {
-    let mut rig = rig("").await;
+    let rig = rig("").await;
     let mut relay = rig.start().await;
     let mut seqs = Seqs::default();
     let mut ledger = Ledger::default();
@@ -383,11 +330,6 @@ async fn events_are_read_once_with_their_position_and_a_restart_resends_nothing(
     audit.assert_exactly_once();
     let last = audit.positions.last().expect("a position record");
     assert!(last.complete, "{last:?}");
-    assert!(
-        audit.positions.iter().map(|p| p.records).sum::<u64>() == 49,
-        "positions count every record: {:?}",
-        audit.positions
-    );
 
     // A graceful stop commits what is open; the next process resends nothing.
     signal(&relay, "-TERM");
@@ -397,7 +339,6 @@ async fn events_are_read_once_with_their_position_and_a_restart_resends_nothing(
         "graceful stop: {status:?}\n{}",
         relay.stderr()
     );
-    rig.mark();
     let mut relay = rig.start().await;
     ledger
         .committed
@@ -407,60 +348,100 @@ async fn events_are_read_once_with_their_position_and_a_restart_resends_nothing(
     assert_eq!(audit.report.records, 52, "{}", audit.report);
 }
 
+/// How many times the kill -9 test kills the relay. The issue asks for 20: each cycle is a
+/// random 0.2 to 2.5 s of streaming plus a restart (about a second), so the whole test,
+/// broker start and the final drain included, stays around a minute on a 2-core machine.
+/// `RELIABILITY_RUNS` overrides it.
+const KILLS: u64 = 20;
+
+/// kill -9 at random points while a writer commits small PostgreSQL transactions (1 to 40
+/// rows, one in ten rolled back) and a second one big ones (100 to 400 rows); both are split
+/// across Kafka transactions of at most 25 events, so kills land between Kafka transactions,
+/// inside one, and inside a PostgreSQL transaction written partly.
 #[tokio::test]
 async fn kill_9_under_a_writer_is_exactly_once() {
     let seed = seed();
     let mut rng = Rng::new(seed);
-    // Small Kafka transactions, so the writer's transactions (up to 20 rows) are split too.
-    let mut rig = rig("transaction_max_events = 7\n").await;
+    let rig = rig("transaction_max_events = 25\n").await;
     let mut relay = rig.start().await;
-    let writer = Writer::spawn_for(rig.pg.url(), seed, 20, Some("order"));
-    let runs = runs(6);
+    let writer = Writer::spawn_for(rig.pg.url(), seed, 40, Some("order"));
+    let bulk = Bulk::spawn(rig.pg.url(), seed);
+    let runs = runs(KILLS);
     for _ in 0..runs {
-        tokio::time::sleep(rng.millis(300, 3000)).await;
+        tokio::time::sleep(rng.millis(200, 2500)).await;
         relay.assert_running();
         relay.kill9();
-        rig.mark();
         relay = Relay::start(&rig.config);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let ledger = writer.finish().await;
+    let mut ledger = writer.finish().await;
+    let big = bulk.finish().await;
+    println!("big transactions: {}", big.txns_committed);
+    ledger.merge(big);
     let audit = rig
         .settle("kill9-exactly-once", runs, &ledger, &mut relay)
         .await;
     audit.assert_exactly_once();
     assert!(audit.report.committed > 0, "{}", audit.report);
+    assert!(
+        audit.positions.iter().any(|p| !p.complete),
+        "no PostgreSQL transaction was split across Kafka transactions"
+    );
+}
+
+/// A writer of big transactions (100 to 400 rows over 4 keys of their own, so that their
+/// per-key sequences never mix with [`Writer`]'s), one every 0.5 to 2 s.
+struct Bulk {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Ledger>,
+}
+
+impl Bulk {
+    fn spawn(url: String, seed: u64) -> Bulk {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut rng = Rng::new(seed ^ 0xB01C);
+            let mut seqs = Seqs::default();
+            let mut ledger = Ledger::default();
+            let mut client = connect(&url).await.expect("connect the bulk writer");
+            let mut txn = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                txn += 1;
+                let n = rng.range(100, 400) as usize;
+                let rows = keyed(&mut seqs, "bulk", n, 4, &format!("bulk-{txn}"));
+                ledger.transact(&mut client, &rows, false).await;
+                tokio::time::sleep(rng.millis(500, 2000)).await;
+            }
+            ledger
+        });
+        Bulk { stop, task }
+    }
+
+    async fn finish(self) -> Ledger {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("bulk writer task")
+    }
 }
 
 #[tokio::test]
 async fn a_large_transaction_is_split_and_resumed_mid_way_after_kill_9() {
-    // The mock keeps at most 5 MB per partition (older records are dropped), so 25,000
-    // rows of about 150 bytes rather than 50,000.
-    const ROWS: usize = 25_000;
+    const ROWS: usize = 50_000;
     const PER_TXN: u64 = 1_000;
-    let mut rig = rig(&format!("transaction_max_events = {PER_TXN}\n")).await;
+    let rig = rig(&format!("transaction_max_events = {PER_TXN}\n")).await;
     let mut relay = rig.start().await;
     let mut seqs = Seqs::default();
     let mut ledger = Ledger::default();
     ledger
         .committed
         .extend(commit(&rig.pg, &orders(&mut seqs, ROWS, 16, "large")).await);
-    // Each Kafka transaction ends with one position record.
-    let started = Instant::now();
-    // Two parts committed and records of the third appended, not yet committed.
-    while rig.end_of(OFFSETS) < 2 || rig.end_of(TOPIC) <= rig.end_of(OFFSETS) * PER_TXN as i64 {
-        relay.assert_running();
-        assert!(
-            started.elapsed() < SETTLE,
-            "no split commit within {SETTLE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    // Two parts committed (each a position record and a commit marker), then the kill.
+    wait_appended(&rig, &mut relay, OFFSETS, 4, "no split commit").await;
     relay.kill9();
-    rig.mark();
-    let parts_before_kill = rig.marks[0].offsets;
+    let committed_before_kill = rig.positions().await.len();
     assert!(
-        parts_before_kill < (ROWS as u64 / PER_TXN) as i64,
+        committed_before_kill < (ROWS as u64 / PER_TXN) as usize,
         "the kill came after the whole transaction was committed"
     );
     let mut relay = rig.start().await;
@@ -482,81 +463,201 @@ async fn a_large_transaction_is_split_and_resumed_mid_way_after_kill_9() {
         "the second process resumed inside the transaction"
     );
     println!(
-        "large transaction: {ROWS} rows in {} Kafka transactions, killed after {parts_before_kill}",
+        "large transaction: {ROWS} rows in {} Kafka transactions, {committed_before_kill} committed before the kill",
         audit.positions.len()
     );
 }
 
+/// The zombie case: relay A frozen inside a Kafka transaction, its slot taken by relay B with
+/// the same transactional id, then A woken. B's `init_transactions` bumps the id's epoch and
+/// makes the broker abort A's open transaction; A's next transactional call is refused as
+/// fenced, and A stops with one line saying so. Nothing A had open becomes visible, and B
+/// writes every event once.
 #[tokio::test]
-async fn a_fenced_producer_stops_with_one_line_and_a_restart_is_exactly_once() {
-    let (mut rig, mut a, mut seqs, mut ledger) = running_with_ten_events("").await;
-    rig.settle("before-fence", 1, &ledger, &mut a)
-        .await
-        .assert_exactly_once();
-    // What a broker answers a producer whose transactional id a newer producer registered.
-    rig.cluster.request_errors(
-        RDKafkaApiKey::EndTxn,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
-    );
-    let before = rig.pg.current_wal_lsn().await;
+async fn a_second_relay_with_the_same_transactional_id_fences_the_first() {
+    let (rig, mut a, mut seqs, mut ledger) =
+        running_with_ten_events("transaction_max_events = 500\n").await;
+    // A large transaction keeps A inside Kafka transactions while it is frozen.
     ledger
         .committed
-        .extend(commit(&rig.pg, &orders(&mut seqs, 10, 4, "fenced")).await);
-    let status = a.wait_exit(Duration::from_secs(60)).await;
-    let confirmed = rig.pg.confirmed_flush_lsn(SLOT).await.unwrap_or_default();
-    assert!(
-        confirmed <= before,
-        "the slot was confirmed to {} past events that never committed (from {})",
-        lsn_text(confirmed),
-        lsn_text(before)
-    );
-
-    let said = last_line(&a.stderr());
-    println!("fenced relay: {status:?}: {said}");
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "the fenced relay still runs: {said}"
-    );
-    assert!(
-        said.contains("fenced") && said.contains("transactional_id"),
-        "{said}"
-    );
-    rig.mark();
-    let mut b = rig.start().await;
+        .extend(commit(&rig.pg, &orders(&mut seqs, 20_000, 8, "during")).await);
+    wait_appended(
+        &rig,
+        &mut a,
+        TOPIC,
+        2_000,
+        "A did not start on the large transaction",
+    )
+    .await;
+    // A zombie: frozen while it holds the slot, then the slot taken from it.
+    signal(&a, "-STOP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old = rig.pg.slot_active_pid(SLOT).await;
+    rig.pg
+        .sql(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+        ))
+        .await;
+    let mut b = Relay::start(&rig.config);
+    let started = Instant::now();
+    while !b.stderr().contains("resuming after the committed position") {
+        b.assert_running();
+        assert!(
+            started.elapsed() < STARTUP,
+            "B did not take the slot and the transactional id (A's walsender was {old:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     ledger
         .committed
         .extend(commit(&rig.pg, &orders(&mut seqs, 10, 4, "after")).await);
-    rig.settle("fenced", 1, &ledger, &mut b)
-        .await
-        .assert_exactly_once();
+    // B registered the transactional id when it took the slot: A wakes up fenced.
+    signal(&a, "-CONT");
+    let said = a
+        .expect_fatal_exit(Duration::from_secs(120), "the fenced relay")
+        .await;
+    println!("first relay after being fenced: {said}");
+    assert!(
+        said.contains("fenced") && said.contains("transactional_id"),
+        "A's last line: {said}"
+    );
+    let audit = rig.settle("fenced", 1, &ledger, &mut b).await;
+    audit.assert_exactly_once();
 }
 
-/// A broker that lacks the transaction APIs (here: the mock with AddPartitionsToTxn and
-/// EndTxn taken away) gives librdkafka no error to report: the records simply never leave.
-/// The relay cannot tell that from a slow broker, so it aborts after 30 s, says why in one
-/// line and tries again; nothing is committed and the slot does not move.
+/// The broker killed (kill -9) while the relay is inside a Kafka transaction, and started
+/// again on the same storage after a few seconds. What a read_committed consumer sees
+/// afterwards: every event once. (Whether the open transaction is aborted and re-streamed
+/// from the stored position, or survives the restart and commits, is the relay's and the
+/// broker's business; the test prints which records a read_committed consumer skipped.)
+#[tokio::test]
+async fn the_broker_killed_inside_a_kafka_transaction_loses_and_repeats_nothing() {
+    const ROWS: usize = 20_000;
+    let (mut rig, mut relay, mut seqs, mut ledger) =
+        running_with_ten_events("transaction_max_events = 1000\n").await;
+    ledger
+        .committed
+        .extend(commit(&rig.pg, &orders(&mut seqs, ROWS, 8, "large")).await);
+    // Some parts committed, and records of the next appended: a transaction is open.
+    wait_appended(&rig, &mut relay, OFFSETS, 4, "no split commit").await;
+    rig.broker.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.assert_running();
+    rig.broker.start_again();
+    ledger
+        .committed
+        .extend(commit(&rig.pg, &orders(&mut seqs, 10, 4, "after")).await);
+    let audit = rig
+        .settle("broker-kill9-in-txn", 1, &ledger, &mut relay)
+        .await;
+    audit.assert_exactly_once();
+    let stderr = relay.stderr();
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("resuming"))
+        .take(10)
+    {
+        println!("relay: {line}");
+    }
+}
+
+/// Without the offsets topic there is nowhere to commit a position: the relay stops at
+/// start with one line naming the topic and how to create it, and confirms nothing.
+#[tokio::test]
+async fn a_missing_position_topic_stops_the_relay_with_one_line() {
+    let rig = rig_with("", None).await;
+    let mut relay = Relay::start(&rig.config);
+    let line = relay
+        .expect_fatal_exit(Duration::from_secs(120), "no offsets topic")
+        .await;
+    assert!(
+        line.contains(&format!("offsets_topic {OFFSETS} does not exist"))
+            && line.contains("cleanup.policy=compact"),
+        "{line}"
+    );
+}
+
+/// An offsets topic that is not compacted (`cleanup.policy=delete`, the broker's default)
+/// still works: every event once. The relay warns at start, naming the topic and the fix,
+/// because retention would delete the position once the relay has been idle longer than it
+/// (a restart then finds no position and re-sends a PostgreSQL transaction it had written
+/// only in part).
+#[tokio::test]
+async fn a_position_topic_that_is_not_compacted_works_and_is_warned_about() {
+    let rig = rig_with("", Some(&[("cleanup.policy", "delete")])).await;
+    let mut relay = rig.start().await;
+    let mut seqs = Seqs::default();
+    let mut ledger = Ledger::default();
+    ledger
+        .committed
+        .extend(commit(&rig.pg, &orders(&mut seqs, 20, 4, "delete")).await);
+    rig.settle("not-compacted", 1, &ledger, &mut relay)
+        .await
+        .assert_exactly_once();
+    let stderr = relay.stderr();
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(OFFSETS))
+        .unwrap_or_else(|| panic!("no warning about {OFFSETS}:\n{stderr}"));
+    println!("not compacted: {warning}");
+    assert!(
+        warning.contains("cleanup.policy=delete") && warning.contains("cleanup.policy=compact"),
+        "{warning}"
+    );
+}
+
+/// A broker that lacks the transaction APIs gives librdkafka no error to report: the
+/// records simply never leave. The relay cannot tell that from a slow broker, so it aborts
+/// after 30 s, says why in one line and tries again; nothing is committed and the slot does
+/// not move.
+///
+/// On librdkafka's mock cluster, with AddPartitionsToTxn and EndTxn taken away: a real Kafka
+/// cannot be made to drop APIs it supports.
 #[tokio::test]
 async fn a_broker_without_transactions_is_named_and_nothing_is_committed() {
-    let rig = rig("").await;
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    let cluster: MockCluster<'static, DefaultProducerContext> =
+        MockCluster::new(1).expect("start librdkafka's mock cluster");
+    for topic in [TOPIC, OFFSETS] {
+        cluster
+            .create_topic(topic, 1, 1)
+            .unwrap_or_else(|e| panic!("create {topic}: {e}"));
+    }
     for api in [RDKafkaApiKey::AddPartitionsToTxn, RDKafkaApiKey::EndTxn] {
-        rig.cluster
+        cluster
             .apiversion(api, None, None)
             .unwrap_or_else(|e| panic!("take {api:?} away: {e}"));
     }
-    let mut relay = rig.start().await;
-    let start = rig.pg.confirmed_flush_lsn(SLOT).await;
-    commit(&rig.pg, &orders(&mut Seqs::default(), 3, 2, "x")).await;
+    let config = format!(
+        "{}delivery = \"exactly-once\"\n",
+        basic_config(&pg.url(), &cluster.bootstrap_servers())
+    );
+    let mut relay = Relay::start(&config);
+    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+    // The relay may confirm WAL without events up to here (keepalives), never past it.
+    let before = pg.current_wal_lsn().await;
+    commit(&pg, &orders(&mut Seqs::default(), 3, 2, "x")).await;
     let said = first_said(&mut relay, |l| {
         l.contains("WARN") && l.contains("transaction support")
     })
     .await;
     println!("without transactions: {said}");
     assert!(!said.starts_with("exited"), "{said}");
-    assert_eq!(rig.end_of(OFFSETS), 0, "no position written");
-    assert_eq!(
-        rig.pg.confirmed_flush_lsn(SLOT).await,
-        start,
-        "the slot stays"
+    let watermarks: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .expect("create a watermark client");
+    let (_, end) = watermarks
+        .fetch_watermarks(OFFSETS, 0, Duration::from_secs(10))
+        .expect("watermarks of the offsets topic");
+    assert_eq!(end, 0, "no position written");
+    let confirmed = pg.confirmed_flush_lsn(SLOT).await.unwrap_or_default();
+    assert!(
+        confirmed <= before,
+        "the slot moved to {} past the uncommitted events (from {})",
+        lsn_text(confirmed),
+        lsn_text(before)
     );
 }
 
@@ -572,23 +673,11 @@ async fn a_position_past_the_servers_wal_stops_the_relay_instead_of_skipping() {
         confirm_lsn: Lsn(0xFF_0000_0100),
         records: 4,
     };
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", rig.cluster.bootstrap_servers())
-        .create()
-        .expect("create a producer");
-    let value = stale.to_json();
-    producer
-        .send(BaseRecord::to(OFFSETS).key(KEY).payload(&value))
-        .map_err(|(e, _)| e)
-        .expect("queue the stale position");
-    producer
-        .flush(Duration::from_secs(10))
-        .expect("write the stale position");
+    write_plainly(&rig.broker, OFFSETS, &[(KEY, stale.to_json())]);
     let mut relay = Relay::start(&rig.config);
-    let status = relay.wait_exit(Duration::from_secs(120)).await;
-    let line = last_line(&relay.stderr());
-    println!("stale position: {line}");
-    assert!(status.is_some_and(|s| !s.success()), "{status:?}: {line}");
+    let line = relay
+        .expect_fatal_exit(Duration::from_secs(120), "stale position")
+        .await;
     assert!(
         line.contains("past this server's WAL") && line.contains("transactional_id"),
         "{line}"
@@ -617,16 +706,15 @@ async fn a_position_past_the_servers_wal_stops_the_relay_instead_of_skipping() {
 /// other relay's would stop it. The reader's log line says how many records it read: about
 /// twice the distance back, a small part of the history (asserted on counts, not on time).
 ///
-/// On a broker with transactions each Kafka transaction also adds a commit marker to the
-/// topic, an offset of its own that a `read_committed` reader skips, and aborted positions
-/// are skipped as well; librdkafka's mock writes neither (see the module docs), so here the
-/// history's offsets are all records.
+/// The history is written by a plain (non-transactional) producer, so its offsets are all
+/// records; the first relay's Kafka transactions add a commit marker each, which the high
+/// watermark (`before`) counts.
 #[tokio::test]
 async fn a_restart_after_100k_position_records_reads_back_only_the_newest() {
     const HISTORY: usize = 100_000;
     const OTHERS: usize = 1_000;
     const LAGGING: &str = "lagging";
-    let mut rig = rig(&format!("transactional_id = \"{KEY}\"\n")).await;
+    let rig = rig(&format!("transactional_id = \"{KEY}\"\n")).await;
     let mut first = rig.start().await;
     // Created after the first relay made the publication, before any event.
     rig.pg
@@ -649,9 +737,7 @@ async fn a_restart_after_100k_position_records_reads_back_only_the_newest() {
     signal(&first, "-TERM");
     let status = first.wait_exit(Duration::from_secs(30)).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    rig.mark();
-    let (_, offsets) = rig.read().await;
-    let positions: Vec<Position> = offsets.iter().map(position).collect();
+    let positions = rig.positions().await;
     let newest = *positions.last().expect("the first relay's positions");
     let older = *positions
         .iter()
@@ -673,10 +759,9 @@ async fn a_restart_after_100k_position_records_reads_back_only_the_newest() {
     writes.push((KEY, history(newest)));
     writes.extend(std::iter::repeat_n((OTHER_RELAY, elsewhere), OTHERS));
     let before = rig.end_of(OFFSETS);
-    write_plainly(&rig.cluster, OFFSETS, &writes);
+    write_plainly(&rig.broker, OFFSETS, &writes);
     let newest_at = before + (HISTORY - OTHERS - 1) as i64;
     assert_eq!(rig.end_of(OFFSETS), before + HISTORY as i64);
-    rig.mark();
 
     ledger
         .committed
@@ -689,7 +774,6 @@ async fn a_restart_after_100k_position_records_reads_back_only_the_newest() {
     let (reached, _) = rig.pg.wait_confirmed(LAGGING, target, SETTLE).await;
     second.assert_running();
     assert!(reached, "the second relay did not catch up");
-    rig.mark();
     let audit = rig.audit("restart-after-history", 2, &ledger).await;
     audit.assert_exactly_once();
 
@@ -713,11 +797,10 @@ async fn a_restart_after_100k_position_records_reads_back_only_the_newest() {
 }
 
 /// Appends `records` (key, value) to partition 0 of `topic` with a plain, non-transactional
-/// producer, compressed, so that the mock (which keeps at most 5 MB per partition) keeps
-/// them all.
-fn write_plainly(cluster: &Cluster, topic: &str, records: &[(&str, String)]) {
+/// producer (compressed, so that 100,000 of them are written quickly).
+fn write_plainly(broker: &Broker, topic: &str, records: &[(&str, String)]) {
     let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("bootstrap.servers", broker.bootstrap())
         .set("compression.type", "gzip")
         .set("linger.ms", "20")
         .create()
@@ -748,76 +831,7 @@ fn logged_number(line: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in {line}"))
 }
 
-/// The zombie case: the leader frozen, its slot taken by a second relay, then woken. On a
-/// real broker the second relay's `init_transactions` bumps the epoch of the transactional id,
-/// so the first one's next commit fails fenced and it stops. librdkafka's mock cluster gives
-/// every `InitProducerId` without a current producer id a fresh producer id (epoch 0) instead,
-/// so nothing fences the first relay: it commits what it still had buffered from its socket,
-/// and those events appear twice. Kept (ignored) as the reproduction of that mock limitation;
-/// [`a_fenced_producer_stops_with_one_line_and_a_restart_is_exactly_once`] covers the relay's
-/// side of fencing.
-#[tokio::test]
-#[ignore = "librdkafka's mock cluster does not fence a second producer with the same transactional.id"]
-async fn a_second_relay_with_the_same_transactional_id_fences_the_first() {
-    let (mut rig, mut a, mut seqs, mut ledger) =
-        running_with_ten_events("transaction_max_events = 500\n").await;
-    // A large transaction keeps A inside Kafka transactions while it is frozen.
-    ledger
-        .committed
-        .extend(commit(&rig.pg, &orders(&mut seqs, 20_000, 8, "during")).await);
-    let started = Instant::now();
-    while rig.end_of(TOPIC) < 2_000 {
-        a.assert_running();
-        assert!(
-            started.elapsed() < SETTLE,
-            "A did not start on the large transaction"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // A zombie: frozen while it holds the slot, then the slot taken from it.
-    signal(&a, "-STOP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let old = rig.pg.slot_active_pid(SLOT).await;
-    rig.pg
-        .sql(&format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
-        ))
-        .await;
-    rig.mark();
-    let mut b = Relay::start(&rig.config);
-    let started = Instant::now();
-    while !b.stderr().contains("streaming") {
-        b.assert_running();
-        assert!(
-            started.elapsed() < STARTUP,
-            "B did not take the slot (A's walsender was {old:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ledger
-        .committed
-        .extend(commit(&rig.pg, &orders(&mut seqs, 10, 4, "after")).await);
-    // B registered the transactional id when it took the slot: A wakes up fenced.
-    signal(&a, "-CONT");
-    let exited = a.wait_exit(Duration::from_secs(60)).await;
-    let said = last_line(&a.stderr());
-    match exited {
-        Some(status) => {
-            assert!(!status.success(), "A exited 0: {said}");
-            assert!(said.contains("fenced"), "A's last line: {said}");
-            assert!(!said.contains('\n'));
-        }
-        None => assert!(
-            a.stderr().contains("standby"),
-            "A neither stopped nor waits as a standby: {said}"
-        ),
-    }
-    println!("first relay after being fenced: {said}");
-    let audit = rig.settle("fenced", 1, &ledger, &mut b).await;
-    audit.assert_exactly_once();
-}
-
-/// Throughput of a backlog drain, exactly-once against at-least-once, on the mock cluster:
+/// Throughput of a backlog drain, exactly-once against at-least-once, on the real broker:
 /// `EOS_BENCH_EVENTS` (200,000) events in transactions of `EOS_BENCH_TXN_ROWS` (10) rows are
 /// committed while the relay is stopped, then a relay is started and timed until the slot is
 /// confirmed past them; its CPU time comes from /proc. Prints a Markdown table; asserts
@@ -837,15 +851,10 @@ async fn throughput_exactly_once_against_at_least_once() {
     ] {
         let pg = Pg::start();
         pg.sql(OUTBOX_DDL).await;
-        let cluster = MockCluster::new(3).expect("mock cluster");
-        cluster.create_topic(TOPIC, 4, 3).expect("create the topic");
-        cluster
-            .create_topic(OFFSETS, 1, 3)
-            .expect("create the offsets topic");
-        let config = format!(
-            "{}{lines}\n",
-            basic_config(&pg.url(), &cluster.bootstrap_servers())
-        );
+        let broker = Broker::start();
+        broker.create_topic(TOPIC, 4).await;
+        broker.create_topic_with(OFFSETS, 1, COMPACTED).await;
+        let config = format!("{}{lines}\n", basic_config(&pg.url(), &broker.bootstrap()));
         // The slot first, then the backlog.
         let mut relay = Relay::start(&config);
         relay.wait_for_slot(&pg, SLOT, STARTUP).await;
@@ -893,10 +902,10 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// The table-less outbox in exactly-once mode: transactional messages count as events of
 /// their transaction, a non-transactional one as a transaction of its own at its LSN; across
-/// a graceful restart and a `kill -9`, each is read once.
+/// a graceful restart and two `kill -9`s, a read_committed consumer reads each once.
 #[tokio::test]
 async fn logical_decoding_messages_are_exactly_once_too() {
-    let mut rig = rig("\n[[message]]\nprefix = \"outbox\"\n").await;
+    let rig = rig("\n[[message]]\nprefix = \"outbox\"\n").await;
     let mut relay = rig.start().await;
     let emit = |id: &str, transactional: bool| {
         format!(
@@ -933,15 +942,10 @@ async fn logical_decoding_messages_are_exactly_once_too() {
             _ => relay.kill9(),
         }
         relay.wait_exit(Duration::from_secs(30)).await;
-        rig.mark();
         relay = rig.start().await;
     }
-    rig.mark();
-    let (data, offsets) = rig.read().await;
-    let view = committed_view(&data, &offsets, &rig.marks);
-    assert!(view.problems.is_empty(), "{:?}", view.problems);
-    let got: Vec<String> = view
-        .committed
+    let data = rig.read_committed(TOPIC, ids.len()).await;
+    let got: Vec<String> = data
         .iter()
         .map(|r| r.header_str("id").unwrap_or_default())
         .collect();
@@ -950,37 +954,14 @@ async fn logical_decoding_messages_are_exactly_once_too() {
     let mut want = ids.clone();
     want.sort();
     assert_eq!(sorted, want, "each message once, and nothing else");
+    let positions = rig.positions().await;
+    let counted: u64 = positions.iter().map(|p| p.records).sum();
+    assert_eq!(counted, got.len() as u64, "positions count the records");
     println!(
         "messages: {} events, {} records read as read_committed, {} Kafka transactions",
         ids.len(),
         got.len(),
-        view.transactions
+        positions.len()
     );
-}
-
-/// Tansu, the real broker of the other tests, has no transactions (it answers ApiVersions
-/// without EndTxn): the relay stops at its first commit with one line saying so.
-#[tokio::test]
-async fn on_tansu_the_relay_stops_with_one_line_naming_the_missing_transactions() {
-    let pg = Pg::start();
-    pg.sql(OUTBOX_DDL).await;
-    let broker = common::Broker::start();
-    for topic in [TOPIC, OFFSETS] {
-        broker.create_topic(topic, 1).await;
-    }
-    let config = format!(
-        "{}delivery = \"exactly-once\"\n",
-        basic_config(&pg.url(), &broker.bootstrap())
-    );
-    let mut relay = Relay::start(&config);
-    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
-    commit(&pg, &orders(&mut Seqs::default(), 3, 2, "x")).await;
-    let said = first_said(&mut relay, |l| {
-        l.contains("WARN outbox_relay") && l.contains("transaction")
-    })
-    .await;
-    println!("on Tansu: {said}");
-    assert!(said.starts_with("exited"), "{said}");
-    assert!(said.contains("does not support transactions"), "{said}");
-    assert!(said.contains("at-least-once"), "{said}");
+    relay.assert_running();
 }

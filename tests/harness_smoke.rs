@@ -1,6 +1,7 @@
 //! Checks the test harness itself, without the relay: PostgreSQL comes up ready for logical
-//! replication (and SCRAM), Tansu accepts topics, producers and consumers, and librdkafka's
-//! `murmur2_random` partitioner, Tansu and our Java-murmur2 model agree on partitions.
+//! replication (and SCRAM), Apache Kafka accepts topics, producers and consumers, and
+//! librdkafka's `murmur2_random` partitioner, Kafka's own Java producer and our Java-murmur2
+//! model agree on partitions.
 
 mod common;
 
@@ -104,7 +105,7 @@ async fn postgres_cluster_is_ready_for_logical_replication() {
 }
 
 #[tokio::test]
-async fn tansu_partitions_keys_like_the_java_client() {
+async fn kafka_partitions_keys_like_the_java_client() {
     let broker = Broker::start();
     broker.create_topic("smoke", 8).await;
     broker.create_topic("smoke-empty", 3).await;
@@ -187,5 +188,33 @@ async fn tansu_partitions_keys_like_the_java_client() {
             .map(|r| r.offset)
             .collect();
         assert_eq!(offsets, (0..offsets.len() as i64).collect::<Vec<_>>());
+    }
+
+    // The same keys through Kafka's own Java producer land on the same partitions.
+    broker.create_topic("smoke-java", 8).await;
+    let java: Vec<(&str, String)> = keys
+        .iter()
+        .filter(|k| !k.is_empty())
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), format!("j{i}")))
+        .collect();
+    let lines: Vec<(&str, &str)> = java.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    broker.produce_java("smoke-java", &lines);
+    let from_java = broker
+        .read_all(&["smoke-java"], java.len(), Duration::from_secs(30))
+        .await;
+    assert_eq!(from_java.len(), java.len(), "{from_java:#?}");
+    for rec in &from_java {
+        let key = rec.key.as_deref().expect("Java record with a key");
+        let ours = recs
+            .iter()
+            .find(|r| r.topic == "smoke" && r.key.as_deref() == Some(key))
+            .expect("the same key from librdkafka");
+        assert_eq!(
+            rec.partition,
+            ours.partition,
+            "key {:?}: Java's producer and librdkafka's murmur2_random disagree",
+            String::from_utf8_lossy(key)
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Lifecycle: the relay as an operator runs it. Metrics and probes on `[metrics] listen`,
 //! SIGTERM and restart, PostgreSQL restarts under a writer, two replicas on one slot, a broker
-//! that dies, and a slot that disappears. Each test starts its own PostgreSQL and Tansu and
+//! that dies, and a slot that disappears. Each test starts its own PostgreSQL and Kafka and
 //! judges the relay by what `/metrics`, `/readyz`, `pg_replication_slots`, the exit status
 //! and a Kafka consumer show.
 //!
@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::checker::{events, Rng};
 use common::{
-    basic_config, check_delivery, free_port, http_get, insert_outbox, last_line, lsn_text, scrape,
-    settle, try_insert_outbox, wait_until, Broker, Delivery, Event, Patience, Pg, Rec, Relay,
-    Scrape, Seqs, OUTBOX_DDL, SLOT,
+    aggregate_of, basic_config, check_delivery, free_port, http_get, insert_outbox, last_line,
+    lsn_text, scrape, settle, try_insert_outbox, wait_until, Broker, Delivery, Event, Patience, Pg,
+    Rec, Relay, Scrape, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 4;
@@ -49,7 +49,7 @@ fn config(pg: &Pg, broker: &Broker, port: u16) -> String {
     )
 }
 
-/// PostgreSQL with the outbox table, Tansu with both topics.
+/// PostgreSQL with the outbox table, Kafka with both topics.
 async fn setup() -> (Pg, Broker) {
     let pg = Pg::start();
     let broker = Broker::start();
@@ -78,14 +78,6 @@ async fn start_with_small_queue(pg: &Pg, broker: &Broker, records: u32) -> (Rela
     relay.wait_for_slot(pg, SLOT, STARTUP).await;
     wait_ready(&mut relay, port, SECONDS, "at start").await;
     (relay, small, port)
-}
-
-fn aggregate_of(key: &str) -> &'static str {
-    if key.starts_with("customer") {
-        "customer"
-    } else {
-        "order"
-    }
 }
 
 /// Polls `GET path` until `want(status, body)` or `timeout`, failing fast if the relay exits.
@@ -1169,7 +1161,7 @@ async fn an_unreachable_broker_keeps_the_slot_and_fails_readiness() {
     relay.assert_running();
 }
 
-/// PostgreSQL with the outbox table; Tansu behind a proxy that can cut it off.
+/// PostgreSQL with the outbox table; Kafka behind a proxy that can cut it off.
 async fn setup_behind_proxy() -> (Pg, Broker, common::CutProxy) {
     let pg = Pg::start();
     let (broker, proxy) = Broker::start_behind_proxy();
@@ -1314,21 +1306,6 @@ async fn publication_comment(pg: &Pg) -> Option<String> {
         .get(0)
 }
 
-/// Waits for the relay to exit on its own; asserts it failed and returns its last line.
-async fn expect_fatal_exit(relay: &mut Relay, timeout: Duration, what: &str) -> String {
-    let status = relay.wait_exit(timeout).await;
-    let stderr = relay.stderr();
-    let status = status
-        .unwrap_or_else(|| panic!("{what}: still running after {timeout:?}; stderr:\n{stderr}"));
-    assert!(
-        !status.success(),
-        "{what}: exit {status}, expected failure; stderr:\n{stderr}"
-    );
-    let line = last_line(&stderr);
-    eprintln!("{what}: {status}; last line: {line}");
-    line
-}
-
 /// Does what a fatal slot message tells the operator (drop the slot, clear the creation
 /// marker: whichever it names), restarts, and asserts that the relay comes up with a fresh
 /// slot; otherwise panics with both messages.
@@ -1379,7 +1356,9 @@ async fn a_slot_dropped_while_stopped_is_refused_until_the_marker_is_cleared() {
         .await;
 
     let (mut relay, _) = start_relay(&pg, &broker);
-    let line = expect_fatal_exit(&mut relay, Duration::from_secs(30), "slot dropped").await;
+    let line = relay
+        .expect_fatal_exit(Duration::from_secs(30), "slot dropped")
+        .await;
     let lower = line.to_lowercase();
     for (what, ok) in [
         (
@@ -1453,7 +1432,9 @@ async fn a_slot_dropped_at_runtime_stops_the_relay() {
     }
     eprintln!("slot dropped after {attempts} attempt(s)");
 
-    let line = expect_fatal_exit(&mut relay, SECONDS, "slot dropped at runtime").await;
+    let line = relay
+        .expect_fatal_exit(SECONDS, "slot dropped at runtime")
+        .await;
     assert!(
         line.contains(SLOT) && line.to_lowercase().contains("slot"),
         "the fatal line does not name the slot: {line:?}"
@@ -1515,7 +1496,7 @@ async fn an_invalidated_slot_is_refused_with_the_lsn_and_a_working_recovery() {
     assert!(lost, "could not get the slot to wal_status = lost");
 
     let (mut relay, _) = start_relay(&pg, &broker);
-    let line = expect_fatal_exit(&mut relay, SECONDS, "slot lost").await;
+    let line = relay.expect_fatal_exit(SECONDS, "slot lost").await;
     let lower = line.to_lowercase();
     for (what, ok) in [
         ("the slot's name", line.contains(SLOT)),

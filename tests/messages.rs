@@ -1,4 +1,4 @@
-//! The table-less outbox, end to end on a real PostgreSQL and Tansu: events emitted with
+//! The table-less outbox, end to end on a real PostgreSQL and Apache Kafka: events emitted with
 //! `pg_logical_emit_message(true, 'outbox', envelope)` become the same records as outbox rows,
 //! alone or mixed with an outbox table (order kept per key), and a malformed envelope stops
 //! the relay without skipping it.

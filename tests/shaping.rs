@@ -1,4 +1,4 @@
-//! Routing and shaping, end to end on a real PostgreSQL and Tansu: a fixed topic, a
+//! Routing and shaping, end to end on a real PostgreSQL and Apache Kafka: a fixed topic, a
 //! `partition_column` choosing partitions, and CloudEvents binary-mode headers, checked on the
 //! records a consumer reads.
 

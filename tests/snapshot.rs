@@ -39,7 +39,7 @@ fn snapshot_config(pg: &Pg, broker: &Broker, extra_postgres: &str, extra_outbox:
 }
 
 /// PostgreSQL with the example outbox table plus a `position` column filled in insert
-/// order (for `snapshot_order_by`), and Tansu with the two topics.
+/// order (for `snapshot_order_by`), and Kafka with the two topics.
 async fn setup() -> (Pg, Broker) {
     let pg = Pg::start();
     let broker = Broker::start();

@@ -2,8 +2,7 @@
 //! SCRAM-SHA-256-PLUS channel binding) and towards Kafka (TLS and SASL through
 //! `[kafka.properties]`), on real servers with certificates made by the test.
 //!
-//! Tansu 0.6.0 cannot serve TLS itself (see `tansu_serves_tls_itself`), so Kafka TLS is
-//! terminated by a small front in the harness (`common::TlsFront`) that Tansu advertises.
+//! The Kafka side runs on Apache Kafka's own SSL and SASL_SSL (SCRAM-SHA-512) listeners.
 
 mod common;
 
@@ -420,30 +419,32 @@ fn kafka_tls(ca: &std::path::Path) -> String {
     )
 }
 
-#[tokio::test]
-async fn relays_to_kafka_over_tls() {
-    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
-    let pg = Pg::start();
-    pg.sql(OUTBOX_DDL).await;
-    let (broker, front) = Broker::start_behind_tls(&pki, false);
-    broker.create_topic(TOPIC, PARTITIONS).await;
-    let before = front.tls_sessions();
-    let config = basic_config(&pg.url(), &broker.bootstrap()) + &kafka_tls(&pki.ca_path());
-    let mut relay = Relay::start(&config);
-    relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+/// `[kafka.properties]` lines for SASL SCRAM-SHA-512 over TLS.
+fn kafka_sasl(ca: &std::path::Path, user: &str, password: &str) -> String {
+    format!(
+        "\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"ssl.ca.location\" = \"{}\"\n\
+         \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"{user}\"\n\
+         \"sasl.password\" = \"{password}\"\n",
+        ca.display()
+    )
+}
 
+/// Twelve events through a relay configured with `config` (the broker's topic exists),
+/// checked as a consumer reading over PLAINTEXT sees them.
+async fn relays_twelve(pg: &Pg, broker: &Broker, config: &str, what: &str) {
+    let mut relay = Relay::start(config);
+    relay.wait_for_slot(pg, SLOT, STARTUP).await;
     let client = pg.client().await;
     let mut seqs = Seqs::default();
     let mut expected = Vec::new();
     for i in 0..12 {
         let key = format!("order-{}", i % 4);
-        expected
-            .extend(insert_outbox(&client, &[seqs.event("order", &key, "Placed", "ktls")]).await);
+        expected.extend(insert_outbox(&client, &[seqs.event("order", &key, "Placed", what)]).await);
     }
     let target = pg.current_wal_lsn().await;
     let (recs, confirmed) = settle(
-        &pg,
-        &broker,
+        pg,
+        broker,
         &mut relay,
         &[TOPIC],
         expected.len(),
@@ -451,79 +452,146 @@ async fn relays_to_kafka_over_tls() {
         PATIENCE,
     )
     .await;
-    check_delivery(&recs, &expected, PARTITIONS).assert_ok("Kafka over TLS");
+    check_delivery(&recs, &expected, PARTITIONS).assert_ok(what);
     confirmed.expect("slot confirmed");
-    // The harness reads in plaintext; only the relay speaks TLS to the front.
+}
+
+/// The broker's SSL listener speaks nothing but TLS, so delivery through it is delivery
+/// over TLS, with the broker's certificate verified against the test CA. Both listeners are
+/// reached through proxies that keep the bytes: the payloads cross the SSL one only as TLS
+/// records, and the same payloads are plainly visible on the PLAINTEXT one, where the
+/// harness reads them back (so the search would find them if they leaked).
+#[tokio::test]
+async fn relays_to_kafka_over_tls() {
+    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
+    let pg = Pg::start();
+    pg.sql(OUTBOX_DDL).await;
+    let (broker, plaintext) = Broker::start_tls_on_a_tapped_wire(&pki);
+    broker.create_topic(TOPIC, PARTITIONS).await;
+    let config = basic_config(&pg.url(), &broker.ssl_bootstrap()) + &kafka_tls(&pki.ca_path());
+    let marker = "kafka-over-tls-wire-marker";
+    relays_twelve(&pg, &broker, &config, marker).await;
+
+    let tls = broker.ssl_proxy().wire();
+    let clear = plaintext.wire();
+    let seen = |wire: &[u8]| wire.windows(marker.len()).any(|w| w == marker.as_bytes());
     assert!(
-        front.tls_sessions() > before,
-        "the relay never completed a TLS handshake with the broker"
+        tls.len() > 4096 && tls[0] == 0x16,
+        "the relay's traffic did not cross the SSL listener as TLS ({} bytes)",
+        tls.len()
+    );
+    assert!(
+        !seen(&tls),
+        "a payload crossed the SSL listener in clear text"
+    );
+    assert!(
+        seen(&clear),
+        "the control failed: payloads not found on the PLAINTEXT wire"
     );
 }
 
+/// `[metrics] listen` on a free port, to ask `/readyz` why the relay is not ready.
+fn with_http(config: String) -> (String, u16) {
+    let port = common::free_port();
+    (
+        format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        port,
+    )
+}
+
+/// Polls `/readyz` until it answers 503 with a body containing `needle`; returns the body.
+async fn readyz_says(port: u16, needle: &str, what: &str) -> String {
+    let mut last = String::new();
+    let said = common::wait_until(EXIT, || {
+        let answer = common::http_get(port, "/readyz");
+        if let Ok((_, body)) = &answer {
+            last = body.clone();
+        }
+        async move { matches!(answer, Ok((503, body)) if body.contains(needle)) }
+    })
+    .await;
+    assert!(
+        said,
+        "{what}: /readyz never answered 503 naming {needle:?}; last: {last:?}"
+    );
+    eprintln!("{what}: /readyz 503 {}", last.trim());
+    last
+}
+
+/// A broker certificate from another CA, or one naming another host: the relay keeps its
+/// slot and says why on `/readyz`, in librdkafka's words (which name `ssl.ca.location`).
 #[tokio::test]
-async fn kafka_tls_refuses_a_broker_certificate_from_another_ca() {
+async fn kafka_tls_refuses_a_wrong_ca_or_host_name_and_says_why() {
     let pki = TestPki::new(&["localhost", "127.0.0.1"]);
     let other = TestPki::new(&["localhost", "127.0.0.1"]);
-    let pg = Pg::start();
-    pg.sql(OUTBOX_DDL).await;
-    let (broker, front) = Broker::start_behind_tls(&pki, false);
-    let config = basic_config(&pg.url(), &broker.bootstrap()) + &kafka_tls(&other.ca_path());
-    let mut relay = Relay::start(&config);
-    let refused = common::wait_until(EXIT, || {
-        let stderr = relay.stderr();
-        async move { stderr.contains("certificate verify failed") }
-    })
-    .await;
-    relay.assert_running();
-    assert!(
-        refused,
-        "no certificate verification failure logged:\n{}",
-        relay.stderr()
-    );
-    assert_eq!(front.tls_sessions(), 0, "a TLS session was established");
+    let elsewhere = TestPki::new(&["kafka.elsewhere.test"]);
+    for (what, server, trusted) in [
+        ("a certificate from another CA", &pki, &other),
+        ("a certificate naming another host", &elsewhere, &elsewhere),
+    ] {
+        let pg = Pg::start();
+        pg.sql(OUTBOX_DDL).await;
+        let broker = Broker::start_tls(server, &[]);
+        broker.create_topic(TOPIC, PARTITIONS).await;
+        let (config, port) = with_http(
+            basic_config(&pg.url(), &broker.ssl_bootstrap()) + &kafka_tls(&trusted.ca_path()),
+        );
+        let mut relay = Relay::start(&config);
+        readyz_says(port, "certificate verify failed", what).await;
+        relay.assert_running();
+        let client = pg.client().await;
+        insert_outbox(
+            &client,
+            &[Seqs::default().event("order", "order-1", "Placed", "x")],
+        )
+        .await;
+        let recs = broker.read_all(&[TOPIC], 1, Duration::from_secs(5)).await;
+        assert!(
+            recs.is_empty(),
+            "{what}: records reached an unverified broker: {recs:?}"
+        );
+    }
 }
 
-/// SASL through `[kafka.properties]`, over TLS. Tansu 0.6.0 cannot take a successful SASL
-/// login here: it offers only SCRAM (its rsasl is built without PLAIN), keeps SCRAM users in
-/// its store, and with `--authentication` refuses the request that creates one from an
-/// unauthenticated client, while the in-memory store is empty at every start. So this shows
-/// that the relay's settings drive a SCRAM exchange with the broker over TLS and that a
-/// refused login is reported without the password; delivery with SASL needs a real broker.
+/// SASL SCRAM-SHA-512 over TLS through `[kafka.properties]`, as on MSK or Confluent: a wrong
+/// password is reported without the password and delivers nothing; the right one delivers.
 #[tokio::test]
-async fn kafka_sasl_scram_runs_over_tls_from_kafka_properties() {
+async fn kafka_sasl_scram_512_over_tls_from_kafka_properties() {
     let pki = TestPki::new(&["localhost", "127.0.0.1"]);
     let pg = Pg::start();
     pg.sql(OUTBOX_DDL).await;
-    let (broker, front) = Broker::start_behind_tls(&pki, true);
     let secret = "Kafka-Secret-7";
-    let config = format!(
-        "{}\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"ssl.ca.location\" = \"{}\"\n\
-         \"sasl.mechanism\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"relay\"\n\"sasl.password\" = \"{secret}\"\n",
-        basic_config(&pg.url(), &broker.bootstrap()),
-        pki.ca_path().display()
+    let broker = Broker::start_tls(&pki, &[("relay", secret)]);
+    broker.create_topic(TOPIC, PARTITIONS).await;
+
+    let wrong = "Not-The-Secret-9";
+    let (config, port) = with_http(
+        basic_config(&pg.url(), &broker.sasl_bootstrap())
+            + &kafka_sasl(&pki.ca_path(), "relay", wrong),
     );
-    let relay = Relay::start(&config);
-    let refused = common::wait_until(EXIT, || {
-        let stderr = relay.stderr();
-        async move { stderr.contains("SASL authentication error") }
-    })
-    .await;
+    let mut relay = Relay::start(&config);
+    let ready = readyz_says(port, "SASL authentication error", "a wrong password").await;
+    let metrics = common::http_get(port, "/metrics").map_or_else(|e| e.to_string(), |(_, b)| b);
+    let check = common::cli(&["check"], &config).await;
+    relay.kill9();
     let stderr = relay.stderr();
-    assert!(refused, "no SASL authentication failure logged:\n{stderr}");
-    assert!(
-        front.tls_sessions() > 0,
-        "the SASL exchange did not run over TLS"
-    );
-    assert!(
-        !stderr.contains(secret),
-        "the SASL password leaked:\n{stderr}"
-    );
-    // What the operator sees, for the record.
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("SASL"))
-        .unwrap_or_default();
-    eprintln!("relay reported: {line}");
+    for (place, text) in [
+        ("stderr", &stderr),
+        ("/readyz", &ready),
+        ("/metrics", &metrics),
+        ("check", &format!("{}{}", check.stdout, check.stderr)),
+    ] {
+        assert!(
+            !text.contains(wrong),
+            "the SASL password leaked in {place}:\n{text}"
+        );
+    }
+    let fail = check.assert_one_fail(&[]);
+    eprintln!("check reported: {fail}");
+
+    let config = basic_config(&pg.url(), &broker.sasl_bootstrap())
+        + &kafka_sasl(&pki.ca_path(), "relay", secret);
+    relays_twelve(&pg, &broker, &config, "SCRAM-SHA-512 over TLS").await;
 }
 
 #[test]
@@ -551,43 +619,4 @@ fn librdkafka_has_tls_and_every_sasl_mechanism_but_gssapi() {
             panic!("{protocol} {mechanism:?}: {e}");
         }
     }
-}
-
-/// Tansu's own TLS listener, which the brief asked to use. In Tansu 0.6.0 it cannot work:
-/// `--cert` and `--key` are declared in one clap group, so giving both is a usage error;
-/// with only one, no TLS config is built; and the broker creates its `TlsAcceptor` as an
-/// unused `_acceptor` and serves every connection as plaintext (the listener URL's scheme is
-/// ignored: only host and port are read). Hence `common::TlsFront`.
-#[test]
-#[ignore = "Tansu 0.6.0 has no working TLS listener: --cert and --key conflict (one clap group) and the TlsAcceptor is never used"]
-fn tansu_serves_tls_itself() {
-    let pki = TestPki::new(&["localhost", "127.0.0.1"]);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, &pki.cert_pem).expect("write cert");
-    std::fs::write(&key, &pki.key_pem).expect("write key");
-    let port = common::free_port();
-    let mut child =
-        std::process::Command::new(std::env::var_os("TANSU").unwrap_or_else(|| "tansu".into()))
-            .args([
-                "broker",
-                "--storage-engine",
-                "memory://tansu/",
-                "--listener-url",
-            ])
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("start tansu");
-    std::thread::sleep(Duration::from_secs(3));
-    let exited = child.try_wait().expect("try_wait");
-    let _ = child.kill();
-    let _ = child.wait();
-    assert_eq!(exited, None, "tansu refused --cert with --key");
 }

@@ -7,6 +7,7 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use super::file::{DeliveryMode, KafkaFile};
+use super::topic;
 
 /// The offsets topic when `[kafka] offsets_topic` is unset.
 pub const DEFAULT_OFFSETS_TOPIC: &str = "outbox-relay-offsets";
@@ -30,8 +31,9 @@ const RESERVED: &[(&str, &str)] = &[
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated.
     pub brokers: String,
-    /// Where a record the producer refuses for good (e.g. larger than `message.max.bytes`)
-    /// goes instead, as a small JSON note; unset, such a record stops the relay.
+    /// Where a record Kafka refuses for good (larger than `message.max.bytes`, an illegal or
+    /// unknown topic: see `kafka::dead_letter`) goes instead, as a small JSON note; unset,
+    /// such a record stops the relay.
     pub dead_letter_topic: Option<String>,
     /// librdkafka properties, passed through verbatim; they override the relay's defaults.
     pub properties: BTreeMap<String, String>,
@@ -92,6 +94,9 @@ impl KafkaConfig {
         } = file;
         if brokers.trim().is_empty() {
             return Err("[kafka] brokers is empty; set it to host:port[,host:port]".into());
+        }
+        if let Some(name) = &dead_letter_topic {
+            topic::check(name).map_err(|e| format!("[kafka] dead_letter_topic: {e}"))?;
         }
         let delivery = match delivery {
             DeliveryMode::AtLeastOnce => {
@@ -161,7 +166,10 @@ impl ExactlyOnceSettings {
                     "[kafka] offsets_topic is empty; leave it unset for {DEFAULT_OFFSETS_TOPIC}"
                 ))
             }
-            Some(topic) => topic,
+            Some(name) => {
+                topic::check(&name).map_err(|e| format!("[kafka] offsets_topic: {e}"))?;
+                name
+            }
         };
         let max_ms = max_ms.unwrap_or(DEFAULT_TRANSACTION_MAX_MS);
         let max_events = NonZeroU64::new(max_events.unwrap_or(DEFAULT_TRANSACTION_MAX_EVENTS));

@@ -7,6 +7,7 @@ mod env;
 pub mod file;
 mod kafka;
 mod sources;
+pub mod topic;
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ pub use kafka::{
     Delivery, ExactlyOnceSettings, KafkaConfig, DEFAULT_OFFSETS_TOPIC,
     DEFAULT_TRANSACTION_MAX_EVENTS, DEFAULT_TRANSACTION_MAX_MS,
 };
-pub use sources::{template_fields, CloudEvents, MessageConfig, OutboxConfig, Source};
+pub use sources::{CloudEvents, MessageConfig, OutboxConfig, Source};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 //! included, so the producer never sees half of them).
 
 use super::file::{MessageFile, OutboxFile};
+use super::topic::Template;
 
 /// `[[outbox]]`: one outbox table and how its rows become records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,30 +80,11 @@ impl CloudEvents {
     }
 }
 
-/// The field names a topic template refers to, in order.
-pub fn template_fields(topic: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = topic;
-    while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else {
-            break;
-        };
-        out.push(&rest[open + 1..open + close]);
-        rest = &rest[open + close + 1..];
-    }
-    out
-}
-
-/// A one-line complaint if a topic template's braces do not pair up or name nothing.
+/// A one-line complaint if a topic template cannot make legal topic names.
 fn check_template(section: &str, topic: &str) -> Result<(), String> {
-    if topic.matches('{').count() != topic.matches('}').count()
-        || template_fields(topic).iter().any(|c| c.is_empty())
-    {
-        return Err(format!(
-            "{section} topic template {topic:?} has unbalanced or empty braces; write e.g. \"outbox.event.{{aggregatetype}}\""
-        ));
-    }
-    Ok(())
+    Template::parse(topic)
+        .map(|_| ())
+        .map_err(|e| format!("{section} {e}"))
 }
 
 impl OutboxConfig {
@@ -181,7 +163,7 @@ impl OutboxConfig {
 
     /// The column names referenced in braces by the topic template.
     pub fn topic_columns(&self) -> Vec<&str> {
-        template_fields(&self.topic)
+        Template::parse(&self.topic).map_or_else(|_| Vec::new(), |t| t.fields().collect())
     }
 
     /// Every column the mapping reads, without repeats.

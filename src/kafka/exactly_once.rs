@@ -167,6 +167,15 @@ impl ExactlyOnce {
                 "exactly-once: {topic} holds no position for transactional id {key}; starting at the slot"
             ),
         }
+        // Retention deletes the position of a relay that wrote nothing for longer than it;
+        // a restart then finds none and resends a PostgreSQL transaction written in part.
+        if let Some(policy) = position::cleanup_policy(&self.kafka, topic).await {
+            if policy.contains("delete") {
+                tracing::warn!(
+                    "{topic} has cleanup.policy={policy}: Kafka deletes the committed position once the relay has written nothing for longer than the topic's retention, and a restart without it resends a PostgreSQL transaction that was written in part; make it compacted: kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact"
+                );
+            }
+        }
         self.started = true;
         Ok(())
     }
@@ -305,11 +314,22 @@ impl ExactlyOnce {
     /// The session ended: abort the open Kafka transaction, so the events it held are sent
     /// again from the committed position.
     pub async fn abandon(&mut self, publisher: &Arc<Publisher>) -> Result<(), TxnError> {
-        self.pg = None;
+        self.forget_uncommitted();
         if self.open.take().is_some() {
             self.abort(publisher).await?;
         }
         Ok(())
+    }
+
+    /// Forgets what was read after the committed position: the next session reads it again.
+    /// Left in place, the end of a PostgreSQL transaction whose events were in the aborted
+    /// Kafka transaction would be confirmed by the next commit (or by a transaction without
+    /// events), before its events are written again: a crash then would lose them.
+    fn forget_uncommitted(&mut self) {
+        self.pg = None;
+        let c = self.committed;
+        self.last_pg = (c.commit_lsn, c.events);
+        self.last_end = c.confirm_lsn;
     }
 
     fn full(&self) -> bool {
@@ -428,14 +448,7 @@ impl ExactlyOnce {
     fn classify(&self, e: &KafkaError, during: &str) -> TxnError {
         let id = &self.settings.transactional_id;
         let code = e.rdkafka_error_code();
-        if matches!(
-            code,
-            Some(
-                RDKafkaErrorCode::Fenced
-                    | RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-            )
-        ) {
+        if crate::kafka::dead_letter::is_fenced(code) {
             return TxnError::Fatal(format!(
                 "fenced: another relay started with transactional_id {id:?} and now owns its transactions; this one stops ({during}: {e})"
             ));
@@ -529,6 +542,35 @@ mod tests {
         e.committed.complete = true;
         e.begin(Lsn(100));
         assert!(e.skips() && e.skips() && e.skips(), "complete: all of it");
+    }
+
+    #[test]
+    fn after_an_abort_the_next_commit_confirms_nothing_that_was_in_it() {
+        let committed = Position {
+            commit_lsn: Lsn(10),
+            events: 1,
+            complete: true,
+            confirm_lsn: Lsn(12),
+            records: 1,
+        };
+        let mut e = driver(committed);
+        // Transactions up to 40 read into a Kafka transaction that is then aborted (the
+        // session ended), the open one at 50 included.
+        e.last_pg = (Lsn(30), 3);
+        e.last_end = Lsn(40);
+        e.begin(Lsn(50));
+        e.sent();
+        e.forget_uncommitted();
+        // The next session reads them again: the one at 30 is written again, in part, and
+        // that Kafka transaction committed (it is full).
+        e.begin(Lsn(30));
+        e.sent();
+        let p = e.reached();
+        assert_eq!(
+            (p.commit_lsn, p.events, p.complete, p.confirm_lsn),
+            (Lsn(30), 1, false, Lsn(12)),
+            "the aborted reads' end (40) is not confirmed"
+        );
     }
 
     #[test]

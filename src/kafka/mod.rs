@@ -1,6 +1,9 @@
-//! Everything that talks to Kafka: the producer and its delivery reports, exactly-once
-//! transactions, and the position they store and read back.
+//! Everything that talks to Kafka: the producer, its delivery reports, what becomes of the
+//! records Kafka refuses (the dead-letter topic), exactly-once transactions, and the position
+//! they store and read back.
 
+pub mod dead_letter;
+mod delivery;
 pub mod exactly_once;
 pub mod position;
 pub mod producer;

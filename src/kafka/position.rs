@@ -8,6 +8,8 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -170,6 +172,24 @@ pub fn windows(low: i64, end: i64, first: i64) -> impl Iterator<Item = Range<i64
         len = len.saturating_mul(2);
         Some(window)
     })
+}
+
+/// The `cleanup.policy` the brokers report for `topic`, or None if they cannot say (no
+/// DescribeConfigs permission, a timeout): a hint for a warning, never a reason to stop.
+pub async fn cleanup_policy(kafka: &KafkaConfig, topic: &str) -> Option<String> {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &kafka.brokers);
+    for (k, v) in &kafka.properties {
+        client.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> = client.create().ok()?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .ok()?;
+    let resource = results.into_iter().next()?.ok()?;
+    resource.get("cleanup.policy")?.value.clone()
 }
 
 /// Reads partition 0 of `topic` back from its end and returns the newest committed position

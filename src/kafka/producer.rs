@@ -1,34 +1,30 @@
-//! The Kafka publisher: an idempotent `acks=all` librdkafka producer whose delivery reports
-//! feed the acknowledgement tracker, carrying only the transaction id per record.
-//!
-//! Delivery reports are served by a task on the relay's own runtime (one thread), woken by
-//! librdkafka when its report queue stops being empty, rather than by a polling thread of
-//! their own: librdkafka frees each message on the thread that serves its report, and a
-//! message freed on the thread that allocated it goes back to that thread's malloc cache,
-//! where the next record's allocation finds it (across threads every one takes the arena's
-//! locked slow path).
+//! The Kafka publisher: an idempotent `acks=all` librdkafka producer, its defaults, and the
+//! hand-over of one record (waiting while its queue is full). Delivery reports feed the
+//! acknowledgement tracker (see `kafka::delivery`); records Kafka refuses for good
+//! are settled, or replaced by a note in `[kafka] dead_letter_topic`, by the publisher's
+//! refusal task (see [`crate::kafka::dead_letter`] for which ones).
 
-use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounter;
-use rdkafka::bindings as rdsys;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::ClientContext;
-use tokio::sync::Notify;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use crate::config::{CloudEvents, KafkaConfig, Source};
+use crate::config::{topic, CloudEvents, KafkaConfig, Source};
 use crate::fxhash::FxHashMap;
+use crate::kafka::dead_letter::{catchable, is_fenced, Refusal, Stage};
+use crate::kafka::delivery::{
+    pack, send_lingering_now, serve_reports, Delivery, ReportQueue, Route, Shared, NO_ROUTE,
+    POSITION_TOKEN,
+};
 use crate::mapping::cloudevents;
 use crate::mapping::record::Record;
 use crate::ops::metrics::{Health, Metrics};
-use crate::pipeline::ack::{AckTracker, DeliveryFailure, InFlight, TxnId};
-use crate::postgres::replication::secs_since;
+use crate::pipeline::ack::{AckTracker, DeliveryFailure, InFlight};
 
 /// Producer settings the relay's promises rest on; `[kafka.properties]` may override them.
 pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -50,28 +46,8 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("message.timeout.ms", "0"),
 ];
 
-/// Why a record could not be handed to the producer; either way its in-flight token comes
-/// back, for the caller to try again, to send a dead letter with, or to drop.
-#[derive(Debug)]
-pub enum SendError<'t> {
-    /// The producer queue is full; wait for acknowledgements and try again.
-    QueueFull(InFlight<'t>),
-    /// The record was refused before it left (e.g. larger than `message.max.bytes`).
-    Refused(InFlight<'t>, DeliveryFailure),
-}
-
-/// The per-record opaque packs the transaction and a route (outbox table and topic), so a
-/// delivery report finds both, and the route's counter, without allocating or hashing.
-const ROUTE_BITS: u32 = 16;
-// The transaction id is shifted into the opaque's upper bits: on a 32-bit target it would
-// wrap after 65,536 transactions and reports would land on the wrong transaction.
-const _: () = assert!(
-    usize::BITS == 64,
-    "the delivery opaque packs txn << 16 into a 64-bit usize"
-);
-const ROUTE_MASK: usize = (1 << ROUTE_BITS) - 1;
-/// Marks a record whose route did not fit in the opaque; its report takes the slow path.
-const NO_ROUTE: usize = ROUTE_MASK;
+/// How long one wait for room in the producer's queue lasts at most before [`Waiting::tick`].
+pub const WAIT_TICK: Duration = Duration::from_millis(100);
 /// Above this many unacknowledged records the relay is busy and `linger.ms` batching pays
 /// for itself; below it a caught-up relay asks librdkafka to send at once.
 const NUDGE_MAX_IN_FLIGHT: u64 = 64;
@@ -80,155 +56,38 @@ const NUDGE_MAX_IN_FLIGHT: u64 = 64;
 const NUDGE_EVERY: Duration = Duration::from_millis(5);
 /// How long a nudge keeps librdkafka's "flushing" state (linger.ms ignored) on.
 const NUDGE_MS: i32 = 2;
-/// `Shared::resume_below` when the relay is not waiting for room in the queue.
-const NOT_WAITING: u64 = u64::MAX;
-/// Delivery reports are also served this often without a wake-up, so a lost one costs a
-/// pause, never a stall (librdkafka's own polling thread waits as long).
-const SERVE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
-/// Report events served per turn before the task yields to the replication loop.
-const SERVE_BURST: usize = 256;
-/// The opaque of an exactly-once position record: not an outbox event, so the tracker never
-/// hears of it; its fate is its transaction's.
-const POSITION_TOKEN: usize = usize::MAX;
 
-/// Routes seen so far: each (outbox table, topic) pair gets a number and a counter.
-#[derive(Default)]
-struct Routes {
-    by_topic: FxHashMap<String, Vec<(Option<usize>, usize)>>,
+/// Why a record could not be handed to the producer; either way its in-flight token comes
+/// back, for the caller to try again, to set the record aside with, or to drop.
+#[derive(Debug)]
+pub enum SendError<'t> {
+    /// The producer queue is full; wait for acknowledgements and try again.
+    QueueFull(InFlight<'t>),
+    /// The record was refused before it left (e.g. larger than `message.max.bytes`, or an
+    /// illegal topic name); [`Publisher::set_aside`] decides what becomes of it.
+    /// Boxed: refusals are rare, and the common `Result` stays small.
+    Refused(InFlight<'t>, Box<Refusal>),
 }
 
-/// What the replication loop and librdkafka's delivery thread share.
-struct Shared {
-    tracker: Arc<AckTracker>,
-    space: Notify,
-    /// Wake the relay once this few records are unacknowledged: waking it for every report
-    /// while the queue is full would cost a context switch per record.
-    resume_below: AtomicU64,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    tables: Vec<String>,
-    /// `events_published_total{table,topic}` by route number.
-    published: RwLock<Vec<IntCounter>>,
-    /// Exactly-once mode: a position record got its delivery report.
-    position: Notify,
+/// What the sender does between two looks at a full producer queue (e.g. keep the
+/// replication connection alive); an error ends the hand-over.
+// The relay runs on one thread, so its futures need no `Send` bound.
+#[allow(async_fn_in_trait)]
+pub trait Waiting {
+    /// The sender's own error.
+    type Error;
+    /// Called after each wait for room in the queue.
+    async fn tick(&mut self) -> Result<(), Self::Error>;
 }
 
-struct Delivery(Arc<Shared>);
+/// The refusal task's waiting: nothing to keep alive, nothing that ends it.
+struct Patient;
 
-impl ClientContext for Delivery {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            // librdkafka calls every experimental property out at each start; for the
-            // relay's own default (gapless) that warning says nothing the operator can act on.
-            RDKafkaLogLevel::Warning
-                if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") =>
-            {
-                tracing::debug!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", "{fac}: {log_message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {log_message}"),
-        }
-    }
+impl Waiting for Patient {
+    type Error = Infallible;
 
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", "{error}: {reason}");
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.0.health.set_broker(false, reason);
-        }
-    }
-}
-
-impl ProducerContext for Delivery {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
-        if token == POSITION_TOKEN {
-            if let Err((err, _)) = result {
-                tracing::debug!("position record not delivered: {err}");
-            }
-            self.0.position.notify_one();
-            return;
-        }
-        let shared = &*self.0;
-        let txn = (token >> ROUTE_BITS) as TxnId;
-        let route = token & ROUTE_MASK;
-        let verdict = match result {
-            Ok(msg) => {
-                let published = shared
-                    .published
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match published.get(route) {
-                    Some(counter) => counter.inc(),
-                    None => shared
-                        .metrics
-                        .events_published
-                        .with_label_values(&["other", msg.topic()])
-                        .inc(),
-                }
-                Ok(())
-            }
-            // An aborted Kafka transaction (exactly-once mode) purges what it held: those
-            // events are sent again from the committed position, not refused.
-            Err((err, _))
-                if matches!(
-                    err.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
-                ) =>
-            {
-                Ok(())
-            }
-            Err((err, msg)) => {
-                let reason = err
-                    .rdkafka_error_code()
-                    .map_or_else(|| err.to_string(), |c| format!("{c:?}"));
-                shared
-                    .metrics
-                    .publish_errors
-                    .with_label_values(&[msg.topic(), &reason])
-                    .inc();
-                Err(DeliveryFailure {
-                    event_id: msg
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_else(|| "?".into()),
-                    topic: msg.topic().to_owned(),
-                    error: err.to_string(),
-                })
-            }
-        };
-        let ok = verdict.is_ok();
-        let done = shared.tracker.delivered(txn, verdict);
-        if let Some(commit_time) = done.commit_time {
-            shared
-                .metrics
-                .commit_to_ack_seconds
-                .observe(secs_since(commit_time));
-        }
-        if ok && shared.health.broker_down() && shared.health.set_broker(true, "") {
-            shared
-                .metrics
-                .reconnects
-                .with_label_values(&["kafka"])
-                .inc();
-        }
-        if done.in_flight <= shared.resume_below.load(Ordering::Acquire)
-            && shared.resume_below.swap(NOT_WAITING, Ordering::AcqRel) != NOT_WAITING
-        {
-            shared.space.notify_one();
-        }
+    async fn tick(&mut self) -> Result<(), Infallible> {
+        Ok(())
     }
 }
 
@@ -246,15 +105,34 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     client
 }
 
-/// Hands records to Kafka; acknowledgements flow to the tracker from the report task.
-pub struct Publisher {
+/// Where refused records go, when `[kafka] dead_letter_topic` is set.
+struct DeadLetters {
+    topic: String,
+    /// Whether refusals reported after sending are caught too (not in exactly-once mode,
+    /// where such a refusal dooms the Kafka transaction the note would be written in).
+    after_send: bool,
+}
+
+/// Route numbers by topic, then by source: `(Record::table, route)`.
+type RouteNumbers = FxHashMap<String, Vec<(Option<usize>, usize)>>;
+
+/// What sends records: the replication loop through [`Publisher`], and the refusal task.
+struct Sender {
     producer: Arc<BaseProducer<Delivery>>,
-    /// Serves delivery reports (see the module docs); stopped when the publisher is dropped.
-    reports: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
-    routes: Mutex<Routes>,
+    routes: Mutex<RouteNumbers>,
     /// Per `Record::table`, the CloudEvents attributes when that source has them on.
     cloudevents: Vec<Option<CloudEvents>>,
+    dead_letters: Option<DeadLetters>,
+}
+
+/// Hands records to Kafka; acknowledgements flow to the tracker from the report task.
+pub struct Publisher {
+    sender: Arc<Sender>,
+    /// Serves delivery reports (see `kafka::delivery`); stopped on drop.
+    reports: tokio::task::JoinHandle<()>,
+    /// Settles refused records or sends their notes; stopped on drop.
+    refusals: tokio::task::JoinHandle<()>,
     /// A nudge is under way on a blocking thread.
     nudging: Arc<AtomicBool>,
     /// When the last nudge started.
@@ -283,28 +161,27 @@ impl Publisher {
                 }
             }
         }
-        let shared = Arc::new(Shared {
-            tracker,
-            space: Notify::new(),
-            resume_below: AtomicU64::new(NOT_WAITING),
-            metrics,
-            health,
-            tables: sources.iter().map(|s| s.name.clone()).collect(),
-            published: RwLock::new(Vec::new()),
-            position: Notify::new(),
-        });
+        let tables = sources.iter().map(|s| s.name.clone()).collect();
+        let shared = Arc::new(Shared::new(tracker, metrics, health, tables));
         let producer: Arc<BaseProducer<Delivery>> =
             Arc::new(client.create_with_context(Delivery(shared.clone()))?);
         let queue = ReportQueue::new(producer.clone()).ok_or_else(|| {
             KafkaError::ClientCreation("librdkafka gave no delivery report queue".into())
         })?;
-        let reports = tokio::spawn(serve_reports(queue));
-        Ok(Publisher {
+        let sender = Arc::new(Sender {
             producer,
-            reports,
             shared,
-            routes: Mutex::new(Routes::default()),
+            routes: Mutex::new(FxHashMap::default()),
             cloudevents: sources.iter().map(|s| s.cloudevents.clone()).collect(),
+            dead_letters: config.dead_letter_topic.as_ref().map(|t| DeadLetters {
+                topic: t.clone(),
+                after_send: config.exactly_once().is_none(),
+            }),
+        });
+        Ok(Publisher {
+            reports: tokio::spawn(serve_reports(queue)),
+            refusals: tokio::spawn(serve_refusals(sender.clone())),
+            sender,
             nudging: Arc::new(AtomicBool::new(false)),
             last_nudge: Mutex::new(Instant::now()),
         })
@@ -315,7 +192,7 @@ impl Publisher {
     /// Under a backlog the socket is never empty, so this never fires and batches stay large;
     /// at low rates it takes `linger.ms` out of every event's commit-to-ack latency.
     pub fn nudge(self: &Arc<Self>) {
-        if self.shared.tracker.in_flight() > NUDGE_MAX_IN_FLIGHT {
+        if self.sender.shared.tracker.in_flight() > NUDGE_MAX_IN_FLIGHT {
             return;
         }
         {
@@ -328,55 +205,11 @@ impl Publisher {
             }
             *last = Instant::now();
         }
-        let this = self.clone();
+        let (sender, nudging) = (self.sender.clone(), self.nudging.clone());
         tokio::task::spawn_blocking(move || {
-            // rd_kafka_flush raises librdkafka's "flushing" flag, which makes the broker
-            // threads treat linger.ms as expired, and wakes them. The flag is lowered when
-            // the call returns, so it must wait (briefly) for the broker thread to run.
-            // SAFETY: the handle is valid while `this` keeps the producer alive, and
-            // rd_kafka_flush may be called from any thread. In the event API mode the
-            // crate uses, it only waits: it does not serve delivery reports here.
-            unsafe {
-                rdkafka::bindings::rd_kafka_flush(this.producer.client().native_ptr(), NUDGE_MS);
-            }
-            this.nudging.store(false, Ordering::Release);
+            send_lingering_now(&sender.producer, NUDGE_MS);
+            nudging.store(false, Ordering::Release);
         });
-    }
-
-    /// The route number of (outbox table `table`, `topic`), made on first use.
-    fn route(&self, table: Option<usize>, topic: &str) -> usize {
-        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(&(_, route)) = routes
-            .by_topic
-            .get(topic)
-            .and_then(|v| v.iter().find(|(t, _)| *t == table))
-        {
-            return route;
-        }
-        let mut published = self
-            .shared
-            .published
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if published.len() >= NO_ROUTE {
-            return NO_ROUTE;
-        }
-        let name = table
-            .and_then(|t| self.shared.tables.get(t))
-            .map_or("other", String::as_str);
-        published.push(
-            self.shared
-                .metrics
-                .events_published
-                .with_label_values(&[name, topic]),
-        );
-        let route = published.len() - 1;
-        routes
-            .by_topic
-            .entry(topic.to_owned())
-            .or_default()
-            .push((table, route));
-        route
     }
 
     /// Hands one record to the producer without waiting; `in_flight` is its count in the
@@ -386,9 +219,137 @@ impl Publisher {
         in_flight: InFlight<'t>,
         record: &Record<'_>,
     ) -> Result<(), SendError<'t>> {
+        self.sender.send(in_flight, record)
+    }
+
+    /// Hands `record` to the producer, waiting while its queue is full (refilled in large
+    /// steps, `waiting` ticking between looks); `Ok(Err(_))` when the record was refused for
+    /// good, its count still held by the token that comes back.
+    pub async fn send_when_room<'t, W: Waiting>(
+        &self,
+        waiting: &mut W,
+        in_flight: InFlight<'t>,
+        record: &Record<'_>,
+    ) -> Result<Result<(), (InFlight<'t>, Box<Refusal>)>, W::Error> {
+        self.sender.send_when_room(waiting, in_flight, record).await
+    }
+
+    /// A record refused before the producer took it: true if `[kafka] dead_letter_topic`
+    /// takes it (its count passes to the note the refusal task sends in its place), else
+    /// false, the tracker has the failure, and the confirmed LSN stays before the record.
+    #[must_use = "false means the record was refused and the relay must stop"]
+    pub fn set_aside(&self, in_flight: InFlight<'_>, refusal: Box<Refusal>) -> bool {
+        if !self.sender.takes(&refusal) {
+            in_flight.refused(self.sender.failure(*refusal));
+            return false;
+        }
+        in_flight.handed_over();
+        self.sender.shared.refusals.push(*refusal);
+        true
+    }
+
+    /// Resolves once at most `in_flight` records are unacknowledged (checked as reports
+    /// arrive), so a full queue is refilled in large steps rather than one record at a time.
+    pub async fn space_below(&self, in_flight: u64) {
+        self.sender.shared.space_below(in_flight).await
+    }
+
+    /// Waits up to `timeout` for every queued record's delivery report and every refused
+    /// record's note; false if some remain.
+    pub async fn flush(self: &Arc<Self>, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let sender = self.sender.clone();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let flushed = tokio::task::spawn_blocking(move || sender.producer.flush(left).is_ok())
+                .await
+                .unwrap_or(false);
+            let refusals = &self.sender.shared.refusals;
+            if !flushed || refusals.pending() == 0 {
+                return flushed;
+            }
+            // A note sent meanwhile is in the producer's queue again: flush once more.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !refusals.idle(left).await {
+                return false;
+            }
+        }
+    }
+
+    /// Asks the brokers for cluster metadata: whether Kafka is reachable right now.
+    pub async fn probe(self: &Arc<Self>, timeout: Duration) -> Result<(), String> {
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            sender
+                .producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    }
+
+    /// Records queued or in flight inside librdkafka, and refused ones awaiting their notes.
+    pub fn queued(&self) -> i32 {
+        let refusals = i32::try_from(self.sender.shared.refusals.pending()).unwrap_or(i32::MAX);
+        self.sender
+            .producer
+            .in_flight_count()
+            .saturating_add(refusals)
+    }
+}
+
+impl Sender {
+    /// The route number of (source `table`, `topic`), made on first use.
+    fn route(&self, table: Option<usize>, topic: &str) -> usize {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&(_, route)) = routes
+            .get(topic)
+            .and_then(|v| v.iter().find(|(t, _)| *t == table))
+        {
+            return route;
+        }
+        let mut numbered = self
+            .shared
+            .routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if numbered.len() >= NO_ROUTE {
+            return NO_ROUTE;
+        }
+        let name = table
+            .and_then(|t| self.shared.tables.get(t))
+            .map_or("other", String::as_str);
+        numbered.push(Route {
+            published: self
+                .shared
+                .metrics
+                .events_published
+                .with_label_values(&[name, topic]),
+            table,
+        });
+        let route = numbered.len() - 1;
+        routes
+            .entry(topic.to_owned())
+            .or_default()
+            .push((table, route));
+        route
+    }
+
+    /// See [`Publisher::send`].
+    fn send<'t>(&self, in_flight: InFlight<'t>, record: &Record<'_>) -> Result<(), SendError<'t>> {
         debug_assert!(in_flight.counts_in(&self.shared.tracker));
         let txn = in_flight.txn();
-        let token = ((txn as usize) << ROUTE_BITS) | self.route(record.table, record.topic);
+        // A name Kafka would refuse costs librdkafka topic.metadata.propagation.max.ms (30 s)
+        // of waiting for a topic that can never exist; refuse it here, at once.
+        if let Err(illegal) = topic::check(record.topic) {
+            let code = Some(RDKafkaErrorCode::InvalidTopic);
+            let refusal = Refusal::local(txn, record, code, illegal.to_string());
+            return Err(SendError::Refused(in_flight, Box::new(refusal)));
+        }
+        let token = pack(txn, self.route(record.table, record.topic));
         let ce = record
             .table
             .and_then(|t| self.cloudevents.get(t))
@@ -425,59 +386,176 @@ impl Publisher {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::QueueFull(in_flight))
             }
-            Err((err, _)) => Err(SendError::Refused(
-                in_flight,
-                DeliveryFailure {
-                    event_id: record.event_id(),
-                    topic: record.topic.to_owned(),
-                    error: err.to_string(),
-                },
-            )),
+            Err((err, _)) => {
+                let refusal =
+                    Refusal::local(txn, record, err.rdkafka_error_code(), err.to_string());
+                Err(SendError::Refused(in_flight, Box::new(refusal)))
+            }
         }
     }
 
-    /// Resolves once at most `in_flight` records are unacknowledged (checked as reports
-    /// arrive), so a full queue is refilled in large steps rather than one record at a time.
-    pub async fn space_below(&self, in_flight: u64) {
-        let notified = self.shared.space.notified();
-        tokio::pin!(notified);
-        // Registered before the check, so a report arriving in between is not missed.
-        notified.as_mut().enable();
-        self.shared.resume_below.store(in_flight, Ordering::Release);
-        if self.shared.tracker.in_flight() <= in_flight {
-            self.shared
-                .resume_below
-                .store(NOT_WAITING, Ordering::Release);
+    /// See [`Publisher::send_when_room`].
+    async fn send_when_room<'t, W: Waiting>(
+        &self,
+        waiting: &mut W,
+        mut in_flight: InFlight<'t>,
+        record: &Record<'_>,
+    ) -> Result<Result<(), (InFlight<'t>, Box<Refusal>)>, W::Error> {
+        loop {
+            match self.send(in_flight, record) {
+                Ok(()) => return Ok(Ok(())),
+                Err(SendError::Refused(back, refusal)) => return Ok(Err((back, refusal))),
+                Err(SendError::QueueFull(back)) => {
+                    in_flight = back;
+                    // Refill in large steps: waking for every acknowledgement would cost a
+                    // context switch per record.
+                    let refill_at = self.shared.tracker.in_flight() / 2;
+                    tokio::select! {
+                        _ = self.shared.space_below(refill_at) => {}
+                        _ = tokio::time::sleep(WAIT_TICK) => {}
+                    }
+                    // An error here drops the token: the record was never sent, so its
+                    // count goes back and a later drain does not wait for it.
+                    waiting.tick().await?;
+                }
+            }
+        }
+    }
+
+    /// Whether the dead-letter topic takes this refusal in the record's place.
+    fn takes(&self, refusal: &Refusal) -> bool {
+        let Some(dead) = &self.dead_letters else {
+            return false;
+        };
+        let failure = refusal.failure();
+        (refusal.stage == Stage::Local || dead.after_send)
+            // A refused note has no place of its own to go.
+            && failure.topic != dead.topic
+            && catchable(refusal.stage, refusal.code)
+    }
+
+    /// The failure the tracker gets for a refusal nothing sets aside, with what the operator
+    /// can do about it.
+    fn failure(&self, refusal: Refusal) -> DeliveryFailure {
+        let mut failure = refusal.failure;
+        match &self.dead_letters {
+            Some(dead) if failure.topic == dead.topic => {
+                failure.error = format!(
+                    "{} (a dead letter: check that dead_letter_topic {} exists and accepts this producer's writes)",
+                    failure.error, dead.topic
+                );
+            }
+            Some(dead)
+                if !dead.after_send
+                    && refusal.stage == Stage::AfterSend
+                    && catchable(refusal.stage, refusal.code) =>
+            {
+                failure.error = format!(
+                    "{}; in exactly-once mode a record refused after sending cannot be set aside (its Kafka transaction must abort): create the topic or fix the row",
+                    failure.error
+                );
+            }
+            None if catchable(refusal.stage, refusal.code) => {
+                failure.error = format!(
+                    "{}; set [kafka] dead_letter_topic to have such records set aside there instead",
+                    failure.error
+                );
+            }
+            _ => {}
+        }
+        failure
+    }
+
+    /// Settles one refused record: purged by an aborted Kafka transaction, it is not refused;
+    /// else its note goes to the dead-letter topic in its place, or the tracker gets the
+    /// failure.
+    async fn judge(&self, refusal: Refusal) {
+        let shared = &self.shared;
+        let fatal = self.producer.client().fatal_error();
+        let purged = matches!(
+            refusal.code,
+            Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+        );
+        if let Some((code, why)) = fatal {
+            // Gapless: the broker refused a record that already had its place in a partition,
+            // and the producer will send nothing more (it purged what it held). Or, in
+            // exactly-once mode, another relay fenced this one: the purged record says so.
+            let mut failure = refusal.failure;
+            failure.fenced |= is_fenced(Some(code));
+            failure.error = format!(
+                "{}; the Kafka producer can no longer send: {why}{}",
+                failure.error,
+                size_hint(refusal.code)
+            );
+            shared.settle(refusal.txn, Err(failure));
             return;
         }
-        notified.await
+        if purged && refusal.stage == Stage::AfterSend {
+            // Exactly-once mode aborted the Kafka transaction: its events are sent again
+            // from the committed position.
+            shared.settle(refusal.txn, Ok(()));
+            return;
+        }
+        let dead = match &self.dead_letters {
+            Some(dead) if self.takes(&refusal) => dead,
+            _ => {
+                shared.settle(refusal.txn, Err(self.failure(refusal)));
+                return;
+            }
+        };
+        let source = refusal
+            .table
+            .and_then(|t| shared.tables.get(t))
+            .map_or("?", String::as_str);
+        let note = refusal.note(source);
+        let letter = refusal.letter(&dead.topic, &note);
+        tracing::warn!(
+            "{}; sent a note to dead_letter_topic {} instead",
+            refusal.failure,
+            dead.topic
+        );
+        let in_flight = shared.tracker.retake(refusal.txn);
+        let sent = self.send_when_room(&mut Patient, in_flight, &letter).await;
+        let Ok(sent) = sent;
+        if let Err((in_flight, again)) = sent {
+            if again.code == Some(RDKafkaErrorCode::State) {
+                // Exactly-once mode: the Kafka transaction was aborted meanwhile. The next
+                // session reads the record again from the committed position, so its note is
+                // put off, not lost; the dropped token keeps the transaction unconfirmed.
+                drop(in_flight);
+                return;
+            }
+            let failure = refusal.failure();
+            in_flight.refused(DeliveryFailure {
+                error: format!(
+                    "{}; its note to dead_letter_topic {} was refused too: {}",
+                    failure.error,
+                    dead.topic,
+                    again.failure().error
+                ),
+                ..failure.clone()
+            });
+        }
     }
+}
 
-    /// Waits up to `timeout` for every queued record's delivery report; false if some remain.
-    pub async fn flush(self: &Arc<Self>, timeout: Duration) -> bool {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.producer.flush(timeout).is_ok())
-            .await
-            .unwrap_or(false)
+/// For a record too large for the broker: how to have such records refused before sending,
+/// where the dead-letter topic can take them.
+fn size_hint(code: Option<RDKafkaErrorCode>) -> &'static str {
+    match code {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge) => {
+            "; set [kafka.properties] message.max.bytes no higher than the topic's max.message.bytes, so that such records are refused before sending (and go to dead_letter_topic when it is set)"
+        }
+        _ => "",
     }
+}
 
-    /// Asks the brokers for cluster metadata: whether Kafka is reachable right now.
-    pub async fn probe(self: &Arc<Self>, timeout: Duration) -> Result<(), String> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            this.producer
-                .client()
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()))
-    }
-
-    /// Records queued or in flight inside librdkafka.
-    pub fn queued(&self) -> i32 {
-        self.producer.in_flight_count()
+/// Serves refused records one at a time, in the order they were refused.
+async fn serve_refusals(sender: Arc<Sender>) {
+    loop {
+        let refusal = sender.shared.refusals.next().await;
+        sender.judge(refusal).await;
+        sender.shared.refusals.done();
     }
 }
 
@@ -490,8 +568,8 @@ impl Publisher {
         self: &Arc<Self>,
         call: impl FnOnce(&BaseProducer<Delivery>) -> Result<(), KafkaError> + Send + 'static,
     ) -> Result<(), KafkaError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || call(&this.producer))
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || call(&sender.producer))
             .await
             .unwrap_or(Err(KafkaError::Canceled))
     }
@@ -503,14 +581,14 @@ impl Publisher {
 
     /// Starts a Kafka transaction (a local step: it waits for no broker).
     pub fn begin_transaction(&self) -> Result<(), KafkaError> {
-        self.producer.begin_transaction()
+        self.sender.producer.begin_transaction()
     }
 
     /// Resolves once a position record got its delivery report, or after `timeout`. Commit
     /// after it: rust-rdkafka's commit first flushes, and a flush that finds a record still
     /// queued polls for at least 100 ms, which would cost every Kafka transaction that much.
     pub async fn position_delivered(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.shared.position.notified()).await;
+        let _ = tokio::time::timeout(timeout, self.sender.shared.position.notified()).await;
     }
 
     /// Commits the open Kafka transaction.
@@ -529,96 +607,14 @@ impl Publisher {
             .partition(0)
             .key(key)
             .payload(value);
-        self.producer.send(record).map_err(|(err, _)| err)
+        self.sender.producer.send(record).map_err(|(err, _)| err)
     }
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
         self.reports.abort();
-    }
-}
-
-/// librdkafka's main queue, where delivery reports and errors arrive, with a wake-up that
-/// fires each time it stops being empty.
-struct ReportQueue {
-    producer: Arc<BaseProducer<Delivery>>,
-    queue: *mut rdsys::rd_kafka_queue_t,
-    /// Boxed so that its address, handed to librdkafka, stays put.
-    wake: Box<tokio::sync::Notify>,
-}
-
-// SAFETY: librdkafka queues may be used from any thread; the pointer is only read.
-unsafe impl Send for ReportQueue {}
-
-impl ReportQueue {
-    /// None if librdkafka has no queue to give (it only fails to allocate one).
-    fn new(producer: Arc<BaseProducer<Delivery>>) -> Option<Self> {
-        // SAFETY: the handle is valid while `producer` lives, which outlives this queue
-        // reference (dropped first, in `Drop`).
-        let queue = unsafe { rdsys::rd_kafka_queue_get_main(producer.client().native_ptr()) };
-        if queue.is_null() {
-            return None;
-        }
-        let wake = Box::new(tokio::sync::Notify::new());
-        // SAFETY: a live queue; the callback's opaque is `wake`, which stays allocated until
-        // the callback is switched off in `Drop`.
-        unsafe {
-            rdsys::rd_kafka_queue_cb_event_enable(
-                queue,
-                Some(reports_ready),
-                &*wake as *const tokio::sync::Notify as *mut c_void,
-            );
-        }
-        Some(ReportQueue {
-            producer,
-            queue,
-            wake,
-        })
-    }
-
-    fn len(&self) -> usize {
-        // SAFETY: a live queue reference (see `new`).
-        unsafe { rdsys::rd_kafka_queue_length(self.queue) }
-    }
-}
-
-impl Drop for ReportQueue {
-    fn drop(&mut self) {
-        // SAFETY: switches the callback off before `wake` is freed (librdkafka calls it under
-        // the queue's lock, which this takes too), then drops the reference taken in `new`.
-        unsafe {
-            rdsys::rd_kafka_queue_cb_event_enable(self.queue, None, std::ptr::null_mut());
-            rdsys::rd_kafka_queue_destroy(self.queue);
-        }
-    }
-}
-
-/// Called by librdkafka (on its own threads) when the report queue gets its first event.
-unsafe extern "C" fn reports_ready(_rk: *mut rdsys::rd_kafka_t, opaque: *mut c_void) {
-    // SAFETY: `opaque` is the `Notify` of a live `ReportQueue` (see `ReportQueue::new`).
-    let wake = unsafe { &*(opaque as *const tokio::sync::Notify) };
-    wake.notify_one();
-}
-
-/// Serves delivery reports (and librdkafka's error events) as they arrive.
-async fn serve_reports(queue: ReportQueue) {
-    loop {
-        // A wake-up that came meanwhile is kept by `Notify`, so none is lost between the
-        // last look at the queue and this wait; the timeout is a safety net only.
-        let _ = tokio::time::timeout(SERVE_AT_LEAST_EVERY, queue.wake.notified()).await;
-        loop {
-            let mut served = 0;
-            while served < SERVE_BURST && queue.len() > 0 {
-                queue.producer.poll(Duration::ZERO);
-                served += 1;
-            }
-            if served < SERVE_BURST {
-                break;
-            }
-            // Under a flood of reports, let the replication loop have its turn too.
-            tokio::task::yield_now().await;
-        }
+        self.refusals.abort();
     }
 }
 

@@ -6,13 +6,15 @@
 //! string's contents, like a text column), headers `id` and `type`. Only the envelope's top
 //! level is looked at; the payload's JSON is passed through, not parsed into values.
 
+use std::convert::Infallible;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::config::topic::Template;
 use crate::config::MessageConfig;
-use crate::mapping::outbox::{parse_topic, render_topic, TopicPart};
+use crate::mapping::outbox::{render_topic, resolve_topic, TopicPart};
 use crate::mapping::record::Record;
 
 /// Envelope fields with a fixed role, in slot order.
@@ -112,8 +114,16 @@ impl MessageMapper {
                         fields.len() - 1
                     })
                 };
-                let topic =
-                    parse_topic(&m.topic, |name| Ok::<_, ()>(slot_of(name))).unwrap_or_default();
+                // Validated with the config; an unusable one renders the empty name, which
+                // the producer refuses as illegal.
+                let topic = match Template::parse(&m.topic) {
+                    Ok(template) => {
+                        let Ok(parts) =
+                            resolve_topic(&template, |name| Ok::<_, Infallible>(slot_of(name)));
+                        parts
+                    }
+                    Err(_) => Vec::new(),
+                };
                 let headers = m
                     .header_fields
                     .iter()

@@ -4,6 +4,7 @@
 //! A plan is built once per Relation message (column positions, which are bytea, the parsed
 //! topic template), so the per-row path only picks values out of the tuple.
 
+use crate::config::topic::{Piece, Template, TemplateError};
 use crate::config::OutboxConfig;
 use crate::fxhash::FxHashMap;
 use crate::mapping::record::Record;
@@ -79,9 +80,12 @@ pub enum MappingError {
     /// The row's bytes were malformed.
     #[error("malformed row: {0}")]
     Decode(#[from] DecodeError),
+    /// The topic template is unusable (the config's validation rejects it first).
+    #[error("[[outbox]] {0}")]
+    Template(#[from] TemplateError),
 }
 
-/// A piece of a parsed topic template.
+/// A piece of a topic template resolved to where the mapper puts each field's value.
 #[derive(Debug, Clone)]
 pub(crate) enum TopicPart {
     Literal(String),
@@ -92,33 +96,27 @@ pub(crate) enum TopicPart {
     },
 }
 
-/// Parses a topic template; `slot_of` gives the slot of each name in braces.
-pub(crate) fn parse_topic<E>(
-    template: &str,
+/// Resolves a parsed topic template; `slot_of` gives the slot of each name in braces.
+pub(crate) fn resolve_topic<E>(
+    template: &Template<'_>,
     mut slot_of: impl FnMut(&str) -> Result<usize, E>,
 ) -> Result<Vec<TopicPart>, E> {
-    let mut topic = Vec::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let close = rest[open..].find('}').map(|i| open + i);
-        let Some(close) = close else { break };
-        if open > 0 {
-            topic.push(TopicPart::Literal(rest[..open].to_owned()));
-        }
-        let name = &rest[open + 1..close];
-        topic.push(TopicPart::Column {
-            slot: slot_of(name)?,
-            name: name.to_owned(),
-        });
-        rest = &rest[close + 1..];
-    }
-    if !rest.is_empty() {
-        topic.push(TopicPart::Literal(rest.to_owned()));
-    }
-    Ok(topic)
+    template
+        .pieces()
+        .iter()
+        .map(|piece| match *piece {
+            Piece::Literal(s) => Ok(TopicPart::Literal(s.to_owned())),
+            Piece::Field(name) => Ok(TopicPart::Column {
+                slot: slot_of(name)?,
+                name: name.to_owned(),
+            }),
+        })
+        .collect()
 }
 
 /// Writes the topic into `out`; `Err` names a field whose value is NULL (no topic then).
+/// Whether Kafka accepts the name is checked where every record passes, in the producer, so
+/// that a refused name can be set aside like any refused record.
 pub(crate) fn render_topic<'p, 'v>(
     parts: &'p [TopicPart],
     out: &mut String,
@@ -449,7 +447,8 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         [id.slot, key.slot, kind.slot, payload.slot],
         [ID_SLOT, KEY_SLOT, KIND_SLOT, PAYLOAD_SLOT]
     );
-    let topic = parse_topic(&c.topic, |name| find(name, "topic").map(|col| col.slot))?;
+    let template = Template::parse(&c.topic)?;
+    let topic = resolve_topic(&template, |name| find(name, "topic").map(|col| col.slot))?;
     let headers = c
         .header_columns
         .iter()

@@ -18,6 +18,7 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use tokio_postgres::Client;
 
+use crate::config::topic::Template;
 use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig, PostgresConfig};
 use crate::pipeline::setup::{self, SetupError};
 use crate::postgres::catalog::{self, Publication, ServerProblem, SlotRoom, SlotVerdict};
@@ -832,8 +833,16 @@ async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[Ou
             continue;
         }
         seen.push(template);
-        match template.find('{') {
-            None => match cluster.topics.iter().find(|t| t.name == template) {
+        // Config::load has parsed every template already; this cannot fail.
+        let parsed = match Template::parse(template) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                report.fail(format!("[[outbox]] {}: {e}", table.table));
+                continue;
+            }
+        };
+        match parsed.fixed() {
+            Some(template) => match cluster.topics.iter().find(|t| t.name == template) {
                 Some(t) if t.error.is_none() && t.partitions > 0 => report.ok(format!(
                     "topic {template} exists ({} partition(s))",
                     t.partitions
@@ -847,8 +856,8 @@ async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[Ou
                     table.table
                 )),
             },
-            Some(open) => {
-                let prefix = &template[..open];
+            None => {
+                let prefix = parsed.prefix();
                 let mut matching: Vec<&str> = cluster
                     .topics
                     .iter()

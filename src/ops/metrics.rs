@@ -198,6 +198,9 @@ pub struct Health {
     broker_down: AtomicBool,
     not_streaming_reason: Mutex<String>,
     broker_reason: Mutex<String>,
+    /// The last TLS or authentication failure towards the brokers: why they are unreachable
+    /// when a probe only sees a timeout. Cleared when a broker answers.
+    transport_error: Mutex<Option<String>>,
     stalled: Mutex<Option<String>>,
 }
 
@@ -220,11 +223,19 @@ impl Health {
 
     /// Whether the broker answered recently; true when it just came back.
     pub fn set_broker(&self, reachable: bool, reason: impl Into<String>) -> bool {
-        if !reachable {
+        if reachable {
+            *lock(&self.transport_error) = None;
+        } else {
             *lock(&self.broker_reason) = reason.into();
         }
         let was_down = self.broker_down.swap(!reachable, Ordering::Relaxed);
         reachable && was_down
+    }
+
+    /// A TLS handshake or SASL authentication with a broker failed, and why (librdkafka's
+    /// words, which name the setting to fix): reported by `/readyz` while Kafka is unreachable.
+    pub fn set_transport_error(&self, reason: impl Into<String>) {
+        *lock(&self.transport_error) = Some(reason.into());
     }
 
     /// `Some(why)` when acknowledgements stopped progressing.
@@ -241,7 +252,10 @@ impl Health {
             ));
         }
         if self.broker_down.load(Ordering::Relaxed) {
-            return Err(format!("Kafka unreachable: {}", lock(&self.broker_reason)));
+            return Err(match lock(&self.transport_error).as_ref() {
+                Some(why) => format!("Kafka unreachable: {why}"),
+                None => format!("Kafka unreachable: {}", lock(&self.broker_reason)),
+            });
         }
         if let Some(why) = lock(&self.stalled).as_ref() {
             return Err(format!("stalled: {why}"));
@@ -296,6 +310,15 @@ mod tests {
         );
         h.set_streaming();
         assert_eq!(h.readiness(), Ok(()));
+        h.set_broker(false, "all brokers down");
+        assert!(h.readiness().unwrap_err().contains("all brokers down"));
+        h.set_transport_error("SSL handshake failed: certificate verify failed");
+        h.set_broker(false, "Meta data fetch error: OperationTimedOut");
+        assert_eq!(
+            h.readiness(),
+            Err("Kafka unreachable: SSL handshake failed: certificate verify failed".into())
+        );
+        h.set_broker(true, "");
         h.set_broker(false, "all brokers down");
         assert!(h.readiness().unwrap_err().contains("all brokers down"));
         h.set_broker(true, "");

@@ -24,6 +24,9 @@ pub struct DeliveryFailure {
     pub topic: String,
     /// What the broker or client said.
     pub error: String,
+    /// Refused because a newer producer took the transactional id (exactly-once mode): not
+    /// the record's fault, and no restart of this relay helps.
+    pub fenced: bool,
 }
 
 impl std::fmt::Display for DeliveryFailure {
@@ -55,6 +58,8 @@ pub struct Progress {
 pub struct InFlight<'t> {
     tracker: &'t AckTracker,
     txn: TxnId,
+    /// Made by [`AckTracker::retake`]: dropped unsent, it fails its transaction quietly.
+    retaken: bool,
 }
 
 impl<'t> InFlight<'t> {
@@ -63,7 +68,8 @@ impl<'t> InFlight<'t> {
         self.txn
     }
 
-    /// The producer took the record: its delivery report settles the count from now on.
+    /// The producer took the record (or, refused, the dead-letter queue took it): whoever
+    /// took it settles the count from now on.
     pub fn handed_over(self) -> TxnId {
         let txn = self.txn;
         std::mem::forget(self);
@@ -86,7 +92,11 @@ impl<'t> InFlight<'t> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.tracker.not_sent(self.txn);
+        if self.retaken {
+            self.tracker.abandoned(self.txn);
+        } else {
+            self.tracker.not_sent(self.txn);
+        }
     }
 }
 
@@ -211,7 +221,37 @@ impl AckTracker {
             t.since.get_or_insert_with(Instant::now);
         }
         s.in_flight += 1;
-        InFlight { tracker: self, txn }
+        InFlight {
+            tracker: self,
+            txn,
+            retaken: false,
+        }
+    }
+
+    /// The count of a record of `txn` that was refused for good and handed over (to the
+    /// dead-letter queue) instead of being settled, as a token again, for the note sent in
+    /// the record's place. Unlike a fresh token, dropping it unsent does not simply give the
+    /// count back: the refused record is then neither in Kafka nor set aside, and its
+    /// transaction may already have its Commit, so the transaction is marked failed instead
+    /// (without a reported failure: such a token is dropped unsent only when the producer
+    /// itself goes away, and the next start reads the transaction again from the slot).
+    pub fn retake(&self, txn: TxnId) -> InFlight<'_> {
+        InFlight {
+            tracker: self,
+            txn,
+            retaken: true,
+        }
+    }
+
+    /// A token from [`AckTracker::retake`] was dropped unsent.
+    fn abandoned(&self, txn: TxnId) {
+        let mut s = self.lock();
+        debug_assert!(s.in_flight > 0, "a retaken record that was never counted");
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if let Some(t) = s.get_mut(txn) {
+            t.pending = t.pending.saturating_sub(1);
+            t.failed = true;
+        }
     }
 
     /// A record counted by [`AckTracker::sending`] never reached the producer.
@@ -385,6 +425,7 @@ mod tests {
             event_id: "e1".into(),
             topic: "t".into(),
             error: "MessageSizeTooLarge".into(),
+            fenced: false,
         }
     }
 
@@ -548,6 +589,37 @@ mod tests {
         assert_eq!(
             (p.confirmed, p.failure.as_deref()),
             (Lsn(0), Some(&failure()))
+        );
+    }
+
+    #[test]
+    fn a_retaken_record_confirms_once_acked_and_never_if_dropped_unsent() {
+        let (t, rx) = AckTracker::new(Lsn(0));
+        let a = t.begin(0);
+        // Refused after sending: the report hands the count over instead of settling it.
+        t.sending(a).handed_over();
+        t.commit(a, Lsn(10));
+        t.retake(a).handed_over();
+        assert_eq!(rx.borrow().confirmed, Lsn(0), "the note is not acked yet");
+        t.delivered(a, Ok(()));
+        assert_eq!(rx.borrow().confirmed, Lsn(10));
+
+        let b = t.begin(0);
+        t.sending(b).handed_over();
+        t.commit(b, Lsn(20));
+        drop(t.retake(b));
+        assert_eq!(t.in_flight(), 0, "a drain does not wait for it");
+        let c = t.begin(0);
+        t.commit(c, Lsn(30));
+        let p = rx.borrow().clone();
+        assert_eq!((p.confirmed, p.failure), (Lsn(10), None));
+        t.reset_open();
+        let d = t.begin(0);
+        t.commit(d, Lsn(40));
+        assert_eq!(
+            rx.borrow().confirmed,
+            Lsn(40),
+            "the next session starts afresh"
         );
     }
 

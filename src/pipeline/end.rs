@@ -68,9 +68,48 @@ pub(super) fn txn_end(
 /// The fatal error for a refused record, if one was reported.
 pub(super) fn failed(progress: &watch::Receiver<Progress>, confirmed: Lsn) -> anyhow::Result<()> {
     if let Some(f) = &progress.borrow().failure {
+        if f.fenced {
+            // Restarting this relay would not help: the other one owns the transactions now.
+            return Err(anyhow!(
+                "fenced: another relay started with this [kafka] transactional_id and now owns its transactions; this one stops ({f})"
+            ));
+        }
         return Err(anyhow!(
             "{f}; the slot stays before this event (confirmed {confirmed}); fix the cause and restart"
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::pipeline::ack::DeliveryFailure;
+
+    fn refused(fenced: bool) -> String {
+        let failure = DeliveryFailure {
+            event_id: "e1".into(),
+            topic: "t".into(),
+            error: "InvalidProducerEpoch".into(),
+            fenced,
+        };
+        let (_tx, rx) = watch::channel(Progress {
+            confirmed: Lsn(0),
+            failure: Some(Arc::new(failure)),
+        });
+        failed(&rx, Lsn(0)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_record_refused_because_the_producer_was_fenced_says_so() {
+        let said = refused(true);
+        assert!(
+            said.starts_with("fenced:") && said.contains("transactional_id"),
+            "{said}"
+        );
+        assert!(!said.contains("restart"), "{said}");
+        assert!(refused(false).contains("fix the cause and restart"));
+    }
 }

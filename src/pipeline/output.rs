@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::{Config, Source};
+use crate::config::Config;
 use crate::kafka::exactly_once::ExactlyOnce;
 use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
@@ -26,8 +26,6 @@ use crate::postgres::replication::{ReplicationError, ReplicationStream};
 /// Where decoded events go, and what comes back from there.
 pub(super) struct Output<'c> {
     pub(super) config: &'c Config,
-    /// Every source's name and CloudEvents attributes, by `Record::table`.
-    pub(super) sources: Vec<Source>,
     pub(super) tracker: Arc<AckTracker>,
     pub(super) publisher: Arc<Publisher>,
     pub(super) progress: watch::Receiver<Progress>,
@@ -117,8 +115,6 @@ impl Output<'_> {
             publisher: &self.publisher,
             tracker: &self.tracker,
             metrics: &self.metrics,
-            config: self.config,
-            sources: &self.sources,
         };
         let mut waiting = KeepAlive {
             stream,

@@ -96,7 +96,6 @@ pub async fn run(
                 };
                 let snapshot = Snapshot {
                     config: &config,
-                    sources: &sources,
                     endpoint: &endpoint,
                     publisher,
                     tracker: &tracker,
@@ -180,7 +179,6 @@ pub async fn run(
         idle_end: confirmed,
         out: Output {
             config: &config,
-            sources,
             tracker,
             publisher,
             progress,

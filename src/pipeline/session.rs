@@ -378,6 +378,11 @@ impl Session<'_> {
 
     /// Exactly-once mode, the session ended: abort the open Kafka transaction.
     pub(super) async fn abandon(&mut self) -> anyhow::Result<()> {
+        if self.out.eos.is_some() {
+            // A WAL end seen while that Kafka transaction was open lies past its events; with
+            // it aborted, the next session's first tick must not confirm it.
+            self.idle_end = self.out.tracker.confirmed();
+        }
         self.out.abandon().await
     }
 

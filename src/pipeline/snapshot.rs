@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::config::{Config, OutboxConfig, Source};
+use crate::config::{Config, OutboxConfig};
 use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
 use crate::mapping::outbox::OutboxMapper;
@@ -61,8 +61,6 @@ pub enum SnapshotError {
 pub struct Snapshot<'c> {
     /// The configuration.
     pub config: &'c Config,
-    /// Every source's name, for dead letters.
-    pub sources: &'c [Source],
     /// Where PostgreSQL is.
     pub endpoint: &'c PgEndpoint,
     /// The producer the stream will use too, so snapshot records precede streamed ones.
@@ -289,8 +287,6 @@ impl Snapshot<'_> {
             publisher: self.publisher,
             tracker: self.tracker,
             metrics: self.metrics,
-            config: self.config,
-            sources: self.sources,
         };
         let counter = self
             .metrics

@@ -93,7 +93,7 @@ impl Rng {
     }
 }
 
-/// PostgreSQL with the outbox table and Tansu with `topics` of `partitions` partitions.
+/// PostgreSQL with the outbox table and Kafka with `topics` of `partitions` partitions.
 pub async fn setup(topics: &[&str], partitions: i32) -> (Pg, Broker) {
     let pg = Pg::start();
     let broker = Broker::start();
@@ -195,7 +195,36 @@ pub struct Ledger {
     pub failed_connects: usize,
 }
 
+/// A ledger with its events in doubt looked up in the outbox table.
+pub struct Resolved<'a> {
+    /// Committed events, the in-doubt ones found in the table after them.
+    pub committed: Vec<Event>,
+    /// The ids of events that never committed, the in-doubt ones not in the table included.
+    pub never: HashSet<&'a str>,
+    /// How many in-doubt events had in fact committed.
+    pub maybe_committed: usize,
+}
+
 impl Ledger {
+    /// Sorts the events whose COMMIT was in doubt by whether `in_table` (see [`outbox_ids`])
+    /// holds them.
+    pub fn resolve(&self, in_table: &HashSet<String>) -> Resolved<'_> {
+        let mut resolved = Resolved {
+            committed: self.committed.clone(),
+            never: self.never_committed.iter().map(|e| e.id.as_str()).collect(),
+            maybe_committed: 0,
+        };
+        for e in &self.maybe {
+            if in_table.contains(&e.id) {
+                resolved.committed.push(e.clone());
+                resolved.maybe_committed += 1;
+            } else {
+                resolved.never.insert(&e.id);
+            }
+        }
+        resolved
+    }
+
     /// Inserts `rows` in one transaction on `client` and commits it (or rolls it back if
     /// `rollback`); records and returns the outcome. Never panics on database errors.
     pub async fn transact(
@@ -417,8 +446,8 @@ impl Check<'_> {
             ..Report::default()
         };
         let in_table = self.outbox_ids().await;
-        let mut committed = ledger.committed.clone();
-        let missing_in_table = committed
+        let missing_in_table = ledger
+            .committed
             .iter()
             .filter(|e| !in_table.contains(&e.id))
             .count();
@@ -428,15 +457,12 @@ impl Check<'_> {
                  (a harness problem, not the relay's)"
             ));
         }
-        let mut never: Vec<&Event> = ledger.never_committed.iter().collect();
-        for e in &ledger.maybe {
-            if in_table.contains(&e.id) {
-                committed.push(e.clone());
-                report.maybe_committed += 1;
-            } else {
-                never.push(e);
-            }
-        }
+        let Resolved {
+            committed,
+            never,
+            maybe_committed,
+        } = ledger.resolve(&in_table);
+        report.maybe_committed = maybe_committed;
         report.committed = committed.len();
         report.never_committed = never.len();
 
@@ -479,8 +505,7 @@ impl Check<'_> {
             alive();
         };
 
-        let never_ids: HashSet<&str> = never.iter().map(|e| e.id.as_str()).collect();
-        tally(&mut report, &recs, &committed, &never_ids);
+        tally(&mut report, &recs, &committed, &never);
         // Content, headers and partitioning of every record (and the same loss/order
         // findings again, as lines naming the records).
         let delivery = check_delivery(&recs, &committed, self.partitions);
