@@ -184,6 +184,26 @@ async fn check_requires_fixed_topics_to_exist() {
     out.assert_one_fail(&["topic no-such-topic"]);
 }
 
+#[tokio::test]
+async fn check_requires_a_message_prefix_fixed_topic_to_exist() {
+    let (pg, broker) = good_setup().await;
+    broker.create_topic("orders", 3).await;
+    let config = format!(
+        "[postgres]\nurl = \"{}\"\n\n\
+         [[outbox]]\ntable = \"public.outbox\"\ntopic = \"orders\"\n\n\
+         [[message]]\nprefix = \"billing\"\ntopic = \"no-such-billing-topic\"\n\n\
+         [kafka]\nbrokers = \"{}\"\n",
+        pg.url(),
+        broker.bootstrap()
+    );
+    let out = check(&config).await;
+    out.assert_one_fail(&[
+        "topic no-such-billing-topic",
+        "does not exist",
+        "[[message]] prefix \"billing\"",
+    ]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // check: bad setups, one FAIL line each
 // ---------------------------------------------------------------------------------------------

@@ -291,6 +291,16 @@ impl Publisher {
         .unwrap_or_else(|e| Err(e.to_string()))
     }
 
+    /// The topics records have been sent to so far.
+    pub fn topics(&self) -> Vec<String> {
+        let routes = self
+            .sender
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        routes.keys().cloned().collect()
+    }
+
     /// Records queued or in flight inside librdkafka, and refused ones awaiting their notes.
     pub fn queued(&self) -> i32 {
         let refusals = i32::try_from(self.sender.shared.refusals.pending()).unwrap_or(i32::MAX);
@@ -435,9 +445,20 @@ impl Sender {
     }
 
     /// The failure the tracker gets for a refusal nothing sets aside, with what the operator
-    /// can do about it.
+    /// can do about it. A producer with a fatal error refuses every record with librdkafka's
+    /// bare "Fatal error", at `send` as in its reports: the cause (e.g. fenced by another
+    /// relay) is the producer's, so it is asked.
     fn failure(&self, refusal: Refusal) -> DeliveryFailure {
         let mut failure = refusal.failure;
+        if let Some((code, why)) = self.producer.client().fatal_error() {
+            failure.fenced |= is_fenced(Some(code));
+            failure.error = format!(
+                "{}; the Kafka producer can no longer send: {why}{}",
+                failure.error,
+                size_hint(refusal.code)
+            );
+            return failure;
+        }
         match &self.dead_letters {
             Some(dead) if failure.topic == dead.topic => {
                 failure.error = format!(
@@ -471,23 +492,16 @@ impl Sender {
     /// failure.
     async fn judge(&self, refusal: Refusal) {
         let shared = &self.shared;
-        let fatal = self.producer.client().fatal_error();
         let purged = matches!(
             refusal.code,
             Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
         );
-        if let Some((code, why)) = fatal {
+        if self.producer.client().fatal_error().is_some() {
             // Gapless: the broker refused a record that already had its place in a partition,
             // and the producer will send nothing more (it purged what it held). Or, in
             // exactly-once mode, another relay fenced this one: the purged record says so.
-            let mut failure = refusal.failure;
-            failure.fenced |= is_fenced(Some(code));
-            failure.error = format!(
-                "{}; the Kafka producer can no longer send: {why}{}",
-                failure.error,
-                size_hint(refusal.code)
-            );
-            shared.settle(refusal.txn, Err(failure));
+            let txn = refusal.txn;
+            shared.settle(txn, Err(self.failure(refusal)));
             return;
         }
         if purged && refusal.stage == Stage::AfterSend {

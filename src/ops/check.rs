@@ -142,7 +142,18 @@ pub async fn run(path: &Path, emit: &mut dyn FnMut(&CheckLine)) -> bool {
             report.skip("PostgreSQL checks: [postgres] url must be usable first".into());
         }
     }
-    kafka_checks(&mut report, &config.kafka, &config.outbox).await;
+    let destinations: Vec<(String, &str)> = config
+        .outbox
+        .iter()
+        .map(|o| (o.table.to_string(), o.topic.as_str()))
+        .chain(config.message.iter().map(|m| {
+            (
+                format!("[[message]] prefix {:?}", m.prefix),
+                m.topic.as_str(),
+            )
+        }))
+        .collect();
+    kafka_checks(&mut report, &config.kafka, &destinations).await;
     report.failures == 0
 }
 
@@ -792,7 +803,13 @@ fn fetch_cluster(kafka: &KafkaConfig, timeout: Duration) -> Result<ClusterInfo, 
     }
 }
 
-async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[OutboxConfig]) {
+/// Kafka's reachability, then each destination's topic: `(source, topic template)` for every
+/// `[[outbox]]` table and `[[message]]` prefix.
+async fn kafka_checks(
+    report: &mut Report<'_>,
+    kafka: &KafkaConfig,
+    destinations: &[(String, &str)],
+) {
     let timeout = metadata_timeout(kafka);
     let owned = kafka.clone();
     // librdkafka's metadata call blocks; keep it off the runtime's only thread.
@@ -827,8 +844,8 @@ async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[Ou
     ));
 
     let mut seen: Vec<&str> = Vec::new();
-    for table in outbox {
-        let template = table.topic.as_str();
+    for (source, template) in destinations {
+        let template = *template;
         if seen.contains(&template) {
             continue;
         }
@@ -837,7 +854,7 @@ async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[Ou
         let parsed = match Template::parse(template) {
             Ok(parsed) => parsed,
             Err(e) => {
-                report.fail(format!("[[outbox]] {}: {e}", table.table));
+                report.fail(format!("{source}: {e}"));
                 continue;
             }
         };
@@ -852,8 +869,7 @@ async fn kafka_checks(report: &mut Report<'_>, kafka: &KafkaConfig, outbox: &[Ou
                     t.error.as_deref().unwrap_or("no partitions")
                 )),
                 None => report.fail(format!(
-                    "topic {template} (for {}) does not exist; create it with the partition count you want (kafka-topics.sh --create --topic {template}); a broker with auto.create.topics.enable would create it with its defaults on first use",
-                    table.table
+                    "topic {template} (for {source}) does not exist; create it with the partition count you want (kafka-topics.sh --create --topic {template}); a broker with auto.create.topics.enable would create it with its defaults on first use"
                 )),
             },
             None => {

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::kafka::producer::Publisher;
+use crate::kafka::replicas::Replicas;
 use crate::ops::metrics::{Health, Metrics};
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::setup::{self, SetupError};
@@ -37,18 +38,35 @@ impl Monitor {
     pub(super) async fn run(self) {
         let stall_after = Duration::from_secs(self.config.relay.stall_timeout_secs);
         let mut client = None;
+        let mut replicas = Replicas::new(&self.config.kafka);
         let mut tick = tokio::time::interval(MONITOR_EVERY);
         loop {
             tick.tick().await;
             let stats = self.tracker.stats();
-            self.health.set_stalled(match stats.oldest_wait {
-                Some(w) if w > stall_after => Some(format!(
-                    "the oldest of {} records has waited {} s for Kafka's acknowledgement",
-                    stats.in_flight,
-                    w.as_secs()
-                )),
+            let stalled = match stats.oldest_wait {
+                Some(w) if w > stall_after => {
+                    let waited = format!(
+                        "the oldest of {} records has waited {} s for Kafka's acknowledgement",
+                        stats.in_flight,
+                        w.as_secs()
+                    );
+                    // Unreachable brokers are their own reason (see the probe below).
+                    let why = if self.health.broker_down() {
+                        None
+                    } else {
+                        let topics = self.publisher.topics();
+                        replicas
+                            .why_unacknowledged(&topics, Duration::from_secs(3))
+                            .await
+                    };
+                    Some(match why {
+                        Some(why) => format!("{waited}: {why}"),
+                        None => waited,
+                    })
+                }
                 _ => None,
-            });
+            };
+            self.health.set_stalled(stalled);
             match self.publisher.probe(Duration::from_secs(5)).await {
                 Ok(()) => {
                     if self.health.set_broker(true, "") {
