@@ -7,6 +7,10 @@
 #                       exports OUTBOX_KAFKA_LIBS
 #   ensure_kafka        just the Kafka part of that: java and mvn (apt), the broker's jars
 #                       (tests/kafka/pom.xml, cached per version); exports OUTBOX_KAFKA_LIBS
+#   ensure_debezium     Kafka Connect with Debezium's PostgreSQL connector, for the side-by-side
+#                       comparison (tests/debezium/pom.xml, cached per version; not part of
+#                       ensure_tools: only scripts/test.sh and scripts/debezium.sh need it);
+#                       exports OUTBOX_DEBEZIUM_LIBS
 #   make_workdir        a throwaway directory in $WORK_DIR, removed on exit (KEEP_WORKDIR=1 keeps it)
 #   free_port           print a free TCP port on 127.0.0.1
 #   start_pg DIR PORT   throwaway PostgreSQL 15 (wal_level=logical, trust auth on 127.0.0.1)
@@ -90,15 +94,21 @@ _ensure_postgres() {
     command -v initdb >/dev/null || die "initdb not found after installing postgresql-15"
 }
 
-# The Apache Kafka broker the tests and the demo run on: jars from Maven Central, listed in
-# tests/kafka/pom.xml and copied into a cache directory named after the Kafka version there:
-#   ${OUTBOX_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}/kafka-VERSION/libs
+# Jars from Maven Central, each set listed in a checked-in pom and copied into a cache directory
+# named after the version there:
+#   ${OUTBOX_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}/NAME-VERSION/libs
+#   kafka-4.4.0       the broker the tests and the demo run on (tests/kafka/pom.xml)
+#   debezium-3.6.1    Kafka Connect + Debezium's PostgreSQL connector (tests/debezium/pom.xml),
+#                     a classpath of its own: Connect's Jetty and Jersey never meet the broker's
 # A stamp file in it holds the pom's checksum, so changing the pom (a version bump, say) fetches
 # again. Maven's own repository (~/.m2, or -Dmaven.repo.local in MAVEN_OPTS) is reused when
 # present and filled otherwise. Several callers at once (parallel tests spawning scripts/kafka.sh)
 # take turns on a lock; the first one fetches.
 _OUTBOX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KAFKA_POM="$_OUTBOX_ROOT/tests/kafka/pom.xml"
+DEBEZIUM_POM="$_OUTBOX_ROOT/tests/debezium/pom.xml"
+
+_jar_cache() { echo "${OUTBOX_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}"; }
 
 # kafka_version: the Kafka version tests/kafka/pom.xml names.
 kafka_version() {
@@ -107,8 +117,19 @@ kafka_version() {
 
 # kafka_libs_dir: where the jars of that version are (or go).
 kafka_libs_dir() {
-    local cache="${OUTBOX_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}"
-    echo "$cache/kafka-$(kafka_version)/libs"
+    echo "$(_jar_cache)/kafka-$(kafka_version)/libs"
+}
+
+# debezium_version: the Debezium version tests/debezium/pom.xml names (3.6.1.Final).
+debezium_version() {
+    sed -n 's:.*<debezium.version>\(.*\)</debezium.version>.*:\1:p' "$DEBEZIUM_POM" | head -n 1
+}
+
+# debezium_libs_dir: where its jars are (or go); the directory drops the ".Final".
+debezium_libs_dir() {
+    local v
+    v="$(debezium_version)"
+    echo "$(_jar_cache)/debezium-${v%.Final}/libs"
 }
 
 _ensure_java() {
@@ -119,18 +140,21 @@ _ensure_java() {
     command -v java >/dev/null || die "java not found after installing openjdk-17-jre-headless"
 }
 
-# _kafka_libs_ok DIR SUM: the jars in DIR were fetched from the pom whose checksum is SUM.
-_kafka_libs_ok() {
+# _jars_ok DIR SUM: the jars in DIR were fetched from the pom whose checksum is SUM.
+_jars_ok() {
     [ -f "$1/.fetched" ] && [ "$(cat "$1/.fetched")" = "$2" ]
 }
 
-ensure_kafka() {
-    local libs sum tmp t0
-    libs="$(kafka_libs_dir)"
-    sum="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
-    if _kafka_libs_ok "$libs" "$sum"; then
+# _fetch_jars POM LIBS WHAT MARKER [AFTER...]: the one way jars are fetched. Unless LIBS holds
+# POM's jars already, copies POM's dependencies into LIBS under the lock, checks that a jar
+# matching MARKER (a glob) is among them, then runs AFTER LIBS (still under the lock), e.g. to
+# make start-up archives. WHAT names the set in messages.
+_fetch_jars() {
+    local pom=$1 libs=$2 what=$3 marker=$4 sum
+    shift 4
+    sum="$(sha256sum "$pom" | cut -d' ' -f1)"
+    if _jars_ok "$libs" "$sum"; then
         command -v java >/dev/null || _ensure_java
-        export OUTBOX_KAFKA_LIBS="$libs"
         return 0
     fi
     _ensure_java
@@ -139,26 +163,41 @@ ensure_kafka() {
         # One fetch at a time per cache directory; whoever waited finds it done.
         exec 9>"$(dirname "$libs")/.lock"
         flock 9
-        _kafka_libs_ok "$libs" "$sum" && exit 0
-        say "fetching Apache Kafka $(kafka_version) from Maven Central into $libs (once per version; about 10 s, then 10 s more for the start-up archives)"
-        t0=$SECONDS
+        _jars_ok "$libs" "$sum" && exit 0
+        say "fetching $what from Maven Central into $libs (once per version)"
+        local t0=$SECONDS tmp
         tmp="$(dirname "$libs")/libs.tmp.$$"
         rm -rf "$tmp"
         # (-q still prints colour resets with Maven 3.8: its output is shown only if it fails.)
-        mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$tmp" \
+        mvn -B -q -f "$pom" dependency:copy-dependencies -DoutputDirectory="$tmp" \
             >"$tmp.log" 2>&1 || {
             cat "$tmp.log" >&2
-            die "mvn could not fetch the Kafka jars (tests/kafka/pom.xml)"
+            die "mvn could not fetch $what (${pom#"$_OUTBOX_ROOT"/})"
         }
         rm -f "$tmp.log"
-        ls "$tmp"/kafka_2.13-*.jar >/dev/null 2>&1 || die "no kafka_2.13 jar among the fetched ones in $tmp"
+        # shellcheck disable=SC2086 # MARKER is a glob
+        ls "$tmp"/$marker >/dev/null 2>&1 || die "no $marker among the jars fetched into $tmp"
         echo "$sum" >"$tmp/.fetched"
-        rm -rf "$libs" "$(dirname "$libs")/kafka.jsa" "$(dirname "$libs")/tools.jsa"
+        rm -rf "$libs"
         mv "$tmp" "$libs"
         say "fetched $(find "$libs" -name '*.jar' | wc -l) jars in $((SECONDS - t0)) s"
-        _kafka_make_cds "$libs"
+        [ $# -eq 0 ] || "$@" "$libs"
     ) || exit 1
+}
+
+ensure_kafka() {
+    local libs
+    libs="$(kafka_libs_dir)"
+    _fetch_jars "$KAFKA_POM" "$libs" "Apache Kafka $(kafka_version)" 'kafka_2.13-*.jar' _kafka_make_cds
     export OUTBOX_KAFKA_LIBS="$libs"
+}
+
+ensure_debezium() {
+    local libs
+    libs="$(debezium_libs_dir)"
+    _fetch_jars "$DEBEZIUM_POM" "$libs" "Kafka Connect and Debezium $(debezium_version)" \
+        'debezium-connector-postgres-*.jar'
+    export OUTBOX_DEBEZIUM_LIBS="$libs"
 }
 
 # _kafka_make_cds LIBS: a class-data sharing archive of a broker's start-up (LIBS/../kafka.jsa),
@@ -167,6 +206,8 @@ ensure_kafka() {
 # without it brokers start all the same.
 _kafka_make_cds() {
     local libs=$1 jsa tmp pid i
+    # Archives of the jars fetched before are useless, even harmful, with new ones.
+    rm -f "$(dirname "$libs")/kafka.jsa" "$(dirname "$libs")/tools.jsa"
     jsa="$(dirname "$libs")/kafka.jsa"
     tmp="$(mktemp -d "${TMPDIR:-/tmp}/outbox-kafka-cds.XXXXXX")"
     say "making a class-data sharing archive for faster broker starts ($jsa)"
