@@ -2,7 +2,9 @@
 # The whole test suite: unit tests (decoder on captured pgoutput bytes, config, ack tracking,
 # mapping) and the integration tests in tests/, which start their own throwaway PostgreSQL and
 # Apache Kafka (scripts/kafka.sh) and run the built relay against them. Installs what is
-# missing first (see scripts/lib.sh: ensure_tools) and exports OUTBOX_KAFKA_LIBS, Kafka's jars.
+# missing first (see scripts/lib.sh: ensure_tools) and exports OUTBOX_KAFKA_LIBS, Kafka's jars,
+# and OUTBOX_DEBEZIUM_LIBS, Kafka Connect's and Debezium's (ensure_debezium), for
+# tests/debezium.rs, which runs Debezium beside the relay.
 # Extra arguments go to cargo test, e.g. scripts/test.sh --test crash -- --nocapture; without
 # any, the end-to-end tests also run on PostgreSQL 14, 16, 17 and 18 (scripts/pg-matrix.sh).
 set -euo pipefail
@@ -10,6 +12,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_tools
+ensure_debezium
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 LOG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/outbox-relay-test.XXXXXX")"

@@ -7,7 +7,7 @@
 //! only server start-up and short metadata calls block.
 //!
 //! One module per part: `pg` (PostgreSQL), `broker` (Apache Kafka), `reader` (reading it
-//! back), `relay` (the process under test), `cli` (one-shot commands), `events` (writing
+//! back), `relay` (the process under test), `debezium` (Kafka Connect with Debezium beside it), `cli` (one-shot commands), `events` (writing
 //! outbox rows and checking what arrived), `scrape` (HTTP and Prometheus), `pki`
 //! (certificates), `proxy` (a cuttable TCP proxy), `murmur` (Java's partitioner), `util`, and `checker` (the
 //! reliability suite's writer and checker). Everything is re-exported here, so tests write
@@ -19,6 +19,7 @@ pub mod broker;
 pub mod checker;
 pub mod cli;
 pub mod cluster;
+pub mod debezium;
 pub mod events;
 pub mod murmur;
 pub mod pg;
@@ -32,6 +33,7 @@ pub mod util;
 pub use broker::*;
 pub use cli::*;
 pub use cluster::*;
+pub use debezium::*;
 pub use events::*;
 pub use murmur::*;
 pub use pg::*;
