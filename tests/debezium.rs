@@ -226,7 +226,8 @@ fn order_per_key(recs: &BTreeMap<String, Rec>) -> BTreeMap<Vec<u8>, Vec<String>>
         .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     let mut out: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
     for r in sorted {
-        // Keys compared by the relay's bytes: the record's id leads back to them.
+        // Grouped by the key bytes this system sent (Debezium's may be a JSON envelope);
+        // the sequences are then compared without their keys.
         out.entry(r.key.clone().unwrap_or_default())
             .or_default()
             .push(r.header_str("id").unwrap());
