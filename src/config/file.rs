@@ -136,6 +136,9 @@ pub struct OutboxFile {
     /// `snapshot_order_by`.
     #[serde(default)]
     pub snapshot_order_by: Option<String>,
+    /// `format`.
+    #[serde(default)]
+    pub format: RecordFormat,
 }
 
 /// `[[message]]` as written; see [`MessageConfig`](super::MessageConfig).
@@ -159,6 +162,9 @@ pub struct MessageFile {
     /// `cloudevents_content_type`; `application/json` when unset.
     #[serde(default)]
     pub cloudevents_content_type: Option<String>,
+    /// `format`.
+    #[serde(default)]
+    pub format: RecordFormat,
 }
 
 /// `[kafka]` as written; see [`KafkaConfig`](super::KafkaConfig). The exactly-once keys are
@@ -200,6 +206,21 @@ pub enum DeliveryMode {
     AtLeastOnce,
     /// `"exactly-once"`.
     ExactlyOnce,
+}
+
+/// `[[outbox]] format` and `[[message]] format`: the bytes of a record's key and value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordFormat {
+    /// `"plain"`: the key column's text and the payload column's text (or bytea bytes), as
+    /// stored.
+    #[default]
+    Plain,
+    /// `"debezium-json"`: the key and the value each wrapped in the JSON envelope Debezium's
+    /// Outbox Event Router sends with Kafka Connect's JsonConverter at its defaults
+    /// (`{"schema":...,"payload":...}`), so that consumers written for those records read the
+    /// relay's unchanged.
+    DebeziumJson,
 }
 
 fn default_name() -> String {

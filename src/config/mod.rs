@@ -11,7 +11,9 @@ pub mod topic;
 
 use std::path::Path;
 
-pub use file::{ConfigFile, MetricsConfig, PostgresConfig, RelayConfig, SNAPSHOT_SLOT_SUFFIX};
+pub use file::{
+    ConfigFile, MetricsConfig, PostgresConfig, RecordFormat, RelayConfig, SNAPSHOT_SLOT_SUFFIX,
+};
 pub use kafka::{
     Delivery, ExactlyOnceSettings, KafkaConfig, DEFAULT_OFFSETS_TOPIC,
     DEFAULT_TRANSACTION_MAX_EVENTS, DEFAULT_TRANSACTION_MAX_MS,

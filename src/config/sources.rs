@@ -2,7 +2,7 @@
 //! prefixes, their topic templates and their CloudEvents attributes (resolved here, defaults
 //! included, so the producer never sees half of them).
 
-use super::file::{MessageFile, OutboxFile};
+use super::file::{MessageFile, OutboxFile, RecordFormat};
 use super::topic::Template;
 
 /// `[[outbox]]`: one outbox table and how its rows become records.
@@ -29,6 +29,8 @@ pub struct OutboxConfig {
     /// The column the initial snapshot reads rows in (ascending), so that per-key order of
     /// existing rows can follow a sequence or timestamp; physical order when unset.
     pub snapshot_order_by: Option<String>,
+    /// The bytes of the key and value: as stored, or in Debezium's JSON envelope.
+    pub format: RecordFormat,
 }
 
 /// `[[message]]`: events emitted with `pg_logical_emit_message(true, prefix, envelope)`, a
@@ -43,6 +45,8 @@ pub struct MessageConfig {
     pub header_fields: Vec<String>,
     /// CloudEvents binary-mode headers (`ce_*`) on these records, when on.
     pub cloudevents: Option<CloudEvents>,
+    /// The bytes of the key and value: as sent, or in Debezium's JSON envelope.
+    pub format: RecordFormat,
 }
 
 /// Where records come from: the `[[outbox]]` tables, then the `[[message]]` prefixes, numbered
@@ -134,6 +138,7 @@ impl OutboxConfig {
             cloudevents_source,
             cloudevents_content_type,
             snapshot_order_by,
+            format,
         } = file;
         let (schema, name) = split_table(&table);
         let cloudevents = CloudEvents::resolve(
@@ -153,6 +158,7 @@ impl OutboxConfig {
             partition_column,
             cloudevents,
             snapshot_order_by,
+            format,
         }
     }
 
@@ -204,6 +210,7 @@ impl MessageConfig {
                 cloudevents,
                 cloudevents_source,
                 cloudevents_content_type,
+                format,
             } = file;
             if prefix.is_empty() || prefix.contains('\0') {
                 return Err("[[message]] prefix is empty; set it to the prefix the events are emitted with, e.g. prefix = \"outbox\"".into());
@@ -223,6 +230,7 @@ impl MessageConfig {
                 topic,
                 header_fields,
                 cloudevents,
+                format,
             });
         }
         Ok(out)
@@ -275,6 +283,31 @@ mod tests {
         );
         let err = parse_err(&text);
         assert!(err.contains("snapshot_order_by"), "{err}");
+    }
+
+    #[test]
+    fn format_is_plain_by_default_and_unknown_ones_name_the_allowed() {
+        use crate::config::RecordFormat;
+        let with = |line: &str| {
+            MINIMAL.replace(
+                "table = \"public.outbox\"",
+                &format!("table = \"public.outbox\"\n{line}"),
+            )
+        };
+        let format =
+            |line: &str| Config::parse(&with(line), "relay.toml", env).map(|c| c.outbox[0].format);
+        assert_eq!(format("").unwrap(), RecordFormat::Plain);
+        assert_eq!(format("format = \"plain\"").unwrap(), RecordFormat::Plain);
+        assert_eq!(
+            format("format = \"debezium-json\"").unwrap(),
+            RecordFormat::DebeziumJson
+        );
+        let err = parse_err(&with("format = \"debezium\""));
+        assert!(
+            err.contains("debezium") && err.contains("`plain`") && err.contains("`debezium-json`"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::config::topic::Template;
-use crate::config::MessageConfig;
+use crate::config::{MessageConfig, RecordFormat};
+use crate::mapping::debezium::Envelopes;
 use crate::mapping::outbox::{render_topic, resolve_topic, TopicPart};
 use crate::mapping::record::Record;
 
@@ -54,6 +55,8 @@ struct Plan {
     topic: Vec<TopicPart>,
     /// `(header name, slot)`.
     headers: Vec<(String, usize)>,
+    /// The JSON envelopes of key and value under `format = "debezium-json"`.
+    envelopes: Option<Envelopes>,
 }
 
 /// Maps messages of the configured prefixes; other prefixes are not events.
@@ -63,6 +66,9 @@ pub struct MessageMapper {
     topic: String,
     /// Per slot, room for a JSON string's unescaped contents.
     bufs: Vec<String>,
+    /// The enveloped key and value, under `format = "debezium-json"`.
+    key_envelope: Vec<u8>,
+    payload_envelope: Vec<u8>,
 }
 
 /// Reads an envelope's top level, keeping only the raw values of the fields a plan needs (by
@@ -135,6 +141,10 @@ impl MessageMapper {
                     fields,
                     topic,
                     headers,
+                    envelopes: match m.format {
+                        RecordFormat::Plain => None,
+                        RecordFormat::DebeziumJson => Some(Envelopes::DEFAULT),
+                    },
                 }
             })
             .collect();
@@ -142,6 +152,8 @@ impl MessageMapper {
             plans,
             topic: String::new(),
             bufs: Vec::new(),
+            key_envelope: Vec::new(),
+            payload_envelope: Vec::new(),
         }
     }
 
@@ -191,11 +203,18 @@ impl MessageMapper {
                 field: field.to_owned(),
             }
         })?;
+        let (key, payload) = match &plan.envelopes {
+            None => (values[KEY_SLOT], values[PAYLOAD_SLOT]),
+            Some(e) => (
+                e.key(values[KEY_SLOT], &mut self.key_envelope),
+                Some(e.payload(values[PAYLOAD_SLOT], &mut self.payload_envelope)),
+            ),
+        };
         Ok(Some(Record {
             table: Some(plan.source),
             topic: &self.topic,
-            key: values[KEY_SLOT],
-            payload: values[PAYLOAD_SLOT],
+            key,
+            payload,
             id: Some(id),
             kind: values[KIND_SLOT],
             extra_headers: plan
@@ -256,6 +275,29 @@ mod tests {
                 ("type", Some(&b"OrderCreated"[..]))
             ]
         );
+    }
+
+    #[test]
+    fn debezium_json_format_envelopes_key_and_value_like_the_default_table() {
+        let mut m = mapper("format = \"debezium-json\"");
+        let r = m.map(b"outbox", EVENT).unwrap().unwrap();
+        assert_eq!(
+            r.key,
+            Some(&br#"{"schema":{"type":"string","optional":false},"payload":"o-1"}"#[..])
+        );
+        assert_eq!(
+            r.payload,
+            Some(&br#"{"schema":{"type":"string","optional":true,"name":"io.debezium.data.Json","version":1},"payload":"{\"total\": 12.5, \"lines\": [1, 2]}"}"#[..])
+        );
+        let r = m
+            .map(
+                b"outbox",
+                br#"{"id": "e", "aggregatetype": "a", "payload": null}"#,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.key, None, "no aggregateid, no key");
+        assert!(r.payload.unwrap().ends_with(br#""payload":null}"#));
     }
 
     #[test]

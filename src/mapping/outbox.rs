@@ -5,8 +5,9 @@
 //! topic template), so the per-row path only picks values out of the tuple.
 
 use crate::config::topic::{Piece, Template, TemplateError};
-use crate::config::OutboxConfig;
+use crate::config::{OutboxConfig, RecordFormat};
 use crate::fxhash::FxHashMap;
+use crate::mapping::debezium::{self, Envelopes};
 use crate::mapping::record::Record;
 use crate::postgres::pgoutput::{DecodeError, Relation, Tuple, Value};
 
@@ -73,6 +74,18 @@ pub enum MappingError {
         table: String,
         /// The table's name now.
         new_name: String,
+    },
+    /// `format = "debezium-json"` on a column whose type Debezium gives another schema.
+    #[error("outbox table {table}: format = \"debezium-json\" needs {role} {column:?} to be {wanted}, as in migrations/001_outbox.sql (Debezium gives other types other envelopes); change the column's type or use format = \"plain\"")]
+    EnvelopeType {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Which config key names it.
+        role: &'static str,
+        /// The types supported for that role.
+        wanted: &'static str,
     },
     /// An Insert arrived for a relation id no Relation message described.
     #[error("insert for unknown relation id {0}: the server sent no Relation message for it")]
@@ -164,6 +177,8 @@ struct Plan {
     topic: Vec<TopicPart>,
     headers: Vec<(String, Col)>,
     partition: Option<Col>,
+    /// The JSON envelopes of key and value under `format = "debezium-json"`.
+    envelopes: Option<Envelopes>,
     /// `(column, slot)` for every value a record needs, in column order, so one pass over
     /// the row picks them all.
     picks: Vec<(usize, usize)>,
@@ -188,6 +203,9 @@ struct Scratch {
     key_buf: Vec<u8>,
     payload_buf: Vec<u8>,
     header_bufs: Vec<Vec<u8>>,
+    /// The enveloped key and value, under `format = "debezium-json"`.
+    key_envelope: Vec<u8>,
+    payload_envelope: Vec<u8>,
 }
 
 impl OutboxMapper {
@@ -317,6 +335,8 @@ fn build<'a>(
         key_buf,
         payload_buf,
         header_bufs,
+        key_envelope,
+        payload_envelope,
     } = scratch;
     let event_id = || {
         text(ID_SLOT)
@@ -338,6 +358,14 @@ fn build<'a>(
         .ok_or_else(|| bad_bytea(&config.key_column))?;
     let payload = decode_col(text(PAYLOAD_SLOT), plan.payload, payload_buf)
         .ok_or_else(|| bad_bytea(&config.payload_column))?;
+    // The envelope's buffers are reused from row to row, like the bytea ones.
+    let (key, payload) = match &plan.envelopes {
+        None => (key, payload),
+        Some(e) => (
+            e.key(key, key_envelope),
+            Some(e.payload(payload, payload_envelope)),
+        ),
+    };
 
     let mut extra_headers = Vec::new();
     if !plan.headers.is_empty() {
@@ -373,6 +401,31 @@ fn build<'a>(
         partition,
         time: None,
     })
+}
+
+impl Envelopes {
+    /// [`Envelopes::for_types`] for an `[[outbox]]` entry's key and payload columns of these
+    /// types, the error naming the column and the types it may have.
+    pub fn for_columns(
+        table: &str,
+        c: &OutboxConfig,
+        key_oid: u32,
+        payload_oid: u32,
+    ) -> Result<Envelopes, MappingError> {
+        Envelopes::for_types(key_oid, payload_oid).map_err(|role| {
+            let (column, wanted) = if role == "key_column" {
+                (&c.key_column, debezium::KEY_TYPES)
+            } else {
+                (&c.payload_column, debezium::PAYLOAD_TYPES)
+            };
+            MappingError::EnvelopeType {
+                table: table.to_owned(),
+                column: column.clone(),
+                role,
+                wanted,
+            }
+        })
+    }
 }
 
 /// The value as raw bytes: text passes through; bytea hex is decoded into `buf`.
@@ -443,6 +496,23 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
     let key = find(&c.key_column, "key_column")?;
     let kind = find(&c.type_column, "type_column")?;
     let payload = find(&c.payload_column, "payload_column")?;
+    let envelopes = match c.format {
+        RecordFormat::Plain => None,
+        RecordFormat::DebeziumJson => {
+            let type_of = |name: &str| {
+                rel.columns
+                    .iter()
+                    .find(|col| col.name == name)
+                    .map_or(0, |col| col.type_oid)
+            };
+            Some(Envelopes::for_columns(
+                &table,
+                c,
+                type_of(&c.key_column),
+                type_of(&c.payload_column),
+            )?)
+        }
+    };
     debug_assert_eq!(
         [id.slot, key.slot, kind.slot, payload.slot],
         [ID_SLOT, KEY_SLOT, KIND_SLOT, PAYLOAD_SLOT]
@@ -470,6 +540,7 @@ fn plan_for(index: usize, c: &OutboxConfig, rel: &Relation) -> Result<Plan, Mapp
         topic,
         headers,
         partition,
+        envelopes,
         picks,
         columns_by_slot,
         table,
@@ -779,6 +850,84 @@ mod tests {
             from_sql.headers().nth(2),
             Some(("trace", Some(&[0, 0xff][..])))
         );
+    }
+
+    #[test]
+    fn debezium_json_format_envelopes_key_and_value_and_checks_the_column_types() {
+        let config = outbox_config("format = \"debezium-json\"");
+        let mut m = OutboxMapper::new(std::slice::from_ref(&config));
+        learn(&mut m, &relation_bytes(7, "outbox", DEFAULT_COLUMNS)).unwrap();
+        let row = |payload: Option<&'static [u8]>| {
+            insert_bytes(
+                7,
+                &[
+                    Some(b"e1"),
+                    Some(b"order"),
+                    Some(b"42"),
+                    Some(b"Created"),
+                    payload,
+                ],
+            )
+        };
+        map_row(&mut m, &row(Some(br#"{"a": "x"}"#)), |r| {
+            let r = r.unwrap().unwrap();
+            assert_eq!(
+                r.key,
+                Some(&br#"{"schema":{"type":"string","optional":false},"payload":"42"}"#[..])
+            );
+            assert_eq!(
+                r.payload,
+                Some(&br#"{"schema":{"type":"string","optional":true,"name":"io.debezium.data.Json","version":1},"payload":"{\"a\": \"x\"}"}"#[..])
+            );
+            // Topic and headers are those of the plain format.
+            assert_eq!(r.topic, "outbox.event.order");
+            assert_eq!(r.id, Some(&b"e1"[..]));
+            assert_eq!(r.kind, Some(&b"Created"[..]));
+        });
+        map_row(&mut m, &row(None), |r| {
+            assert!(r
+                .unwrap()
+                .unwrap()
+                .payload
+                .unwrap()
+                .ends_with(br#""payload":null}"#))
+        });
+        // The snapshot's path gives the same bytes.
+        let values: [Option<&[u8]>; 5] = [
+            Some(b"e1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"Created"),
+            None,
+        ];
+        let from_sql = format!("{:?}", m.map_columns(7, |i| values[i]).unwrap().unwrap());
+        assert_eq!(
+            from_sql,
+            map_row(&mut m, &row(None), |r| format!("{:?}", r.unwrap().unwrap()))
+        );
+
+        // A uuid key or a bytea payload would get other envelopes from Debezium: refused.
+        let mut cols = DEFAULT_COLUMNS.to_vec();
+        cols[2] = ("aggregateid", UUID);
+        let err = learn(&mut m, &relation_bytes(8, "outbox", &cols))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key_column") && err.contains("text or varchar"),
+            "{err}"
+        );
+        let mut cols = DEFAULT_COLUMNS.to_vec();
+        cols[4] = ("payload", BYTEA_OID);
+        let err = learn(&mut m, &relation_bytes(8, "outbox", &cols))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("payload_column") && err.contains("json or jsonb"),
+            "{err}"
+        );
+        // The plain format takes any type.
+        let mut plain = OutboxMapper::new(&[outbox_config("")]);
+        learn(&mut plain, &relation_bytes(8, "outbox", &cols)).unwrap();
     }
 
     #[test]

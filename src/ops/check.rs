@@ -300,7 +300,11 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
                 ));
                 true
             }
-            Err(e @ SetupError::MissingColumn { .. }) => {
+            Err(
+                e @ (SetupError::MissingColumn { .. }
+                | SetupError::EnvelopeNullability { .. }
+                | SetupError::EnvelopeType(_)),
+            ) => {
                 report.fail(e.to_string());
                 true
             }

@@ -7,8 +7,10 @@
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::config::{Config, OutboxConfig, PostgresConfig};
+use crate::config::{Config, OutboxConfig, PostgresConfig, RecordFormat};
 use crate::lsn::Lsn;
+use crate::mapping::debezium::Envelopes;
+use crate::mapping::outbox::MappingError;
 use crate::postgres::catalog::{
     self, Publication, PublicationProblem, ServerProblem, SlotProblem, SlotVerdict,
 };
@@ -39,6 +41,26 @@ pub enum SetupError {
         /// Which config key names it.
         role: &'static str,
     },
+    /// `format = "debezium-json"` on a table whose key may be NULL or whose payload may not:
+    /// Debezium's envelope says which (`"optional"`), and the relay's reproduces the shape of
+    /// migrations/001_outbox.sql only.
+    #[error("outbox table {table}: format = \"debezium-json\" needs {role} {column:?} to be {wanted}, as in migrations/001_outbox.sql (Debezium's envelope says whether a value may be null); ALTER TABLE {table} ALTER COLUMN {column} {fix}, or use format = \"plain\"")]
+    EnvelopeNullability {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Which config key names it.
+        role: &'static str,
+        /// `NOT NULL` or `nullable`.
+        wanted: &'static str,
+        /// The statement's end that makes it so.
+        fix: &'static str,
+    },
+    /// `format = "debezium-json"` on a column whose type gets another envelope from Debezium
+    /// (the check the mapper makes on every Relation message, made at start too).
+    #[error(transparent)]
+    EnvelopeType(MappingError),
     /// The existing publication does not feed the relay every outbox row.
     #[error(transparent)]
     Publication(#[from] PublicationProblem),
@@ -127,7 +149,7 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
     let (schema, name) = table.schema_and_name();
     let rows = client
         .query(
-            "SELECT a.attname::text FROM pg_attribute a \
+            "SELECT a.attname::text, a.attnotnull, a.atttypid FROM pg_attribute a \
              JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
             &[&schema, &name],
@@ -136,10 +158,10 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
     if rows.is_empty() {
         return Err(SetupError::MissingTable(table.table.clone()));
     }
-    let columns: Vec<String> = rows
+    let columns: Vec<(String, bool, u32)> = rows
         .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
         .map_err(|e| PgError::unreadable("pg_attribute", &e))?;
     let mut wanted = vec![
         (table.id_column.as_str(), "id_column"),
@@ -167,11 +189,48 @@ pub async fn check_table(client: &Client, table: &OutboxConfig) -> Result<(), Se
             .map(|c| (c, "snapshot_order_by")),
     );
     for (column, role) in wanted {
-        if !columns.iter().any(|c| c == column) {
+        if !columns.iter().any(|(c, _, _)| c == column) {
             return Err(SetupError::MissingColumn {
                 table: table.table.clone(),
                 column: column.to_owned(),
                 role,
+            });
+        }
+    }
+    if table.format == RecordFormat::DebeziumJson {
+        let not_null = |name: &str| columns.iter().any(|(c, nn, _)| c == name && *nn);
+        let type_of = |name: &str| {
+            columns
+                .iter()
+                .find(|(c, _, _)| c == name)
+                .map_or(0, |(_, _, oid)| *oid)
+        };
+        Envelopes::for_columns(
+            &table.table,
+            table,
+            type_of(&table.key_column),
+            type_of(&table.payload_column),
+        )
+        .map_err(SetupError::EnvelopeType)?;
+        let problem = if !not_null(&table.key_column) {
+            Some((&table.key_column, "key_column", "NOT NULL", "SET NOT NULL"))
+        } else if not_null(&table.payload_column) {
+            Some((
+                &table.payload_column,
+                "payload_column",
+                "nullable",
+                "DROP NOT NULL",
+            ))
+        } else {
+            None
+        };
+        if let Some((column, role, wanted, fix)) = problem {
+            return Err(SetupError::EnvelopeNullability {
+                table: table.table.clone(),
+                column: column.clone(),
+                role,
+                wanted,
+                fix,
             });
         }
     }
