@@ -2,7 +2,8 @@
 //! writes go through the relay with that format and through Debezium 3.6.1's Outbox Event
 //! Router at its defaults (Kafka Connect's JsonConverter with schemas, `scripts/debezium.sh
 //! --mode defaults`), and every record's key bytes, value bytes, partition and `id` header
-//! must be identical: a consumer of Debezium's defaults then needs no change.
+//! must be identical: a consumer of Debezium's defaults then needs no change. Once with the
+//! outbox table of `migrations/001_outbox.sql` (jsonb payload), once with a text payload.
 //!
 //! What still differs, by design: Debezium adds four `__debezium.context.*` headers (its
 //! connector's name, task and run), which the relay has no counterpart for, and the relay
@@ -137,9 +138,36 @@ fn shown(b: &Option<Vec<u8>>) -> String {
 
 #[tokio::test]
 async fn debezium_json_format_sends_the_bytes_debeziums_defaults_send() {
+    compare(None, rows()).await;
+}
+
+/// A text payload column: Debezium's schema has no name then, the text is escaped as is.
+#[tokio::test]
+async fn debezium_json_format_matches_debezium_on_a_text_payload_column() {
+    let rows = vec![
+        row(1, "order", "'42'", r#"'plain "text" \ with a backslash'"#),
+        row(2, "customer", "'7'", "NULL"),
+        row(3, "order", "'43'", r"E'controls \t\n\r\b\f \x01 \x1f \x7f'"),
+        row(4, "order", "'44'", "'Zoë ✓ 🚀 \u{2028} {\"not\": json'"),
+        row(5, "order", "'45'", "''"),
+    ];
+    compare(
+        Some("ALTER TABLE public.outbox ALTER COLUMN payload TYPE text"),
+        rows,
+    )
+    .await;
+}
+
+/// Writes `singles` and the bulk rows (after `alter` on the outbox table, if any), through
+/// the relay with `format = "debezium-json"` and Debezium at its defaults, and asserts both
+/// systems' records identical in key bytes, value bytes, partition and `id` header.
+async fn compare(alter: Option<&str>, singles: Vec<Row>) {
     let pg = Pg::start();
     let broker = Broker::start();
     pg.sql(OUTBOX_DDL).await;
+    if let Some(alter) = alter {
+        pg.sql(alter).await;
+    }
     let mode = DebeziumMode::Defaults;
     let mut topics = Vec::new();
     for prefix in [String::new(), mode.prefix()] {
@@ -161,7 +189,6 @@ async fn debezium_json_format_sends_the_bytes_debeziums_defaults_send() {
         .await;
     let mut debezium = Debezium::start(&pg, &broker.bootstrap(), mode).await;
 
-    let singles = rows();
     let bulk = bulk();
     for r in &singles {
         pg.sql(&insert_sql(&[r])).await;
@@ -293,7 +320,7 @@ async fn debezium_json_format_refuses_a_table_it_cannot_match() {
              ALTER TABLE public.outbox ALTER COLUMN payload TYPE bytea USING NULL",
             [
                 "payload_column \"payload\"",
-                "json or jsonb",
+                "json, jsonb, text or varchar",
                 "format = \"plain\"",
             ],
         ),

@@ -13,7 +13,8 @@
 //!
 //! The envelope depends on the column's type and nullability, which Debezium reads from the
 //! catalog; the relay supports the shape of `migrations/001_outbox.sql` (a NOT NULL text key,
-//! a nullable json or jsonb payload), checks it at start and refuses other column types.
+//! a nullable json or jsonb payload; a nullable text payload too), checks it at start and
+//! refuses other column types.
 
 /// PostgreSQL type oids of the columns an envelope is made for.
 const TEXT_OID: u32 = 25;
@@ -26,6 +27,8 @@ const KEY_HEAD: &[u8] = br#"{"schema":{"type":"string","optional":false},"payloa
 /// What precedes the payload's value: the Connect schema of a nullable json or jsonb column.
 const PAYLOAD_HEAD: &[u8] =
     br#"{"schema":{"type":"string","optional":true,"name":"io.debezium.data.Json","version":1},"payload":"#;
+/// What precedes the payload's value: the Connect schema of a nullable text column.
+const TEXT_PAYLOAD_HEAD: &[u8] = br#"{"schema":{"type":"string","optional":true},"payload":"#;
 
 /// The envelopes of one table's key and payload columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +40,7 @@ pub struct Envelopes {
 /// The column types `debezium-json` can envelope, named for error messages.
 pub const KEY_TYPES: &str = "text or varchar";
 /// See [`KEY_TYPES`].
-pub const PAYLOAD_TYPES: &str = "json or jsonb";
+pub const PAYLOAD_TYPES: &str = "json, jsonb, text or varchar";
 
 impl Envelopes {
     /// The envelopes of the default outbox table's columns (a NOT NULL text key, a nullable
@@ -54,10 +57,15 @@ impl Envelopes {
         if !matches!(key_oid, TEXT_OID | VARCHAR_OID) {
             return Err("key_column");
         }
-        if !matches!(payload_oid, JSON_OID | JSONB_OID) {
-            return Err("payload_column");
-        }
-        Ok(Envelopes::DEFAULT)
+        let payload = match payload_oid {
+            JSON_OID | JSONB_OID => PAYLOAD_HEAD,
+            TEXT_OID | VARCHAR_OID => TEXT_PAYLOAD_HEAD,
+            _ => return Err("payload_column"),
+        };
+        Ok(Envelopes {
+            key: KEY_HEAD,
+            payload,
+        })
     }
 
     /// The key's envelope in `out` (cleared first). A NULL key has none: the column is
@@ -234,13 +242,19 @@ mod tests {
     fn other_column_types_are_refused_by_role() {
         const UUID: u32 = 2950;
         const BYTEA: u32 = 17;
-        assert!(Envelopes::for_types(VARCHAR_OID, JSON_OID).is_ok());
+        assert_eq!(
+            Envelopes::for_types(VARCHAR_OID, JSON_OID),
+            Ok(Envelopes::DEFAULT)
+        );
+        // A text payload is a plain string schema (measured: no name, no version).
+        let text = Envelopes::for_types(TEXT_OID, TEXT_OID).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            text.payload(Some(br#"plain "text""#), &mut out),
+            br#"{"schema":{"type":"string","optional":true},"payload":"plain \"text\""}"#
+        );
         assert_eq!(Envelopes::for_types(UUID, JSONB_OID), Err("key_column"));
         assert_eq!(Envelopes::for_types(TEXT_OID, BYTEA), Err("payload_column"));
-        assert_eq!(
-            Envelopes::for_types(TEXT_OID, TEXT_OID),
-            Err("payload_column")
-        );
     }
 
     #[test]

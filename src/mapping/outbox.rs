@@ -922,7 +922,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("payload_column") && err.contains("json or jsonb"),
+            err.contains("payload_column") && err.contains("json, jsonb, text or varchar"),
             "{err}"
         );
         // The plain format takes any type.
