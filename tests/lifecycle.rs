@@ -1512,3 +1512,50 @@ async fn an_invalidated_slot_is_refused_with_the_lsn_and_a_working_recovery() {
 
     follow_recovery(&pg, &broker, &line, "the lost-slot message").await;
 }
+
+/// A slot created before the publication (as when taking over another tool's slot with a
+/// publication made at the switch) cannot decode through it: PostgreSQL says the publication
+/// "does not exist". The relay must say that, and not that the slot is gone, since the slot is
+/// there and its fix (re-publishing lost events) would be the wrong one.
+#[tokio::test]
+async fn a_slot_older_than_its_publication_stops_naming_the_publication() {
+    let (pg, broker) = setup().await;
+    pg.sql(&format!(
+        "SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')"
+    ))
+    .await;
+    let before = pg.confirmed_flush_lsn(SLOT).await;
+    assert!(before.is_some(), "the slot was not created");
+    let client = pg.client().await;
+    insert_outbox(
+        &client,
+        &[Seqs::default().event("order", "order-1", "Early", "before-publication")],
+    )
+    .await;
+    pg.sql(&format!(
+        "CREATE PUBLICATION outbox_relay FOR TABLE {TABLE}"
+    ))
+    .await;
+
+    let (mut relay, _) = start_relay(&pg, &broker);
+    let line = relay
+        .expect_fatal_exit(SECONDS, "a slot older than its publication")
+        .await;
+    assert!(
+        line.contains("publication outbox_relay") && line.contains(SLOT),
+        "the fatal line does not name the publication and the slot: {line:?}"
+    );
+    assert!(
+        !line.contains("no longer exists"),
+        "the fatal line says the slot is gone, but it exists: {line:?}"
+    );
+    assert!(
+        line.contains("new slot") && line.contains("before the slot"),
+        "the fatal line does not give the fix: {line:?}"
+    );
+    assert_eq!(
+        pg.confirmed_flush_lsn(SLOT).await,
+        before,
+        "the slot moved, though nothing was published"
+    );
+}

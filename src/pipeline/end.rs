@@ -21,6 +21,18 @@ pub(super) enum SessionEnd {
     Transient(anyhow::Error),
     /// Stop the relay.
     Fatal(anyhow::Error),
+    /// The server does not know a name the stream uses: the slot, or the publication. Which
+    /// one is a catalog question, answered by the session and then put into words by
+    /// [`undefined`]; it never leaves the session.
+    Undefined(PgError),
+}
+
+/// What the catalog says about the names the stream uses, asked after an
+/// [`SessionEnd::Undefined`]; `None` where it could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Known {
+    pub(super) slot: Option<bool>,
+    pub(super) publication: Option<bool>,
 }
 
 /// Sorts a failure met while streaming (by [`PgError`]'s one classification) into what the
@@ -30,11 +42,8 @@ pub(super) fn classify(e: impl Into<PgError>, pg: &PostgresConfig, during: &str)
     let (slot, publication) = (&pg.slot, &pg.publication);
     match (e.cause, e.action()) {
         (_, Action::Standby) => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
-        // The slot is gone (dropped, or lost in a failover).
-        (Cause::UndefinedObject, _) => SessionEnd::Fatal(anyhow!(
-            "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
-             re-publish outbox rows committed since the newest event in Kafka, run COMMENT ON PUBLICATION {publication} IS NULL, then restart the relay to create a fresh slot"
-        )),
+        // The slot or the publication: the words depend on which, see `undefined`.
+        (Cause::UndefinedObject, _) => SessionEnd::Undefined(e),
         // The slot was invalidated (wal_status = lost).
         (Cause::NotInPrerequisiteState, _) => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} can no longer be read ({e}): WAL it needed was removed, so events may have been lost; \
@@ -46,6 +55,37 @@ pub(super) fn classify(e: impl Into<PgError>, pg: &PostgresConfig, during: &str)
         }
         (_, Action::Retry) => SessionEnd::Transient(anyhow::Error::new(e).context(during.to_owned())),
         (_, Action::Fatal) => SessionEnd::Fatal(anyhow::Error::new(e).context(during.to_owned())),
+    }
+}
+
+/// Puts an [`SessionEnd::Undefined`] into words once the catalog said which name is missing.
+/// PostgreSQL reports both a dropped slot and a publication the slot cannot see as SQLSTATE
+/// 42704, and their fixes are opposite: a dropped slot lost events and needs a re-publish, a
+/// publication created after the slot lost nothing and needs the order of creation fixed.
+pub(super) fn undefined(e: PgError, pg: &PostgresConfig, known: Known) -> SessionEnd {
+    let (slot, publication) = (&pg.slot, &pg.publication);
+    match known {
+        // The slot is gone (dropped, or lost in a failover).
+        Known { slot: Some(false), .. } => SessionEnd::Fatal(anyhow!(
+            "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
+             re-publish outbox rows committed since the newest event in Kafka, run COMMENT ON PUBLICATION {publication} IS NULL, then restart the relay to create a fresh slot"
+        )),
+        Known { slot: Some(true), publication: Some(false) } => SessionEnd::Fatal(anyhow!(
+            "publication {publication} does not exist ({e}): it was dropped while slot {slot} was in use; \
+             create it again for the outbox tables and restart (events committed while it was missing were not published)"
+        )),
+        // Decoding reads the catalog as of each change's position, so a publication created
+        // after the slot's confirmed position is unknown there (taking over another tool's slot
+        // with a new publication does this).
+        Known { slot: Some(true), publication: Some(true) } => SessionEnd::Fatal(anyhow!(
+            "publication {publication} is not visible at slot {slot}'s position ({e}): the slot was created, or last confirmed, before the publication, and stays there; \
+             create the publication before the slot (use the publication the slot was streamed with), \
+             or start on a new slot (with initial_snapshot = true to publish the rows already in the outbox)"
+        )),
+        _ => SessionEnd::Fatal(anyhow!(
+            "PostgreSQL does not know replication slot {slot} or publication {publication} ({e}), and the catalog could not be read to tell which; \
+             check both exist (pg_replication_slots, pg_publication) and restart"
+        )),
     }
 }
 

@@ -199,6 +199,8 @@ pub async fn run(
         match session.run().await {
             SessionEnd::Stopped => break Ok(()),
             SessionEnd::Fatal(e) => break Err(e),
+            // The session puts it into words before returning; never seen here.
+            SessionEnd::Undefined(e) => break Err(e.into()),
             SessionEnd::SlotBusy(why) => {
                 health.set_not_streaming(format!("standby: {why}"));
                 metrics.leader.set(0);

@@ -15,7 +15,7 @@ use crate::mapping::outbox::OutboxMapper;
 use crate::mapping::record::Record;
 use crate::ops::metrics::Health;
 use crate::pipeline::ack::TxnId;
-use crate::pipeline::end::{classify, txn_end, SessionEnd};
+use crate::pipeline::end::{self, classify, txn_end, Known, SessionEnd};
 use crate::pipeline::output::Output;
 use crate::postgres::catalog;
 use crate::postgres::connect::PgEndpoint;
@@ -52,6 +52,38 @@ pub(super) struct Session<'c> {
 impl Session<'_> {
     /// Connects, streams until something ends the session, and says why it ended.
     pub(super) async fn run(&mut self) -> SessionEnd {
+        match self.connect_and_stream().await {
+            SessionEnd::Undefined(e) => {
+                let known = self.known().await;
+                end::undefined(e, &self.config.postgres, known)
+            }
+            end => end,
+        }
+    }
+
+    /// Asks the catalog whether the slot and the publication exist, to tell which one an
+    /// "undefined object" error was about.
+    async fn known(&self) -> Known {
+        let pg = &self.config.postgres;
+        let Ok(client) = self.endpoint.connect_sql().await else {
+            return Known {
+                slot: None,
+                publication: None,
+            };
+        };
+        Known {
+            slot: catalog::read_slot(&client, &pg.slot)
+                .await
+                .ok()
+                .map(|r| r.slot.is_some()),
+            publication: catalog::read_publication(&client, &pg.publication)
+                .await
+                .ok()
+                .map(|p| p.is_some()),
+        }
+    }
+
+    async fn connect_and_stream(&mut self) -> SessionEnd {
         let slot = self.config.postgres.slot.as_str();
         let conn = match ReplicationConnection::connect(self.endpoint).await {
             Ok(c) => c,
