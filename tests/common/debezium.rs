@@ -93,6 +93,17 @@ impl Debezium {
     /// Creates this mode's slot and publication (so the connector streams every write made
     /// from now on, however long the JVM takes to start), then starts the worker.
     pub async fn start(pg: &Pg, bootstrap: &str, mode: DebeziumMode) -> Debezium {
+        Debezium::start_with_prefix(pg, bootstrap, mode, &mode.prefix()).await
+    }
+
+    /// As [`Debezium::start`], with the topics behind `prefix` (empty: the relay's own topics,
+    /// as for a switch-over).
+    pub async fn start_with_prefix(
+        pg: &Pg,
+        bootstrap: &str,
+        mode: DebeziumMode,
+        prefix: &str,
+    ) -> Debezium {
         let slot = mode.slot();
         pg.sql(&format!(
             "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); \
@@ -113,7 +124,7 @@ impl Debezium {
             .args(["--mode", mode.arg()])
             .args(["--pg-port", &pg.port().to_string()])
             .args(["--slot", &slot, "--publication", &slot])
-            .args(["--prefix", &mode.prefix()])
+            .args(["--prefix", prefix])
             // Three workers share a small machine in the tests; each needs little.
             .args(["--heap", "256m"])
             .env("OUTBOX_DEBEZIUM_LIBS", libs)
