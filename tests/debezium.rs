@@ -5,8 +5,8 @@
 //! id and compared field by field: topic (after the prefix), key bytes, partition, headers,
 //! value bytes, order per key. What is asserted is what was measured:
 //!
-//! - `strings` (StringConverter for keys and values, `type` as a header, no extended headers):
-//!   identical in every field.
+//! - `strings` (StringConverter for keys and values, `type` and the extra column `tenant` as
+//!   headers, no extended headers): identical in every field, a NULL `tenant` included.
 //! - `defaults` (Debezium's documented defaults, JSON converter with schemas): same topic,
 //!   same `id` header and order per key; the key and the value are JSON envelopes
 //!   (`{"schema":...,"payload":...}`, the payload an escaped JSON string), so the partition is
@@ -33,6 +33,9 @@ const AGGREGATES: [&str; 2] = ["order", "customer"];
 const BULK: usize = 1000;
 /// Generous: three JVMs start at once on a small, shared machine.
 const DELIVERY: Duration = Duration::from_secs(150);
+/// `strings` mode's `type` header plus the extra column as a header of its own name.
+const TENANT_PLACEMENT: &str =
+    "transforms.outbox.table.fields.additional.placement=type:header:type,tenant:header:tenant";
 const MODES: [DebeziumMode; 3] = [
     DebeziumMode::Strings,
     DebeziumMode::Defaults,
@@ -45,6 +48,8 @@ struct Row {
     aggregate: &'static str,
     key: String,
     kind: &'static str,
+    /// The extra header column (`tenant`).
+    tenant: Option<&'static str>,
     /// The payload as an SQL literal (`NULL` or a quoted jsonb text).
     payload_sql: String,
     raw_json_value: Option<Vec<u8>>,
@@ -63,6 +68,11 @@ fn row(
         aggregate,
         key: key.to_owned(),
         kind,
+        tenant: match n % 3 {
+            0 => None,
+            1 => Some("acme"),
+            _ => Some("mandant-ü"),
+        },
         payload_sql: payload.map_or("NULL".into(), |p| format!("'{}'", p.replace('\'', "''"))),
         raw_json_value: Some(raw.as_bytes().to_vec()),
     }
@@ -73,17 +83,18 @@ fn insert_sql(rows: &[&Row]) -> String {
         .iter()
         .map(|r| {
             format!(
-                "('{}', '{}', '{}', '{}', {})",
+                "('{}', '{}', '{}', '{}', {}, {})",
                 r.id,
                 r.aggregate,
                 r.key.replace('\'', "''"),
                 r.kind,
-                r.payload_sql
+                r.payload_sql,
+                r.tenant.map_or("NULL".into(), |t| format!("'{t}'"))
             )
         })
         .collect();
     format!(
-        "INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, payload) VALUES {}",
+        "INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, payload, tenant) VALUES {}",
         values.join(", ")
     )
 }
@@ -178,6 +189,7 @@ fn bulk() -> Vec<Row> {
             aggregate: "order",
             key: format!("k{}", i % 10),
             kind: "Bulk",
+            tenant: Some("acme"),
             payload_sql: format!("'{{\"i\": {i}}}'"),
             raw_json_value: Some(format!("{{\"i\":{i}}}").into_bytes()),
         })
@@ -271,6 +283,10 @@ async fn debezium_records_beside_the_relays_field_by_field() {
     let pg = Pg::start();
     let broker = Broker::start();
     pg.sql(OUTBOX_DDL).await;
+    // An extra column sent as a header: the relay's `header_columns`, Debezium's
+    // `table.fields.additional.placement` (strings mode).
+    pg.sql("ALTER TABLE public.outbox ADD COLUMN tenant text")
+        .await;
     let mut topics = Vec::new();
     for prefix in std::iter::once(String::new()).chain(MODES.iter().map(|m| m.prefix())) {
         for a in AGGREGATES {
@@ -280,13 +296,24 @@ async fn debezium_records_beside_the_relays_field_by_field() {
     for t in &topics {
         broker.create_topic(t, PARTITIONS).await;
     }
-    let mut relay = Relay::start(&basic_config(&pg.url(), &broker.bootstrap()));
+    let config = basic_config(&pg.url(), &broker.bootstrap()).replace(
+        "table = \"public.outbox\"\n",
+        "table = \"public.outbox\"\nheader_columns = [\"tenant\"]\n",
+    );
+    assert!(config.contains("header_columns"), "{config}");
+    let mut relay = Relay::start(&config);
     relay
         .wait_for_slot(&pg, SLOT, Duration::from_secs(60))
         .await;
     let mut workers = Vec::new();
     for mode in MODES {
-        workers.push(Debezium::start(&pg, &broker.bootstrap(), mode).await);
+        let sets: &[&str] = if mode == DebeziumMode::Strings {
+            &[TENANT_PLACEMENT]
+        } else {
+            &[]
+        };
+        workers
+            .push(Debezium::start_with(&pg, &broker.bootstrap(), mode, &mode.prefix(), sets).await);
     }
 
     let (singles, deleted) = rows();
@@ -474,6 +501,23 @@ async fn debezium_records_beside_the_relays_field_by_field() {
                     )
                 }
             };
+            // The extra column: as a header in both (strings), its text as the value.
+            if mode == DebeziumMode::Strings {
+                if d.header("tenant").flatten() != row.tenant.map(str::as_bytes) {
+                    failures.push(format!(
+                        "{mode:?} {id}: tenant header {} for column {:?}",
+                        header_text(d),
+                        row.tenant
+                    ));
+                }
+                if row.tenant.is_none() && id.ends_with("000000000003") {
+                    eprintln!(
+                        "a NULL header column: Debezium strings {}; the relay {}",
+                        header_text(d),
+                        header_text(r)
+                    );
+                }
+            }
             for (what, ok) in [
                 ("key", key_ok),
                 ("value", value_ok),

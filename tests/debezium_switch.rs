@@ -98,7 +98,7 @@ async fn switching_over_from_debeziums_slot_loses_nothing() {
     broker.create_topic(TOPIC, PARTITIONS).await;
     let mode = DebeziumMode::Strings;
     let slot = mode.slot();
-    let mut debezium = Debezium::start_with_prefix(&pg, &broker.bootstrap(), mode, "").await;
+    let mut debezium = Debezium::start_with(&pg, &broker.bootstrap(), mode, "", &[]).await;
 
     // Debezium streams BEFORE_TXNS transactions; the slot is written before each is committed.
     let mut last_txn_start = 0;

@@ -93,16 +93,18 @@ impl Debezium {
     /// Creates this mode's slot and publication (so the connector streams every write made
     /// from now on, however long the JVM takes to start), then starts the worker.
     pub async fn start(pg: &Pg, bootstrap: &str, mode: DebeziumMode) -> Debezium {
-        Debezium::start_with_prefix(pg, bootstrap, mode, &mode.prefix()).await
+        Debezium::start_with(pg, bootstrap, mode, &mode.prefix(), &[]).await
     }
 
     /// As [`Debezium::start`], with the topics behind `prefix` (empty: the relay's own topics,
-    /// as for a switch-over).
-    pub async fn start_with_prefix(
+    /// as for a switch-over) and connector properties `sets` (`key=value`, overriding the
+    /// mode's: `scripts/debezium.sh --connector-set`).
+    pub async fn start_with(
         pg: &Pg,
         bootstrap: &str,
         mode: DebeziumMode,
         prefix: &str,
+        sets: &[&str],
     ) -> Debezium {
         let slot = mode.slot();
         pg.sql(&format!(
@@ -125,6 +127,7 @@ impl Debezium {
             .args(["--pg-port", &pg.port().to_string()])
             .args(["--slot", &slot, "--publication", &slot])
             .args(["--prefix", prefix])
+            .args(sets.iter().flat_map(|s| ["--connector-set", s]))
             // Three workers share a small machine in the tests; each needs little.
             .args(["--heap", "256m"])
             .env("OUTBOX_DEBEZIUM_LIBS", libs)
