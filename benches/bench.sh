@@ -26,6 +26,12 @@
 #            the same backlog drained in turns, --repeat times each; then single-event
 #            transactions at --eos-rate, commit-to-consumer in both modes (read_committed
 #            consumer for exactly-once)
+#   debezium (not in the default run) the relay against Debezium (scripts/debezium.sh: Kafka
+#            Connect standalone, Debezium's PostgreSQL connector, the Outbox Event Router) in
+#            turns, each on its own copy of the same slot, Debezium's topics behind a prefix of
+#            their own: a backlog drain (also with the Connect JVM at --debezium-small-heap,
+#            and both under a 1-CPU quota), steady single-event transactions at --rates
+#            (commit-to-consumer), and the time from process start to the first record
 #
 # The throwaway broker is a single-node Apache Kafka (scripts/lib.sh start_kafka, jars from
 # Maven Central), fresh for each section, with the JVM settings of Kafka's own start scripts
@@ -61,8 +67,20 @@ Usage: benches/bench.sh [options]
   --scale-backlogs LIST   scaling: backlog sizes (default 100000,1000000)
   --quota-pct P           quota: CPU limit in % of one core (default 25)
   --eos-rate R            eos: transactions per second of the latency part (default 1000)
-  --sections LIST         any of drain,quota,latency,memory,scaling,compare,eos (default: all
-                          but compare and eos)
+  --debezium-mode M       debezium: scripts/debezium.sh --mode, what Debezium's records look
+                          like: strings (the relay's records byte for byte), defaults or
+                          raw-json (default strings)
+  --debezium-heap SIZE    debezium: the Connect JVM's -Xmx (default 2G, connect-standalone.sh's)
+  --debezium-small-heap SIZE
+                          debezium: the heap of the extra drain, a sidecar's budget (default 256m)
+  --slot-grace-secs S     debezium: once every record is in Kafka, how long to wait for the
+                          slot to be confirmed past the last commit (default 30; Debezium
+                          confirms only when it flushes offsets, every 10 s, and then only
+                          up to the commit before its last record's transaction)
+                          The debezium section drains 500,000 events unless -n says otherwise
+                          and repeats everything 3 times unless --repeat says otherwise.
+  --sections LIST         any of drain,quota,latency,memory,scaling,compare,eos,debezium
+                          (default: all but compare, eos and debezium)
   --pg-url URL            use this PostgreSQL (wal_level=logical) instead of a throwaway one
   --brokers HOST:PORT     use this Kafka instead of a throwaway Apache Kafka (it must support
                           transactions for eos; its offsets topic is outbox-bench.offsets)
@@ -96,6 +114,12 @@ SCALE_SOURCES=table,message
 SCALE_BACKLOGS=100000,1000000
 QUOTA_PCT=25
 EOS_RATE=1000
+DBZ_MODE="strings"
+DBZ_HEAP=2G
+DBZ_SMALL_HEAP=256m
+DBZ_GRACE=30
+N_SET=
+REPEAT_SET=
 SECTIONS=drain,quota,latency,memory,scaling
 PG_URL_ARG=
 BROKERS_ARG=
@@ -108,12 +132,12 @@ RESULTS_ARG=
 while [ $# -gt 0 ]; do
     case "$1" in
     --quick)
-        N=100000 LOAD_SECS=5 MEM_EVENTS=200000 SCALE_N=20000 SCALE_BACKLOGS=20000,100000
+        N=100000 LOAD_SECS=5 MEM_EVENTS=200000 SCALE_N=20000 SCALE_BACKLOGS=20000,100000 N_SET=1
         ;;
-    -n | --events) N=$2 && shift ;;
+    -n | --events) N=$2 N_SET=1 && shift ;;
     --txn) TXN=$2 && shift ;;
     --payload) PAYLOAD=$2 && shift ;;
-    --repeat) REPEAT=$2 && shift ;;
+    --repeat) REPEAT=$2 REPEAT_SET=1 && shift ;;
     --poll-batch) POLL_BATCH=$2 && shift ;;
     --rates) RATES=$2 && shift ;;
     --load-secs) LOAD_SECS=$2 && shift ;;
@@ -126,6 +150,10 @@ while [ $# -gt 0 ]; do
     --scale-backlogs) SCALE_BACKLOGS=$2 && shift ;;
     --quota-pct) QUOTA_PCT=$2 && shift ;;
     --eos-rate) EOS_RATE=$2 && shift ;;
+    --debezium-mode) DBZ_MODE=$2 && shift ;;
+    --debezium-heap) DBZ_HEAP=$2 && shift ;;
+    --debezium-small-heap) DBZ_SMALL_HEAP=$2 && shift ;;
+    --slot-grace-secs) DBZ_GRACE=$2 && shift ;;
     --sections) SECTIONS=$2 && shift ;;
     --pg-url) PG_URL_ARG=$2 && shift ;;
     --brokers) BROKERS_ARG=$2 && shift ;;
@@ -139,10 +167,14 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-for v in N TXN PAYLOAD REPEAT POLL_BATCH LOAD_SECS MEM_EVENTS SCALE_N QUOTA_PCT EOS_RATE; do
+for v in N TXN PAYLOAD REPEAT POLL_BATCH LOAD_SECS MEM_EVENTS SCALE_N QUOTA_PCT EOS_RATE DBZ_GRACE; do
     [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v must be a number, not '${!v}'"
 done
 has_section() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+case "$DBZ_MODE" in
+defaults | raw-json | strings) ;;
+*) die "--debezium-mode is strings, defaults or raw-json, not $DBZ_MODE" ;;
+esac
 
 # Names of everything the benchmark creates; on your own setup nothing else is touched.
 SCHEMA=outbox_bench
@@ -154,6 +186,10 @@ TOPIC_PREFIX=outbox-bench.
 TOPICS="${TOPIC_PREFIX}order,${TOPIC_PREFIX}customer"
 OFFSETS_TOPIC=${TOPIC_PREFIX}offsets # exactly-once: the relay's positions (1 partition, compacted)
 MARKER='outbox-relay benchmark scratch schema (benches/bench.sh drops it)'
+DBZ_SLOT=outbox_bench_dbz # Debezium's slot (the debezium section)
+DBZ_PREFIX=outbox-bench-dbz.
+# Where Debezium's Outbox Event Router sends the rows: <prefix>outbox.event.<aggregatetype>.
+DBZ_TOPICS="${DBZ_PREFIX}outbox.event.order,${DBZ_PREFIX}outbox.event.customer"
 
 # ---------------------------------------------------------------------------------------
 # Tools, binaries, servers.
@@ -167,6 +203,7 @@ fi
 for t in psql pg_recvlogical python3; do
     command -v "$t" >/dev/null || die "$t not found (PostgreSQL client tools and python3 are needed)"
 done
+has_section debezium && ensure_debezium
 make_workdir
 REPORT="python3 benches/report.py"
 RESULTS="$WORK_DIR/results.jsonl"
@@ -221,6 +258,10 @@ new_broker() {
         "$EX"/create_topics --brokers "$KAFKA_BROKERS" --partitions 1 \
             --config cleanup.policy=compact "$OFFSETS_TOPIC" >/dev/null
     fi
+    if has_section debezium; then
+        "$EX"/create_topics --brokers "$KAFKA_BROKERS" --partitions "$PARTITIONS" \
+            "${DBZ_TOPICS%%,*}" "${DBZ_TOPICS##*,}" >/dev/null
+    fi
     if [ -n "$OWN_BROKER" ]; then
         # Not measured: a new broker creates and loads its transaction state log when the first
         # (idempotent) producer asks for a producer id ("Coordinator load in progress", up to a
@@ -248,7 +289,7 @@ wait_slot_idle() {
 drop_slots() {
     wait_slot_idle
     bpsql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-              WHERE slot_name IN ('$SLOT', '$BASE_SLOT', '$COPY_SLOT')" >/dev/null
+              WHERE slot_name IN ('$SLOT', '$BASE_SLOT', '$COPY_SLOT', '$DBZ_SLOT')" >/dev/null
 }
 cleanup_db() {
     drop_slots 2>/dev/null || true
@@ -322,7 +363,9 @@ msgs_sql() {
 # new_backlog N PAYLOAD TABLES: empty tables, a fresh publication and slot, then N events in
 # transactions of $TXN spread over TABLES tables (TABLES = message: emitted as logical
 # decoding messages, no table). Sets TARGET (the WAL position after the last
-# commit), BYTES (payload bytes as published) and PAYLOAD_AVG; keeps a pristine copy of the
+# commit), LAST_COMMIT (the WAL insert position just before the last COMMIT: a slot confirmed
+# at or past it has the last transaction, whichever of its commit record's start or end the
+# reader confirms), BYTES (payload bytes as published) and PAYLOAD_AVG; keeps a pristine copy of the
 # slot so that every reader starts from the same place.
 new_backlog() {
     local n=$1 payload=$2 k=$3 t off m
@@ -339,9 +382,11 @@ new_backlog() {
     } | bpsql >/dev/null
     local wal_start
     wal_start=$(bpsql -At -c "SELECT pg_current_wal_lsn()")
+    rm -f "$WORK_DIR/last-commit"
     if [ "$n" -gt 0 ]; then
         say "writing $n events ($payload-byte payloads, $k table(s), transactions of $TXN)"
         {
+            printf '\\pset tuples_only on\n\\pset format unaligned\n'
             for ((off = 0; off < n; off += TXN)); do
                 m=$((n - off < TXN ? n - off : TXN))
                 echo "BEGIN;"
@@ -351,11 +396,16 @@ new_backlog() {
                 for ((t = 1; t <= ${k/message/0}; t++)); do
                     echo "$(rows_sql "$(table_name "$t")" $((off + 1)) $((off + m)) "$payload" "$k" "$t");"
                 done
+                if ((off + TXN >= n)); then
+                    echo "SELECT pg_current_wal_insert_lsn() \\g $WORK_DIR/last-commit"
+                fi
                 echo "COMMIT;"
             done
         } | bpsql >/dev/null
     fi
     TARGET=$(bpsql -At -c "SELECT pg_current_wal_lsn()")
+    LAST_COMMIT=$TARGET
+    [ ! -s "$WORK_DIR/last-commit" ] || LAST_COMMIT=$(tr -d '[:space:]' <"$WORK_DIR/last-commit")
     # Don't let a checkpoint triggered by the writes land in the middle of a measurement
     # (needs superuser or pg_checkpoint; skipped otherwise).
     bpsql -c "CHECKPOINT" >/dev/null 2>&1 || true
@@ -542,13 +592,13 @@ fi
 # 7. The relay under a CPU quota, on the same backlog.
 CGROUP=
 quota_prefix() {
-    # cgroup v1 cpu controller, cgroup v2 cpu.max, or systemd-run: false if none works;
-    # sets QUOTA_PREFIX (an array) to the command prefix that starts a process inside the
-    # limit and QUOTA_HOW to what it is.
-    local period=100000 quota=$((QUOTA_PCT * 1000)) d
+    # quota_prefix PCT: a limit of PCT % of one core, by the cgroup v1 cpu controller, cgroup
+    # v2 cpu.max, or systemd-run: false if none works; sets QUOTA_PREFIX (an array) to the
+    # command prefix that starts a process inside the limit and QUOTA_HOW to what it is.
+    local pct=$1 period=100000 quota=$(($1 * 1000)) d
     for d in /sys/fs/cgroup/cpu /sys/fs/cgroup/cpu,cpuacct; do
-        if [ -w "$d/cgroup.procs" ] && mkdir "$d/outbox-bench-$$" 2>/dev/null; then
-            CGROUP="$d/outbox-bench-$$"
+        if [ -w "$d/cgroup.procs" ] && mkdir "$d/outbox-bench-$$-$pct" 2>/dev/null; then
+            CGROUP="$d/outbox-bench-$$-$pct"
             on_exit "rmdir '$CGROUP' 2>/dev/null"
             echo $period >"$CGROUP/cpu.cfs_period_us"
             echo $quota >"$CGROUP/cpu.cfs_quota_us"
@@ -558,8 +608,8 @@ quota_prefix() {
         fi
     done
     if [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null &&
-        mkdir "/sys/fs/cgroup/outbox-bench-$$" 2>/dev/null; then
-        CGROUP="/sys/fs/cgroup/outbox-bench-$$"
+        mkdir "/sys/fs/cgroup/outbox-bench-$$-$pct" 2>/dev/null; then
+        CGROUP="/sys/fs/cgroup/outbox-bench-$$-$pct"
         on_exit "rmdir '$CGROUP' 2>/dev/null"
         echo "$quota $period" >"$CGROUP/cpu.max"
         QUOTA_PREFIX=(sh -c "echo \$\$ >$CGROUP/cgroup.procs && exec \"\$@\"" sh)
@@ -567,14 +617,14 @@ quota_prefix() {
         return 0
     fi
     if command -v systemd-run >/dev/null && systemd-run --scope --quiet -p CPUQuota=1% true 2>/dev/null; then
-        QUOTA_PREFIX=(systemd-run --scope --quiet -p "CPUQuota=${QUOTA_PCT}%")
-        QUOTA_HOW="systemd-run CPUQuota=${QUOTA_PCT}%"
+        QUOTA_PREFIX=(systemd-run --scope --quiet -p "CPUQuota=${pct}%")
+        QUOTA_HOW="systemd-run CPUQuota=${pct}%"
         return 0
     fi
     return 1
 }
 if has_section quota; then
-    if quota_prefix; then
+    if quota_prefix "$QUOTA_PCT"; then
         measure_relay "quota ${QUOTA_PCT}%" --quota section=quota \
             quota_pct="$QUOTA_PCT" quota_how="$QUOTA_HOW"
     else
@@ -720,6 +770,192 @@ if has_section eos; then
             record section=eos kind=latency delivery="$mode" rep="$rep" "${LOAD_FIELDS[@]}"
             stop_relay
         done
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# 9. Debezium beside the relay (issue #13): the same backlog drained in turns, steady loads,
+# start-up; Debezium on a slot of its own copied from the same pristine slot, through the
+# benchmark's publication, its topics behind DBZ_PREFIX.
+DBZ_N=$([ -n "$N_SET" ] && echo "$N" || echo 500000)
+DBZ_REPEAT=$([ -n "$REPEAT_SET" ] && echo "$REPEAT" || echo 3)
+BG_PID=
+# stop_bg: stops the relay or Connect worker started in the background, if any.
+stop_bg() {
+    [ -z "$BG_PID" ] || stop_pid "$BG_PID" 30
+    BG_PID=
+}
+on_exit stop_bg
+# fresh_slot NAME: slot NAME dropped and created anew at the current WAL position, so that a
+# steady run replays nothing of the runs before it.
+fresh_slot() {
+    wait_slot_idle
+    bpsql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$1'" \
+        -c "SELECT pg_create_logical_replication_slot('$1', 'pgoutput')" >/dev/null
+}
+# dbz_pg_args: scripts/debezium.sh's connection options for PG_URL (sets DBZ_PG_ARGS).
+dbz_pg_args() {
+    local host port user db password
+    read -r host port user db password < <(python3 -c '
+import sys, urllib.parse as u
+p = u.urlsplit(sys.argv[1])
+print(p.hostname or "127.0.0.1", p.port or 5432, u.unquote(p.username or "postgres"),
+      p.path.lstrip("/") or "postgres", u.unquote(p.password or "-"))' "$PG_URL")
+    [ "$password" != - ] || password=
+    DBZ_PG_ARGS=(--pg-host "$host" --pg-port "$port" --pg-user "$user" --pg-db "$db" --pg-password "$password")
+}
+# system_cmd SYSTEM HEAP: sets SYS_CMD (the command line), SYS_SLOT and SYS_TOPICS of SYSTEM:
+# the relay on SLOT, or a Connect worker with Debezium (heap HEAP) on DBZ_SLOT, with a home of
+# its own (no offsets from an earlier run) and the benchmark's publication as it is
+# (publication.autocreate.mode=disabled: a publication created later than the slot's start
+# could not be decoded from it).
+system_cmd() {
+    RUN=$((RUN + 1))
+    if [ "$1" = relay ]; then
+        relay_config "$WORK_DIR/relay-$RUN.toml" 1
+        SYS_CMD=("$RELAY_BIN" run --config "$WORK_DIR/relay-$RUN.toml")
+        SYS_SLOT=$SLOT SYS_TOPICS=$TOPICS
+    else
+        SYS_CMD=(scripts/debezium.sh run --dir "$WORK_DIR/dbz-$RUN" --bootstrap "$KAFKA_BROKERS"
+            "${DBZ_PG_ARGS[@]}" --mode "$DBZ_MODE" --heap "$2" --slot "$DBZ_SLOT"
+            --publication "$PUB" --table "$SCHEMA.outbox" --prefix "$DBZ_PREFIX"
+            --partitions "$PARTITIONS" --connector-set publication.autocreate.mode=disabled)
+        SYS_SLOT=$DBZ_SLOT SYS_TOPICS=$DBZ_TOPICS
+    fi
+}
+# check_jvm SYSTEM OUT: dies unless bench_drain measured the process it should have (for
+# Debezium the JVM itself, not a shell around it).
+check_jvm() {
+    local comm
+    comm=$(echo "$2" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("comm"))')
+    if [ "$1" = debezium ] && [ "$comm" != java ]; then
+        die "measured process '$comm', not the Connect JVM"
+    fi
+}
+# dbz_drain SYSTEM LABEL [--quota] [--heap SIZE] FIELDS...: SYSTEM (relay or debezium) drains
+# the backlog from its own copy of the pristine slot until all DBZ_N records are in its topics
+# and its slot is confirmed at or past LAST_COMMIT (for at most --slot-grace-secs more).
+dbz_drain() {
+    local sys=$1 label=$2 prefix=() heap=$DBZ_HEAP out loadavg log
+    shift 2
+    while true; do
+        case "${1:-}" in
+        --quota) prefix=("${QUOTA_PREFIX[@]}") && shift ;;
+        --heap) heap=$2 && shift 2 ;;
+        *) break ;;
+        esac
+    done
+    system_cmd "$sys" "$heap"
+    reset_slot "$SYS_SLOT"
+    log="$WORK_DIR/$sys-$RUN.log"
+    say "$label: $sys${prefix:+ (${prefix[*]})}"
+    loadavg=$(cut -d' ' -f1 /proc/loadavg)
+    out=$("$EX"/bench_drain --pg-url "$PG_URL" --slot "$SYS_SLOT" --target-lsn "$LAST_COMMIT" \
+        --records "$DBZ_N" --brokers "$KAFKA_BROKERS" --topics "$SYS_TOPICS" \
+        --slot-grace-secs "$DBZ_GRACE" --clk-tck "$TCK" --log "$log" "${WATCH[@]}" -- \
+        "${prefix[@]}" "${SYS_CMD[@]}") || { tail -n 30 "$log" >&2; die "$sys drain failed"; }
+    check_jvm "$sys" "$out"
+    record section=debezium kind=drain system="$sys" heap="$([ "$sys" = relay ] || echo "$heap")" \
+        loadavg="$loadavg" mode="$DBZ_MODE" grace="$DBZ_GRACE" last_commit="$LAST_COMMIT" "$@" \
+        "${BL_FIELDS[@]}" "$out"
+}
+# dbz_first SYSTEM REP: one event waiting in a fresh slot, SYSTEM started; the time from its
+# start until the record is in its topics.
+dbz_first() {
+    local sys=$1 out log
+    system_cmd "$sys" "$DBZ_HEAP"
+    fresh_slot "$SYS_SLOT"
+    rows_sql "$SCHEMA.outbox" 1 1 "$PAYLOAD" 1 1 | bpsql >/dev/null
+    log="$WORK_DIR/$sys-first-$RUN.log"
+    say "start-up $2/$DBZ_REPEAT: $sys, until its first record is in Kafka"
+    out=$("$EX"/bench_drain --pg-url "$PG_URL" --slot "$SYS_SLOT" --records 1 \
+        --brokers "$KAFKA_BROKERS" --topics "$SYS_TOPICS" --clk-tck "$TCK" --log "$log" -- \
+        "${SYS_CMD[@]}") || { tail -n 30 "$log" >&2; die "$sys start-up run failed"; }
+    check_jvm "$sys" "$out"
+    record section=debezium kind=first system="$sys" rep="$2" "$out"
+}
+# dbz_steady SYSTEM RATE REP: SYSTEM started in the background on a fresh slot and warmed up,
+# then single-event transactions at RATE for LOAD_SECS with a consumer on its topics
+# (bench_load: commit-to-consumer); the CPU SYSTEM, its walsender, the broker and the machine
+# used from the load's start until the consumer had every record, and SYSTEM's RSS.
+dbz_steady() {
+    local sys=$1 rate=$2 log warm ws t0 t1 w0 w1 b0 b1 m0 m1 s0 s1 load loadavg rss hwm
+    system_cmd "$sys" "$DBZ_HEAP"
+    fresh_slot "$SYS_SLOT"
+    log="$WORK_DIR/$sys-steady-$RUN.log"
+    say "steady $3/$DBZ_REPEAT: $sys, warming up (2 s at 100 transactions/s, not measured)"
+    "${SYS_CMD[@]}" >"$log" 2>&1 &
+    BG_PID=$!
+    # Until the consumer has every warm-up record: Connect takes a while to start streaming.
+    warm=$("$EX"/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
+        --topics "$SYS_TOPICS" --rate 100 --secs 2 --drain-secs 300 2>"$WORK_DIR/warmup.log") ||
+        { cat "$WORK_DIR/warmup.log" >&2; die "bench_load (warm-up) failed"; }
+    echo "$warm" | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(d["consumed"] != d["committed"])' ||
+        { tail -n 30 "$log" >&2; die "$sys did not publish the warm-up records: $warm"; }
+    [ "$sys" = relay ] || [ "$(cat "/proc/$BG_PID/comm")" = java ] || die "pid $BG_PID is not the Connect JVM"
+    say "steady $3/$DBZ_REPEAT: $sys, $rate transactions/s for $LOAD_SECS s"
+    loadavg=$(cut -d' ' -f1 /proc/loadavg)
+    ws=$(bpsql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$SYS_SLOT'")
+    t0=$(proc_ticks "$BG_PID") w0=$(proc_ticks "$ws" 2>/dev/null || echo)
+    b0=$([ -z "$OWN_BROKER" ] || proc_ticks "$BROKER_PID")
+    m0=$(machine_ticks) s0=$(date +%s.%N)
+    load=$("$EX"/bench_load --pg-url "$PG_URL" --brokers "$KAFKA_BROKERS" --table "$SCHEMA.outbox" \
+        --topics "$SYS_TOPICS" --rate "$rate" --secs "$LOAD_SECS" --drain-secs 120 2>"$WORK_DIR/load.log") ||
+        { cat "$WORK_DIR/load.log" >&2; die "bench_load failed"; }
+    t1=$(proc_ticks "$BG_PID") w1=$(proc_ticks "$ws" 2>/dev/null || echo)
+    b1=$([ -z "$OWN_BROKER" ] || proc_ticks "$BROKER_PID")
+    m1=$(machine_ticks) s1=$(date +%s.%N)
+    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$BG_PID/status")
+    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$BG_PID/status")
+    stop_bg
+    record section=debezium kind=steady system="$sys" rep="$3" secs="$LOAD_SECS" loadavg="$loadavg" \
+        heap="$([ "$sys" = relay ] || echo "$DBZ_HEAP")" \
+        cpu_s="$(ticks_s "$t0" "$t1")" walsender_cpu_s="$(ticks_s "$w0" "$w1")" \
+        broker_cpu_s="$(ticks_s "$b0" "$b1")" machine_cpu_s="$(ticks_s "$m0" "$m1")" \
+        wall_s="$(python3 -c "print($s1 - $s0)")" rss_kb="$rss" hwm_kb="$hwm" "$load"
+}
+
+if has_section debezium; then
+    dbz_pg_args
+    new_broker
+    new_backlog "$DBZ_N" "$PAYLOAD" 1
+    quota=()
+    if quota_prefix 100; then
+        quota=(--quota)
+    else
+        say "debezium: no writable cgroup and no systemd-run; no 1-CPU runs"
+    fi
+    # In turns, the order reversed every other round, so that a machine getting busier or
+    # quieter weighs on both alike.
+    for ((rep = 1; rep <= DBZ_REPEAT; rep++)); do
+        runs=(relay debezium debezium-small relay-quota debezium-quota)
+        ((rep % 2)) || runs=(debezium-quota relay-quota debezium-small debezium relay)
+        for r in "${runs[@]}"; do
+            case "$r" in
+            relay | debezium) dbz_drain "$r" "drain $rep/$DBZ_REPEAT" variant=default rep="$rep" ;;
+            debezium-small)
+                dbz_drain debezium "drain $rep/$DBZ_REPEAT, -Xmx$DBZ_SMALL_HEAP" --heap "$DBZ_SMALL_HEAP" \
+                    variant=small-heap rep="$rep"
+                ;;
+            *-quota)
+                [ "${#quota[@]}" -gt 0 ] || continue
+                dbz_drain "${r%-quota}" "drain $rep/$DBZ_REPEAT, 1 CPU" "${quota[@]}" variant=quota \
+                    quota_how="$QUOTA_HOW" rep="$rep"
+                ;;
+            esac
+        done
+    done
+    for ((rep = 1; rep <= DBZ_REPEAT; rep++)); do
+        for rate in ${RATES//,/ }; do
+            runs=(relay debezium)
+            ((rep % 2)) || runs=(debezium relay)
+            for r in "${runs[@]}"; do dbz_steady "$r" "$rate" "$rep"; done
+        done
+    done
+    for ((rep = 1; rep <= DBZ_REPEAT; rep++)); do
+        runs=(relay debezium)
+        ((rep % 2)) || runs=(debezium relay)
+        for r in "${runs[@]}"; do dbz_first "$r" "$rep"; done
     done
 fi
 

@@ -439,6 +439,152 @@ def render_eos(res, out):
                    "load averages of all runs.\n")
 
 
+def lsn(text):
+    """A pg_lsn ('16/B374D848') as a number."""
+    hi, _, lo = text.partition("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
+
+
+def slot_cell(m):
+    """When the slot got past the last commit, or how far behind it stayed."""
+    if m.get("slot_secs") is not None:
+        return fmt(m["slot_secs"], 2)
+    cell = f"not within {m.get('grace', 0):g} s more"
+    if m.get("confirmed_lsn") and m.get("last_commit"):
+        behind = lsn(m["last_commit"]) - lsn(m["confirmed_lsn"])
+        cell += f" (stayed {behind / 1e6:,.1f} MB of WAL before it)"
+    return cell
+
+
+def render_debezium(res, out):
+    d = [r for r in res if r["section"] == "debezium"]
+    if not d:
+        return
+    drains = [r for r in d if r["kind"] == "drain"]
+    name = {"relay": "**outbox-relay**", "debezium": "Debezium (Connect standalone)"}
+    if drains:
+        f = drains[0]
+        rows = []
+        for variant in ("default", "small-heap", "quota"):
+            for system in ("relay", "debezium"):
+                runs = [r for r in drains if r["variant"] == variant and r["system"] == system]
+                if not runs:
+                    continue
+                timed = [r for r in runs if r.get("records_secs")]
+                m = median(timed, key=lambda r: r["records_secs"]) if timed else runs[0]
+                secs = m.get("records_secs")
+                label = name[system]
+                if system == "debezium":
+                    label += f", `-Xmx{m['heap']}`"
+                if variant == "quota":
+                    label += f", 1 CPU ({m.get('quota_how', 'quota')})"
+                broker = (m.get("watch_cpu_s") or [None])[0]
+                slots = [r.get("slot_secs") for r in runs]
+                steady_s = secs - m["first_secs"] if secs and m.get("first_secs") is not None else None
+                rows.append([
+                    label,
+                    fmt(m["n"] / secs if secs else None),
+                    fmt(m.get("first_secs"), 2),
+                    fmt((m["n"] - 1) / steady_s if steady_s else None),
+                    fmt(secs, 2),
+                    slot_cell(m),
+                    fmt(per100k(m.get("records_cpu_s"), m["n"]), 3),
+                    fmt(per100k(m["records_cpu_s"] - m["first_cpu_s"], m["n"])
+                        if m.get("first_cpu_s") is not None and m.get("records_cpu_s") is not None
+                        else None, 3),
+                    fmt(mb(m.get("hwm_kb")), 1),
+                    fmt(per100k(m.get("walsender_cpu_s"), m["n"]), 3),
+                    fmt(per100k(broker, m["n"]), 3),
+                    fmt(others(m, m.get("cpu_s"), m.get("walsender_cpu_s"), broker), 2),
+                    f"{sum(s is not None for s in slots)} of {len(slots)}",
+                    ", ".join(fmt(r["n"] / r["records_secs"]) for r in timed) if len(runs) > 1 else "",
+                ])
+        out.append(f"### Against Debezium: draining {f['n']:,} events in transactions of "
+                   f"{f['txn']:,}, {f['payload_avg']:.0f}-byte payloads, 2 topics × "
+                   f"{f['partitions']} partitions (Debezium mode `{f['mode']}`)\n")
+        out.append(table(
+            ["", "events/s", "first record in Kafka (s)", "events/s after the first",
+             "all records in Kafka (s)", "slot confirmed past the last commit (s)",
+             "CPU s / 100k events", "of which after the first record", "peak RSS MB", "walsender CPU s / 100k",
+             "broker CPU s / 100k", "other load (cores)", "runs whose slot got there",
+             "all runs (events/s)"], rows))
+        out.append("\nEach on its own copy of the same pristine slot, in turns (the order reversed "
+                   "every other round), from process start: until the sum of its topics' end "
+                   "offsets grew by the backlog (events/s is computed from this), and until its "
+                   "slot's `confirmed_flush_lsn` reached the WAL position just before the last "
+                   "COMMIT (Debezium confirms only when Connect flushes offsets, every 10 s, "
+                   "and its offsets carry the commit LSN of the transaction before the one its "
+                   "last record came from, so without later traffic its slot stays behind the "
+                   "last transaction; at most the stated time more is waited). CPU: user + system of all the "
+                   "process's threads (`/proc/PID/stat` of the relay, of the Connect JVM) until "
+                   "all records were in Kafka, start-up included; \"after the first record\" "
+                   "leaves the start-up out (the CPU used once the first record was in Kafka, "
+                   "still per 100k events of the backlog). Peak RSS: VmHWM over the whole run. 1 CPU: "
+                   "`cpu.cfs_quota_us` = `cpu.cfs_period_us` for the process alone. Median run "
+                   "by the time until all records were in Kafka.\n")
+    steady = [r for r in d if r["kind"] == "steady"]
+    if steady:
+        rows = []
+        rates = []
+        for r in steady:
+            if r["rate"] not in rates:
+                rates.append(r["rate"])
+        for rt in rates:
+            for system in ("relay", "debezium"):
+                runs = [r for r in steady if r["rate"] == rt and r["system"] == system]
+                if not runs:
+                    continue
+                r = median(runs, key=lambda r: r.get("e2e_p99_ms") or 0)
+                label = name[system] + (f", `-Xmx{r['heap']}`" if system == "debezium" else "")
+                rows.append([
+                    fmt(rt),
+                    label,
+                    fmt(r["achieved_per_s"]),
+                    fmt(r["committed"]),
+                    fmt(r.get("consumed")),
+                    fmt(r.get("e2e_p50_ms"), 2),
+                    fmt(r.get("e2e_p99_ms"), 2),
+                    fmt(r.get("e2e_max_ms"), 1),
+                    fmt(100 * r["cpu_s"] / r["wall_s"], 1, " %"),
+                    fmt(mb(r.get("rss_kb")), 1),
+                    fmt(mb(r.get("hwm_kb")), 1),
+                    fmt(100 * r["walsender_cpu_s"] / r["wall_s"], 1, " %") if r.get("walsender_cpu_s") is not None else "n/a",
+                    fmt(100 * r["broker_cpu_s"] / r["wall_s"], 1, " %") if r.get("broker_cpu_s") is not None else "n/a",
+                    fmt(r["machine_cpu_s"] / r["wall_s"], 2),
+                    ", ".join(fmt(x.get("e2e_p99_ms"), 2) for x in runs) if len(runs) > 1 else "",
+                ])
+        out.append(f"### Against Debezium: single-event transactions at a fixed rate for "
+                   f"{steady[0]['secs']:g} s, commit→consumer\n")
+        out.append(table(
+            ["target tx/s", "", "achieved tx/s", "events", "consumed", "commit→consumer p50 ms",
+             "p99 ms", "max ms", "CPU (of one core)", "RSS MB at the end", "peak RSS MB",
+             "walsender CPU", "broker CPU", "machine busy (cores)", "all runs' p99 ms"], rows))
+        out.append("\nEach started on a fresh slot of its own and warmed up (2 s at 100 "
+                   "transactions/s, until the consumer had them all), then `bench_load`: a "
+                   "consumer reading its topics subtracts the row's `clock_timestamp()` from "
+                   "the time it reads the record. CPU: from the load's start until the consumer "
+                   "had every record, as a share of one core. With --repeat: the run with the "
+                   "median p99.\n")
+    first = [r for r in d if r["kind"] == "first"]
+    if first:
+        rows = []
+        for system in ("relay", "debezium"):
+            runs = [r for r in first if r["system"] == system]
+            if not runs:
+                continue
+            secs = [r["records_secs"] for r in runs if r.get("records_secs") is not None]
+            rows.append([
+                name[system],
+                ", ".join(f"{1000 * s:,.0f}" for s in secs),
+                fmt(median(secs), 2, " s") if secs else "n/a",
+                fmt(mb(median(runs, key=lambda r: r.get("hwm_kb") or 0).get("hwm_kb")), 1),
+            ])
+        out.append("### Against Debezium: from process start to the first record in Kafka\n")
+        out.append(table(["", "runs (ms)", "median", "peak RSS MB by then"], rows))
+        out.append("\nOne event waiting in a fresh slot; the clock runs from the process's "
+                   "start until its topics' end offsets moved.\n")
+
+
 def render_memory(res, out):
     mem = [r for r in res if r["section"] == "memory"]
     if not mem:
@@ -524,6 +670,7 @@ def cmd_render(args):
     render_compare(res, out)
     render_latency(res, out)
     render_eos(res, out)
+    render_debezium(res, out)
     render_memory(res, out)
     render_scaling(res, out)
     print("\n".join(out))

@@ -18,6 +18,14 @@
 //! the WAL position after it (`pg_current_wal_lsn()`). `--freeze-pid` SIGSTOPs a process (the
 //! broker) right after the trigger for `--freeze-secs`.
 //!
+//! With `--records N` (and `--brokers`, `--topics`), the harness also watches the topics' end
+//! offsets and notes when the first and when N more records than at the start are in them
+//! (`first_secs`, `records_secs`, with the command's CPU time then, `first_cpu_s`,
+//! `records_cpu_s`): for a publisher that confirms its slot only
+//! now and then (Debezium: on offset flushes), when everything is in Kafka is not when the slot
+//! moves. Without `--target-lsn` the run then ends there; with it, the run waits at most
+//! `--slot-grace-secs` more for the slot (`slot_secs` null if it never got there).
+//!
 //! Output (one line): `{"secs": ..., "cpu_s": ..., "hwm_kb": ..., "walsender_cpu_s": ...,
 //! "watch_cpu_s": [...], "machine_cpu_s": ..., "wall_s": ..., "pid": ...}`. `walsender_cpu_s` is the CPU time of the server process
 //! streaming the slot (null when the server is not on this machine); `watch_cpu_s` is the CPU
@@ -29,6 +37,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::{Client, NoTls};
 
 #[derive(Parser)]
@@ -63,6 +73,18 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
+    /// Also note when this many new records are in --topics (their end offsets summed).
+    #[arg(long, requires_all = ["brokers", "topics"])]
+    records: Option<u64>,
+    /// Bootstrap servers of --records.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topics of --records, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    topics: Vec<String>,
+    /// With --records and --target-lsn: how long to wait for the slot once the records are in.
+    #[arg(long, default_value_t = 120.0)]
+    slot_grace_secs: f64,
     /// File receiving the command's stdout and stderr.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -182,6 +204,61 @@ impl Walsender {
     }
 }
 
+/// The summed end offsets of some topics' partitions.
+struct EndOffsets {
+    consumer: BaseConsumer,
+    partitions: Vec<(String, i32)>,
+}
+
+impl EndOffsets {
+    fn new(brokers: &str, topics: &[String]) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .context("cannot create the Kafka client")?;
+        let mut partitions = Vec::new();
+        for topic in topics {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .with_context(|| format!("no metadata for {topic}"))?;
+            let n = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map_or(0, |t| t.partitions().len() as i32);
+            if n == 0 {
+                bail!("topic {topic} has no partitions (create it first)");
+            }
+            partitions.extend((0..n).map(|p| (topic.clone(), p)));
+        }
+        Ok(Self {
+            consumer,
+            partitions,
+        })
+    }
+
+    fn sum(&self) -> anyhow::Result<i64> {
+        let mut total = 0;
+        for (topic, p) in &self.partitions {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                .with_context(|| format!("cannot read the end of {topic}[{p}]"))?;
+            total += high;
+        }
+        Ok(total)
+    }
+}
+
+/// What `--records` observed: when the first record and when all were in, and the command's
+/// CPU ticks then.
+#[derive(Default)]
+struct RecordsSeen {
+    first: Option<(f64, u64)>,
+    at: Option<(f64, u64)>,
+    slot_reached: bool,
+}
+
 /// A `perf record` of the command, started once the command streams from the slot (all its
 /// threads exist by then; attaching during exec misses some of them).
 struct Perf {
@@ -261,6 +338,15 @@ async fn run(args: &Args) -> anyhow::Result<String> {
         }
         None => (Stdio::null(), Stdio::inherit()),
     };
+    let end_offsets = match (args.records, &args.brokers) {
+        (Some(_), Some(brokers)) => {
+            let w = EndOffsets::new(brokers, &args.topics)?;
+            let base = w.sum()?;
+            Some((w, base))
+        }
+        _ => None,
+    };
+    let mut seen = RecordsSeen::default();
     let machine_before = machine_ticks();
     let wall_start = Instant::now();
     let mut child = Command::new(&args.command[0])
@@ -283,12 +369,26 @@ async fn run(args: &Args) -> anyhow::Result<String> {
             visible: false,
         },
         perf: &mut perf,
+        end_offsets: end_offsets.as_ref(),
+        seen: &mut seen,
     };
     let outcome = measure(args, &client, &mut child, wall_start, deadline, &mut probes).await;
     let walsender = probes.walsender;
+    let confirmed: Option<String> = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&args.slot],
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get(0));
     let (machine_after, wall) = (machine_ticks(), wall_start.elapsed().as_secs_f64());
     // Only meaningful while the command still runs (the relay): a reaped one reads as 0.
     let (voluntary, involuntary) = ctx_switches(pid);
+    // What was measured (e.g. `java`, not a shell that started it).
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_or("null".into(), |c| format!("\"{}\"", c.trim()));
     perf.stop();
     // Stop the command if it still runs (the relay, or anything after an error).
     if child.try_wait().ok().flatten().is_none() {
@@ -324,8 +424,25 @@ async fn run(args: &Args) -> anyhow::Result<String> {
         (Some(a), Some(b)) => format!("{:.2}", b.saturating_sub(a) as f64 / tck),
         _ => "null".into(),
     };
+    let records = match (args.records, seen.at) {
+        (None, _) => String::new(),
+        (Some(_), Some((rs, rt))) => format!(
+            ", \"first_secs\": {:.3}, \"first_cpu_s\": {:.2}, \"records_secs\": {rs:.3}, \
+             \"records_cpu_s\": {:.2}, \"slot_secs\": {}",
+            seen.first.map_or(rs, |f| f.0),
+            seen.first.map_or(rt, |f| f.1) as f64 / tck,
+            rt as f64 / tck,
+            if seen.slot_reached {
+                format!("{secs:.3}")
+            } else {
+                "null".into()
+            }
+        ),
+        (Some(_), None) => ", \"records_secs\": null".into(),
+    };
+    let confirmed = confirmed.map_or("null".into(), |c| format!("\"{c}\""));
     Ok(format!(
-        "{{\"secs\": {secs:.3}, \"cpu_s\": {:.2}, \"hwm_kb\": {}, \"walsender_cpu_s\": {walsender_cpu}, \"watch_cpu_s\": [{}], \"machine_cpu_s\": {machine}, \"wall_s\": {:.3}, \"ctx_voluntary\": {voluntary}, \"ctx_involuntary\": {involuntary}, \"pid\": {pid}}}",
+        "{{\"secs\": {secs:.3}, \"confirmed_lsn\": {confirmed}{records}, \"cpu_s\": {:.2}, \"hwm_kb\": {}, \"walsender_cpu_s\": {walsender_cpu}, \"watch_cpu_s\": [{}], \"machine_cpu_s\": {machine}, \"wall_s\": {:.3}, \"ctx_voluntary\": {voluntary}, \"ctx_involuntary\": {involuntary}, \"comm\": {comm}, \"pid\": {pid}}}",
         ticks as f64 / tck,
         hwm.map_or("null".into(), |h| h.to_string()),
         watch.join(", "),
@@ -337,6 +454,9 @@ async fn run(args: &Args) -> anyhow::Result<String> {
 struct Probes<'a> {
     walsender: Walsender,
     perf: &'a mut Perf,
+    /// --records: the end offsets to watch and their sum at the start.
+    end_offsets: Option<&'a (EndOffsets, i64)>,
+    seen: &'a mut RecordsSeen,
 }
 
 /// Runs the measurement proper; returns (seconds, CPU ticks, peak RSS KiB).
@@ -403,8 +523,30 @@ async fn measure(
         if let Some(h) = vm_hwm(pid) {
             hwm = Some(h);
         }
+        if let (Some((w, base)), Some(need), None) = (probes.end_offsets, args.records, probes.seen.at) {
+            let new = w.sum()? - base;
+            if new >= 1 && probes.seen.first.is_none() {
+                let (_, ticks) = proc_stat(pid).ok_or_else(|| anyhow!("command vanished"))?;
+                probes.seen.first = Some((start.elapsed().as_secs_f64(), ticks));
+            }
+            if new >= need as i64 {
+                let (_, ticks) = proc_stat(pid).ok_or_else(|| anyhow!("command vanished"))?;
+                probes.seen.at = Some((start.elapsed().as_secs_f64(), ticks));
+            }
+        }
+        let records_in = probes.end_offsets.is_none() || probes.seen.at.is_some();
+        if target.is_none() && probes.end_offsets.is_some() {
+            // --records without a target: the run ends when they are in.
+            if let Some((secs, ticks)) = probes.seen.at {
+                return Ok((secs, ticks, vm_hwm(pid).or(hwm)));
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited before the records were in ({status})", args.command[0]);
+            }
+        }
         match &target {
-            Some(_) if reached => {
+            Some(_) if reached && records_in => {
+                probes.seen.slot_reached = true;
                 let secs = start.elapsed().as_secs_f64();
                 let (_, ticks) = proc_stat(pid).ok_or_else(|| anyhow!("command vanished"))?;
                 let hwm = vm_hwm(pid).or(hwm);
@@ -417,7 +559,16 @@ async fn measure(
                 if let Some(status) = child.try_wait()? {
                     bail!("{} exited before the target ({status})", args.command[0]);
                 }
+                if let Some((at, _)) = probes.seen.at {
+                    if start.elapsed().as_secs_f64() > at + args.slot_grace_secs {
+                        // The records are in but the slot never got there: report without it.
+                        let (_, ticks) =
+                            proc_stat(pid).ok_or_else(|| anyhow!("command vanished"))?;
+                        return Ok((start.elapsed().as_secs_f64(), ticks, vm_hwm(pid).or(hwm)));
+                    }
+                }
             }
+            None if probes.end_offsets.is_some() => {}
             None => {
                 // Read the final CPU time while the process is a zombie, then reap it.
                 if let Some(('Z', ticks)) = proc_stat(pid) {

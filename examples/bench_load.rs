@@ -182,9 +182,18 @@ fn consume(
             Some(Ok(m)) => {
                 let seen = now_us();
                 let Some(payload) = m.payload() else { continue };
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(payload) else {
                     continue;
                 };
+                // Debezium's JSON converter with schemas (its defaults): the document is an
+                // escaped string in the envelope's `payload`.
+                if v.get("run").is_none() {
+                    if let Some(inner) = v.get("payload").and_then(|p| p.as_str()) {
+                        if let Ok(inner) = serde_json::from_str(inner) {
+                            v = inner;
+                        }
+                    }
+                }
                 if v.get("run").and_then(|r| r.as_str()) != Some(run.as_str()) {
                     continue;
                 }
