@@ -523,7 +523,9 @@ async fn measure(
         if let Some(h) = vm_hwm(pid) {
             hwm = Some(h);
         }
-        if let (Some((w, base)), Some(need), None) = (probes.end_offsets, args.records, probes.seen.at) {
+        if let (Some((w, base)), Some(need), None) =
+            (probes.end_offsets, args.records, probes.seen.at)
+        {
             let new = w.sum()? - base;
             if new >= 1 && probes.seen.first.is_none() {
                 let (_, ticks) = proc_stat(pid).ok_or_else(|| anyhow!("command vanished"))?;
@@ -541,7 +543,10 @@ async fn measure(
                 return Ok((secs, ticks, vm_hwm(pid).or(hwm)));
             }
             if let Some(status) = child.try_wait()? {
-                bail!("{} exited before the records were in ({status})", args.command[0]);
+                bail!(
+                    "{} exited before the records were in ({status})",
+                    args.command[0]
+                );
             }
         }
         match &target {
