@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    basic_config, java_murmur2_partition, Broker, Debezium, DebeziumMode, Pg, Rec, Relay,
-    OUTBOX_DDL, QUIET, SLOT,
+    java_murmur2_partition, relay_beside, Broker, Debezium, DebeziumMode, Pg, Rec, OUTBOX_DDL,
+    QUIET,
 };
 
 const PARTITIONS: i32 = 3;
@@ -287,24 +287,15 @@ async fn debezium_records_beside_the_relays_field_by_field() {
     // `table.fields.additional.placement` (strings mode).
     pg.sql("ALTER TABLE public.outbox ADD COLUMN tenant text")
         .await;
-    let mut topics = Vec::new();
-    for prefix in std::iter::once(String::new()).chain(MODES.iter().map(|m| m.prefix())) {
-        for a in AGGREGATES {
-            topics.push(format!("{prefix}outbox.event.{a}"));
-        }
-    }
-    for t in &topics {
-        broker.create_topic(t, PARTITIONS).await;
-    }
-    let config = basic_config(&pg.url(), &broker.bootstrap()).replace(
-        "table = \"public.outbox\"\n",
-        "table = \"public.outbox\"\nheader_columns = [\"tenant\"]\n",
-    );
-    assert!(config.contains("header_columns"), "{config}");
-    let mut relay = Relay::start(&config);
-    relay
-        .wait_for_slot(&pg, SLOT, Duration::from_secs(60))
-        .await;
+    let (mut relay, topics) = relay_beside(
+        &pg,
+        &broker,
+        std::iter::once(String::new()).chain(MODES.iter().map(|m| m.prefix())),
+        &AGGREGATES,
+        PARTITIONS,
+        "header_columns = [\"tenant\"]",
+    )
+    .await;
     let mut workers = Vec::new();
     for mode in MODES {
         let sets: &[&str] = if mode == DebeziumMode::Strings {

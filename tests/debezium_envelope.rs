@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    basic_config, java_murmur2_partition, Broker, Debezium, DebeziumMode, Pg, Rec, Relay,
-    OUTBOX_DDL, QUIET, SLOT,
+    basic_config, java_murmur2_partition, relay_beside, Broker, Debezium, DebeziumMode, Pg, Rec,
+    Relay, OUTBOX_DDL, QUIET,
 };
 
 const PARTITIONS: i32 = 3;
@@ -169,24 +169,15 @@ async fn compare(alter: Option<&str>, singles: Vec<Row>) {
         pg.sql(alter).await;
     }
     let mode = DebeziumMode::Defaults;
-    let mut topics = Vec::new();
-    for prefix in [String::new(), mode.prefix()] {
-        for a in AGGREGATES {
-            topics.push(format!("{prefix}outbox.event.{a}"));
-        }
-    }
-    for t in &topics {
-        broker.create_topic(t, PARTITIONS).await;
-    }
-    let config = basic_config(&pg.url(), &broker.bootstrap()).replace(
-        "table = \"public.outbox\"\n",
-        "table = \"public.outbox\"\nformat = \"debezium-json\"\n",
-    );
-    assert!(config.contains("debezium-json"), "{config}");
-    let mut relay = Relay::start(&config);
-    relay
-        .wait_for_slot(&pg, SLOT, Duration::from_secs(60))
-        .await;
+    let (mut relay, topics) = relay_beside(
+        &pg,
+        &broker,
+        [String::new(), mode.prefix()],
+        &AGGREGATES,
+        PARTITIONS,
+        "format = \"debezium-json\"",
+    )
+    .await;
     let mut debezium = Debezium::start(&pg, &broker.bootstrap(), mode).await;
 
     let bulk = bulk();

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::broker::Broker;
+use super::events::SLOT;
 use super::pg::Pg;
+use super::relay::basic_config;
+use super::relay::Relay;
 use super::util::tail;
 
 /// `scripts/debezium.sh` of this checkout.
@@ -192,4 +196,35 @@ impl Drop for Debezium {
             let _ = std::io::stderr().flush();
         }
     }
+}
+
+/// The relay beside Debezium: creates `outbox.event.{aggregate}` under each of `prefixes`
+/// ("" for the relay's own) with `partitions` each, starts the relay on the default outbox
+/// with `outbox_line` added to its `[[outbox]]` entry, and waits until it holds its slot.
+/// Returns the relay and the topics created, the relay's first.
+pub async fn relay_beside(
+    pg: &Pg,
+    broker: &Broker,
+    prefixes: impl IntoIterator<Item = String>,
+    aggregates: &[&str],
+    partitions: i32,
+    outbox_line: &str,
+) -> (Relay, Vec<String>) {
+    let mut topics = Vec::new();
+    for prefix in prefixes {
+        for a in aggregates {
+            topics.push(format!("{prefix}outbox.event.{a}"));
+        }
+    }
+    for t in &topics {
+        broker.create_topic(t, partitions).await;
+    }
+    let config = basic_config(&pg.url(), &broker.bootstrap()).replace(
+        "table = \"public.outbox\"\n",
+        &format!("table = \"public.outbox\"\n{outbox_line}\n"),
+    );
+    assert!(config.contains(outbox_line), "{config}");
+    let mut relay = Relay::start(&config);
+    relay.wait_for_slot(pg, SLOT, Duration::from_secs(60)).await;
+    (relay, topics)
 }
