@@ -21,7 +21,9 @@ use tokio_postgres::Client;
 use crate::config::topic::Template;
 use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig, PostgresConfig};
 use crate::pipeline::setup::{self, SetupError};
-use crate::postgres::catalog::{self, Publication, ServerProblem, SlotRoom, SlotVerdict};
+use crate::postgres::catalog::{
+    self, Publication, ServerProblem, SlotMarker, SlotRoom, SlotVerdict,
+};
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::errors::{pg_message, Cause, PgError};
 use crate::postgres::replication::ReplicationConnection;
@@ -42,6 +44,9 @@ pub enum Verdict {
     Skip,
     /// Information only, never a failure.
     Info,
+    /// The relay would run, but something a careful operator wants is missing (the lost-slot
+    /// guard, a high-availability setting); never a failure.
+    Warn,
 }
 
 impl Verdict {
@@ -52,6 +57,7 @@ impl Verdict {
             Verdict::Fail => "FAIL",
             Verdict::Skip => "skip",
             Verdict::Info => "info",
+            Verdict::Warn => "WARN",
         }
     }
 }
@@ -103,6 +109,9 @@ impl Report<'_> {
     }
     fn info(&mut self, message: String) {
         self.line(Verdict::Info, message)
+    }
+    fn warn(&mut self, message: String) {
+        self.line(Verdict::Warn, message)
     }
 }
 
@@ -325,15 +334,45 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
         tables.push(TableAccess { exists, owned });
     }
 
-    let publication = check_publication(report, &client, config, role.as_ref(), &tables).await;
-    check_slot(
-        report,
-        &client,
-        &config.postgres,
-        publication.as_ref(),
-        role.as_ref(),
-    )
-    .await;
+    check_publication(report, &client, config, role.as_ref(), &tables).await;
+    // Read before the slot, as `run` does: a record of its creation then predates the reading.
+    let guard =
+        catalog::read_guard(&client, &config.postgres.slot, &config.postgres.publication).await;
+    let marker = guard.as_ref().ok().and_then(|g| g.marker.as_ref());
+    check_slot(report, &client, &config.postgres, marker, role.as_ref()).await;
+    check_guard(report, &config.postgres, guard);
+}
+
+/// Whether the relay can record the slot's creation, so that a slot lost in a failover is
+/// refused at start instead of silently replaced (see [`catalog::Guard::armed`]).
+fn check_guard(
+    report: &mut Report<'_>,
+    pg: &PostgresConfig,
+    guard: Result<catalog::Guard, PgError>,
+) {
+    let (slot, publication) = (&pg.slot, &pg.publication);
+    let guard = match guard {
+        Ok(guard) => guard,
+        Err(e) => {
+            return report.fail(format!(
+                "cannot read where the relay records the creation of slot {slot} ({} or publication {publication}'s comment): {e}; fix the cause and retry",
+                catalog::MARKER_TABLE
+            ))
+        }
+    };
+    match guard.armed(slot, publication) {
+        Ok(catalog::GuardArmed::Table) => report.ok(format!(
+            "lost-slot guard armed: the relay records the creation of slot {slot} in {}, so a slot lost in a failover is refused at start, not silently replaced",
+            catalog::MARKER_TABLE
+        )),
+        Ok(catalog::GuardArmed::Publication) => report.ok(format!(
+            "lost-slot guard armed: the relay records the creation of slot {slot} as the comment of publication {publication}, which role {} {} (without that ownership, migrations/002_relay_role.sql's {} keeps the record)",
+            guard.role,
+            if guard.owns_publication.is_some() { "owns" } else { "will own once it creates it" },
+            catalog::MARKER_TABLE
+        )),
+        Err(off) => report.warn(off.to_string()),
+    }
 }
 
 async fn check_role(report: &mut Report<'_>, client: &Client) -> Option<Role> {
@@ -604,13 +643,13 @@ async fn publication_absent(
     ));
 }
 
-/// Checks the slot by the rules `run` applies; `publication` (its marker) tells a slot that
-/// never existed from one that vanished.
+/// Checks the slot by the rules `run` applies; `marker` (the record of its creation) tells a
+/// slot that never existed from one that vanished.
 async fn check_slot(
     report: &mut Report<'_>,
     client: &Client,
     pg: &PostgresConfig,
-    publication: Option<&Publication>,
+    marker: Option<&SlotMarker>,
     role: Option<&Role>,
 ) {
     let name = pg.slot.as_str();
@@ -623,10 +662,7 @@ async fn check_slot(
             return;
         }
     };
-    let slot = match (
-        catalog::slot_verdict(&reading, publication, pg),
-        &reading.slot,
-    ) {
+    let slot = match (catalog::slot_verdict(&reading, marker, pg), &reading.slot) {
         (SlotVerdict::Unusable(problem), _) => return report.fail(problem.to_string()),
         (SlotVerdict::Usable(_) | SlotVerdict::Creating, Some(slot)) => slot,
         (SlotVerdict::Missing, _) | (_, None) => {

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, ConfigError, PostgresConfig};
 use crate::ops::check::{describe_target, PG_TIMEOUT};
-use crate::postgres::catalog::{self, Publication, SlotReading, SlotVerdict};
+use crate::postgres::catalog::{self, SlotMarker, SlotReading, SlotVerdict};
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::errors::{pg_message, PgError, IN_RECOVERY};
 
@@ -113,9 +113,12 @@ pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, Statu
     let publication = catalog::read_publication(client, &config.postgres.publication)
         .await
         .map_err(failed("pg_publication"))?;
+    let guard = catalog::read_guard(client, &config.postgres.slot, &config.postgres.publication)
+        .await
+        .map_err(failed(catalog::MARKER_TABLE))?;
     let slot = reading.slot.as_ref();
     let text = |lsn: Option<crate::lsn::Lsn>| lsn.map(|l| l.to_string());
-    let problem = problem(&reading, publication.as_ref(), &config.postgres);
+    let problem = problem(&reading, guard.marker.as_ref(), &config.postgres);
     Ok(SlotStatus {
         slot: config.postgres.slot.clone(),
         exists: slot.is_some(),
@@ -146,13 +149,13 @@ pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, Statu
 /// would reach, where a missing slot is a problem only for now (the relay creates it).
 fn problem(
     reading: &SlotReading,
-    publication: Option<&Publication>,
+    marker: Option<&SlotMarker>,
     pg: &PostgresConfig,
 ) -> Option<String> {
     if reading.in_recovery {
         return Some(IN_RECOVERY.to_owned());
     }
-    match catalog::slot_verdict(reading, publication, pg) {
+    match catalog::slot_verdict(reading, marker, pg) {
         SlotVerdict::Usable(_) | SlotVerdict::Creating => None,
         SlotVerdict::Missing => Some(format!(
             "slot {} does not exist; the relay creates it at start (outbox-relay check tells whether it can)",
