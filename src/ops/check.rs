@@ -26,6 +26,7 @@ use crate::postgres::catalog::{
 };
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::errors::{pg_message, Cause, PgError};
+use crate::postgres::ha;
 use crate::postgres::replication::ReplicationConnection;
 
 /// How long to wait for PostgreSQL to accept a connection before calling it unreachable.
@@ -341,6 +342,143 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
     let marker = guard.as_ref().ok().and_then(|g| g.marker.as_ref());
     check_slot(report, &client, &config.postgres, marker, role.as_ref()).await;
     check_guard(report, &config.postgres, guard);
+    check_ha(report, &config.postgres, endpoint, &client).await;
+}
+
+/// One `(host:port, url)` per host of a multi-host `[postgres] url` (libpq's
+/// `postgres://h1:5432,h2:5432/app` or `host=h1,h2 port=5432,5433`), each url naming only that
+/// host; empty for a single host. Unix-socket hosts are left out (a standby is elsewhere).
+fn per_host_urls(url: &str, config: &tokio_postgres::Config) -> Vec<(String, String)> {
+    use tokio_postgres::config::Host;
+    let (hosts, ports) = (config.get_hosts(), config.get_ports());
+    if hosts.len() < 2 {
+        return Vec::new();
+    }
+    let scheme = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find(|s| url.starts_with(s));
+    hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, host)| {
+            let Host::Tcp(name) = host else { return None };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            let single = match scheme {
+                Some(scheme) => {
+                    let rest = &url[scheme.len()..];
+                    let (authority, tail) =
+                        rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+                    let userinfo = authority.rfind('@').map_or("", |at| &authority[..=at]);
+                    let host = if name.contains(':') {
+                        format!("[{name}]")
+                    } else {
+                        name.clone()
+                    };
+                    format!("{scheme}{userinfo}{host}:{port}{tail}")
+                }
+                None => {
+                    let kept: Vec<&str> = url
+                        .split_whitespace()
+                        .filter(|kv| {
+                            !["host=", "hostaddr=", "port="]
+                                .iter()
+                                .any(|k| kv.starts_with(k))
+                        })
+                        .collect();
+                    format!("{} host={name} port={port}", kept.join(" "))
+                }
+            };
+            Some((format!("{name}:{port}"), single))
+        })
+        .collect()
+}
+
+/// Reads the high-availability settings of the server at `url`.
+async fn read_ha_at(pg: &PostgresConfig, url: String) -> Result<ha::HaReading, String> {
+    let single = PostgresConfig { url, ..pg.clone() };
+    let endpoint = PgEndpoint::new(&single).map_err(|e| e.to_string())?;
+    let client = match tokio::time::timeout(PG_TIMEOUT, endpoint.connect_sql()).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return Err(pg_message(&e)),
+        Err(_) => return Err(format!("no answer within {}s", PG_TIMEOUT.as_secs())),
+    };
+    ha::read(&client).await.map_err(|e| e.to_string())
+}
+
+/// Whether the relay's slot would survive a failover: the primary's and, when `[postgres]
+/// url` lists them, each standby's settings, by [`ha`]'s rules. Warnings only: a server
+/// without standbys runs the relay fine.
+async fn check_ha(
+    report: &mut Report<'_>,
+    pg: &PostgresConfig,
+    endpoint: &PgEndpoint,
+    client: &Client,
+) {
+    let hosts = per_host_urls(&pg.url, endpoint.config());
+    let mut primary = None;
+    let mut standbys = Vec::new();
+    if hosts.is_empty() {
+        match ha::read(client).await {
+            Ok(reading) if !reading.in_recovery => primary = Some(reading),
+            // A standby: already a FAIL above.
+            Ok(_) => return,
+            Err(e) => {
+                return report.warn(format!(
+                    "cannot read the high-availability settings (synchronized_standby_slots and others): {e}; failover readiness was not checked"
+                ))
+            }
+        }
+    } else {
+        for (host, url) in &hosts {
+            match read_ha_at(pg, url.clone()).await {
+                Ok(reading) if reading.in_recovery => standbys.push((host.clone(), reading)),
+                Ok(reading) if primary.is_none() => primary = Some(reading),
+                Ok(_) => report.warn(format!(
+                    "{host} in [postgres] url is a primary too (not in recovery); only the first primary's settings were checked"
+                )),
+                Err(e) => report.warn(format!(
+                    "cannot reach {host} of [postgres] url to check its high-availability settings: {e}"
+                )),
+            }
+        }
+    }
+    let Some(primary) = primary else {
+        return report.warn(
+            "high-availability settings not checked: no host of [postgres] url is a reachable primary".into(),
+        );
+    };
+    if let Some(line) = ha::too_old(&primary) {
+        return report.info(line);
+    }
+    let warnings = ha::primary_warnings(&primary);
+    if warnings.is_empty() {
+        report.ok(format!(
+            "synchronized_standby_slots = {} on the primary",
+            primary.standby_slots().join(", ")
+        ));
+    }
+    for warning in warnings {
+        report.warn(warning.to_string());
+    }
+    if standbys.is_empty() {
+        report.info(if hosts.is_empty() {
+            "standby settings not checked: [postgres] url names one host; list the standbys after the primary (postgres://primary:5432,standby:5432/app, or host=primary,standby) so that check judges their sync_replication_slots, hot_standby_feedback and primary_slot_name".into()
+        } else {
+            "no standby among the reachable hosts of [postgres] url: standby settings not checked".into()
+        });
+    }
+    for (host, standby) in &standbys {
+        let warnings = ha::standby_warnings(host, standby, &primary);
+        if warnings.is_empty() {
+            report.ok(format!(
+                "standby {host} synchronises slots (sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name = {}, listed in synchronized_standby_slots)",
+                standby.primary_slot_name
+            ));
+        }
+        for warning in warnings {
+            report.warn(warning.to_string());
+        }
+    }
 }
 
 /// Whether the relay can record the slot's creation, so that a slot lost in a failover is
@@ -981,6 +1119,38 @@ mod tests {
             metadata_timeout(&kafka(&[("socket.timeout.ms", "soon")])),
             KAFKA_TIMEOUT
         );
+    }
+
+    #[test]
+    fn a_multi_host_url_splits_into_one_url_per_host() {
+        let split = |url: &str| per_host_urls(url, &url.parse().expect("a url"));
+        assert_eq!(
+            split("postgres://relay:p%40ss@h1:5432,h2:5433/app?sslmode=require"),
+            [
+                (
+                    "h1:5432".to_owned(),
+                    "postgres://relay:p%40ss@h1:5432/app?sslmode=require".to_owned()
+                ),
+                (
+                    "h2:5433".to_owned(),
+                    "postgres://relay:p%40ss@h2:5433/app?sslmode=require".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            split("host=h1,h2 port=5432 user=relay dbname=app"),
+            [
+                (
+                    "h1:5432".to_owned(),
+                    "user=relay dbname=app host=h1 port=5432".to_owned()
+                ),
+                (
+                    "h2:5432".to_owned(),
+                    "user=relay dbname=app host=h2 port=5432".to_owned()
+                ),
+            ]
+        );
+        assert!(split("postgres://relay@db:5432/app").is_empty());
     }
 
     #[test]
