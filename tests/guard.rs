@@ -176,3 +176,35 @@ async fn without_the_record_table_the_guard_is_off_and_says_how_to_arm_it() {
         "the relay does not warn that the guard is off:\n{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_role_without_usage_on_the_tables_schema_has_the_guard_off_not_a_failure() {
+    let pg = migrated().await;
+    // A hardened server: nobody but the owner may use schema public; this relay's outbox
+    // lives elsewhere, so it needs nothing there.
+    pg.sql(
+        "REVOKE USAGE ON SCHEMA public FROM PUBLIC, outbox_relay; \
+         CREATE SCHEMA billing; GRANT USAGE ON SCHEMA billing TO outbox_relay; \
+         CREATE TABLE billing.outbox (LIKE public.outbox INCLUDING ALL); \
+         GRANT SELECT ON billing.outbox TO outbox_relay; \
+         CREATE PUBLICATION billing_outbox FOR TABLE billing.outbox \
+           WITH (publish = 'insert', publish_via_partition_root = true)",
+    )
+    .await;
+    let broker = Broker::start();
+    let url = format!("postgres://outbox_relay@127.0.0.1:{}/postgres", pg.port());
+    let config = format!(
+        "[postgres]\nurl = \"{url}\"\npublication = \"billing_outbox\"\n\n\
+         [[outbox]]\ntable = \"billing.outbox\"\n\n[kafka]\nbrokers = \"{}\"\n",
+        broker.bootstrap()
+    );
+    let out = cli(&["check"], &config).await;
+    assert!(out.fails().is_empty(), "{}", out.show());
+    assert!(
+        out.with_label("WARN").iter().any(|l| l.contains(
+            "role outbox_relay cannot write public.outbox_relay_slots (no SELECT privilege on it, or no USAGE on its schema)"
+        )),
+        "{}",
+        out.show()
+    );
+}

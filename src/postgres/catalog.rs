@@ -610,6 +610,8 @@ pub async fn create_publication(
 /// commenting needs the publication's ownership, and owning it needs CREATE on the database,
 /// which would let the least-privilege role create schemas and publications too.
 pub const MARKER_TABLE: &str = "public.outbox_relay_slots";
+/// [`MARKER_TABLE`]'s schema and name, for looking it up in the catalogs.
+const MARKER_TABLE_PARTS: (&str, &str) = ("public", "outbox_relay_slots");
 
 /// The publication comment that records "this relay created slot X": the record where there
 /// is no [`MARKER_TABLE`] but the relay owns the publication (it created it, or a superuser).
@@ -723,7 +725,7 @@ impl Guard {
             why: if !self.table {
                 "it does not exist"
             } else if !self.table_readable {
-                "no SELECT privilege on it"
+                "no SELECT privilege on it, or no USAGE on its schema"
             } else {
                 "no INSERT and UPDATE privileges on it"
             },
@@ -736,14 +738,19 @@ impl Guard {
 pub async fn read_guard(client: &Client, slot: &str, publication: &str) -> Result<Guard, PgError> {
     let row = client
         .query_one(
+            // Looked up in pg_class rather than by to_regclass, which fails outright for a
+            // role without USAGE on the schema: that role just cannot use the table.
             "SELECT current_user::text, t.oid IS NOT NULL, \
-                    coalesce(has_table_privilege(t.oid, 'SELECT'), false), \
-                    coalesce(has_table_privilege(t.oid, 'INSERT') \
+                    coalesce(t.usable AND has_table_privilege(t.oid, 'SELECT'), false), \
+                    coalesce(t.usable AND has_table_privilege(t.oid, 'INSERT') \
                              AND has_table_privilege(t.oid, 'UPDATE'), false), \
-                    (SELECT pg_has_role(p.pubowner, 'USAGE') FROM pg_publication p WHERE p.pubname = $2), \
-                    (SELECT obj_description(p.oid, 'pg_publication') FROM pg_publication p WHERE p.pubname = $2) \
-             FROM (SELECT to_regclass($1)::oid AS oid) t",
-            &[&MARKER_TABLE, &publication],
+                    (SELECT pg_has_role(p.pubowner, 'USAGE') FROM pg_publication p WHERE p.pubname = $3), \
+                    (SELECT obj_description(p.oid, 'pg_publication') FROM pg_publication p WHERE p.pubname = $3) \
+             FROM (SELECT 1) one LEFT JOIN \
+                  (SELECT c.oid, has_schema_privilege(n.oid, 'USAGE') AS usable \
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   WHERE n.nspname = $1 AND c.relname = $2) t ON true",
+            &[&MARKER_TABLE_PARTS.0, &MARKER_TABLE_PARTS.1, &publication],
         )
         .await?;
     let what = "the lost-slot guard's privileges";
