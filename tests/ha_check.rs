@@ -8,11 +8,8 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 
 use common::{cli, free_port, Out, Pg, OUTBOX_DDL};
-use tempfile::TempDir;
 
 /// A config whose Kafka is unreachable at once: these tests judge only the PostgreSQL lines.
 fn config(url: &str) -> String {
@@ -28,103 +25,6 @@ fn warns(out: &Out) -> Vec<String> {
         .iter()
         .map(|l| l.trim_start_matches("WARN").trim().to_owned())
         .collect()
-}
-
-fn run(mut cmd: Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A physical standby of `primary` streaming from its physical slot `slot`; stopped on drop.
-/// Made from a copy of the primary's data directory taken while the primary is stopped
-/// (cleanly, so the copy is consistent), since the PostgreSQL 17 builds the tests use have no
-/// pg_basebackup.
-struct Standby<'p> {
-    primary: &'p Pg,
-    dir: TempDir,
-    port: u16,
-}
-
-impl<'p> Standby<'p> {
-    async fn start(primary: &'p Pg, slot: &str) -> Standby<'p> {
-        primary
-            .sql(&format!(
-                "SELECT pg_create_physical_replication_slot('{slot}', true)"
-            ))
-            .await;
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-standby-")
-            .tempdir()
-            .expect("temp dir");
-        let data = dir.path().join("data");
-        primary.stop("fast").await;
-        let mut copy = Command::new("cp");
-        copy.arg("-a").arg(primary.data_dir()).arg(&data);
-        run(copy, "copy the primary's data directory");
-        primary.start_again().await;
-        // The copy's own copy of the slot is not the standby's business.
-        let _ = fs::remove_dir_all(data.join("pg_replslot").join(slot));
-        let port = free_port();
-        let conf = data.join("postgresql.conf");
-        let text = fs::read_to_string(&conf).expect("read postgresql.conf")
-            + &format!(
-                "\nport = {port}\nunix_socket_directories = '{}'\n\
-                 primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'\n\
-                 primary_slot_name = '{slot}'\n",
-                dir.path().display(),
-                primary.port()
-            );
-        fs::write(&conf, text).expect("write postgresql.conf");
-        fs::write(data.join("standby.signal"), "").expect("write standby.signal");
-        chown(&dir.path().to_path_buf());
-        let mut pg_ctl = primary.command("pg_ctl");
-        pg_ctl
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("standby.log"))
-            .args(["-w", "-t", "60", "start"]);
-        run(pg_ctl, "pg_ctl start (standby)");
-        Standby { primary, dir, port }
-    }
-
-    async fn sql(&self, sql: &str) {
-        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
-        common::connect(&url)
-            .await
-            .expect("connect to the standby")
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("standby: {e}: {sql}"));
-    }
-}
-
-impl Drop for Standby<'_> {
-    fn drop(&mut self) {
-        let mut pg_ctl = self.primary.command("pg_ctl");
-        pg_ctl
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = pg_ctl.output();
-    }
-}
-
-fn chown(path: &PathBuf) {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if root {
-        let mut cmd = Command::new("chown");
-        cmd.arg("-R").arg("postgres:postgres").arg(path);
-        run(cmd, "chown");
-    }
 }
 
 #[tokio::test]
@@ -160,13 +60,13 @@ async fn a_lone_primary_17_with_defaults_is_told_what_failover_slots_need() {
 async fn a_standby_listed_in_the_url_is_judged_setting_by_setting() {
     let primary = Pg::start_major(17);
     primary.sql(OUTBOX_DDL).await;
-    let standby = Standby::start(&primary, "standby1").await;
+    let standby = primary.start_standby("standby1", free_port(), "").await;
     let url = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
         primary.port(),
-        standby.port
+        standby.port()
     );
-    let host = format!("127.0.0.1:{}", standby.port);
+    let host = format!("127.0.0.1:{}", standby.port());
 
     // primary_slot_name is set; the rest are PostgreSQL's defaults.
     let out = cli(&["check"], &config(&url)).await;

@@ -271,6 +271,11 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
             for problem in problems {
                 report.fail(problem.to_string());
             }
+            if let Err(problem) =
+                catalog::failover_wanted(config.postgres.failover(), state.version_num)
+            {
+                report.fail(problem.to_string());
+            }
         }
         Err(e) => report.fail(format!(
             "cannot read wal_level and pg_is_in_recovery(): {e}; fix the cause and retry"
@@ -822,6 +827,25 @@ async fn check_slot(
         slot.confirmed_flush
             .map_or_else(|| "(none)".to_owned(), |lsn| lsn.to_string()),
     ));
+    check_slot_failover(report, client, pg, slot).await;
+}
+
+/// Whether the slot survives a failover (PostgreSQL 17+): [`catalog::failover_note`].
+async fn check_slot_failover(
+    report: &mut Report<'_>,
+    client: &Client,
+    pg: &PostgresConfig,
+    slot: &catalog::Slot,
+) {
+    let Ok(server) = catalog::server(client).await else {
+        return;
+    };
+    let wanted = catalog::failover_wanted(pg.failover(), server.version_num).unwrap_or(true);
+    match catalog::failover_note(slot, &pg.slot, wanted) {
+        Some((true, line)) => report.ok(line),
+        Some((false, line)) => report.warn(line),
+        None => {}
+    }
 }
 
 async fn slot_absent(

@@ -70,6 +70,11 @@ pub struct SlotStatus {
     pub retained_bytes: Option<i64>,
     /// Bytes of WAL that may still be written before the slot is lost (`max_slot_wal_keep_size`).
     pub safe_wal_size: Option<i64>,
+    /// Whether standbys with `sync_replication_slots = on` keep a copy of the slot, so that it
+    /// survives a failover (PostgreSQL 17+; absent before).
+    pub failover: Option<bool>,
+    /// Whether this is a standby's synchronised copy of the slot (PostgreSQL 17+).
+    pub synced: Option<bool>,
     /// The configured publication name.
     pub publication: String,
     /// Whether the publication exists.
@@ -134,6 +139,8 @@ pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, Statu
         lag_bytes: reading.lag_bytes(),
         retained_bytes: reading.retained_bytes(),
         safe_wal_size: slot.and_then(|s| s.safe_wal_size),
+        failover: slot.and_then(|s| s.failover),
+        synced: slot.and_then(|s| s.synced),
         publication: config.postgres.publication.clone(),
         publication_exists: publication.is_some(),
         publication_tables: publication
@@ -197,6 +204,7 @@ pub fn render_text(s: &SlotStatus) -> String {
         ("lag_bytes", opt(&s.lag_bytes)),
         ("retained_bytes", opt(&s.retained_bytes)),
         ("safe_wal_size", opt(&s.safe_wal_size)),
+        ("failover", opt(&s.failover)),
         ("publication", s.publication.clone()),
         ("publication_tables", tables),
         ("ok", yes_no(s.ok).to_owned()),
@@ -241,6 +249,8 @@ mod tests {
             lag_bytes: None,
             retained_bytes: None,
             safe_wal_size: None,
+            failover: None,
+            synced: None,
             publication: "outbox_relay".into(),
             publication_exists: false,
             publication_tables: Vec::new(),

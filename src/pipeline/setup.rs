@@ -117,19 +117,23 @@ impl From<tokio_postgres::Error> for SetupError {
     }
 }
 
-/// Whether the server can serve the relay: `wal_level = logical`, and not a standby.
-pub async fn check_server(client: &Client) -> Result<(), SetupError> {
+/// Whether the server can serve the relay: `wal_level = logical`, not a standby, and failover
+/// slots if `[postgres] failover_slot = true` demands them.
+pub async fn check_server(client: &Client, pg: &PostgresConfig) -> Result<(), SetupError> {
     let state = catalog::server(client).await?;
     match state.problems().into_iter().next() {
         Some(problem) => Err(problem.into()),
-        None => Ok(()),
+        None => {
+            catalog::failover_wanted(pg.failover(), state.version_num)?;
+            Ok(())
+        }
     }
 }
 
 /// Checks the database and creates the publication and slot where missing. `None`: the slot
 /// is missing and, with `initial_snapshot`, is left for the snapshot to create.
 pub async fn prepare(client: &Client, config: &Config) -> Result<Option<SlotState>, SetupError> {
-    check_server(client).await?;
+    check_server(client, &config.postgres).await?;
     for table in &config.outbox {
         check_table(client, table).await?;
     }

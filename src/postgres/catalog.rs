@@ -9,7 +9,7 @@
 
 use tokio_postgres::{Client, Row};
 
-use crate::config::{OutboxConfig, PostgresConfig};
+use crate::config::{FailoverSlot, OutboxConfig, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::postgres::errors::{PgError, IN_RECOVERY};
 
@@ -62,6 +62,8 @@ pub struct ServerState {
     pub wal_level: String,
     /// `pg_is_in_recovery()`: a standby.
     pub in_recovery: bool,
+    /// `server_version_num`, e.g. 170004.
+    pub version_num: i32,
 }
 
 /// Why the server cannot serve the relay.
@@ -73,6 +75,44 @@ pub enum ServerProblem {
     /// A standby: its WAL position cannot be read, and before PostgreSQL 16 it cannot decode.
     #[error("{IN_RECOVERY}")]
     InRecovery,
+    /// `failover_slot = true` on a server without failover slots.
+    #[error("[postgres] failover_slot = true, but PostgreSQL {0} has no failover slots (they came in 17): upgrade, or remove failover_slot (or set it to false) and rely on the lost-slot guard to refuse a slot lost in a failover")]
+    NoFailoverSlots(i32),
+}
+
+/// What `check` and `status` say about the slot's failover property, and whether it is a
+/// problem: `None` where the server has no failover slots (or the slot is being created).
+pub fn failover_note(slot: &Slot, name: &str, wanted: bool) -> Option<(bool, String)> {
+    match (slot.failover?, wanted) {
+        (true, _) => Some((
+            true,
+            format!("replication slot {name} is a failover slot: standbys with sync_replication_slots = on keep a copy of it"),
+        )),
+        (false, true) => Some((
+            false,
+            format!("replication slot {name} is not a failover slot, so a failover loses it: the relay makes it one when it next starts streaming ([postgres] failover_slot), or run ALTER_REPLICATION_SLOT {name} ( FAILOVER true ) on a replication connection (psql \"dbname=... replication=database\") while nothing streams from it"),
+        )),
+        (false, false) => Some((
+            true,
+            format!("replication slot {name} is not a failover slot ([postgres] failover_slot = false)"),
+        )),
+    }
+}
+
+/// The first server major with failover slots (`CREATE_REPLICATION_SLOT ... (FAILOVER)`,
+/// `sync_replication_slots` on standbys).
+pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
+
+/// Whether the relay keeps its slot a failover slot on a server of `version_num`; `true` on a
+/// server without them is a configuration error.
+pub fn failover_wanted(setting: FailoverSlot, version_num: i32) -> Result<bool, ServerProblem> {
+    let supported = version_num >= FAILOVER_SLOTS_SINCE;
+    match setting {
+        FailoverSlot::Off => Ok(false),
+        FailoverSlot::Auto => Ok(supported),
+        FailoverSlot::On if supported => Ok(true),
+        FailoverSlot::On => Err(ServerProblem::NoFailoverSlots(version_num / 10_000)),
+    }
 }
 
 impl ServerState {
@@ -93,13 +133,15 @@ impl ServerState {
 pub async fn server(client: &Client) -> Result<ServerState, PgError> {
     let row = client
         .query_one(
-            "SELECT current_setting('wal_level'), pg_is_in_recovery()",
+            "SELECT current_setting('wal_level'), pg_is_in_recovery(), \
+                    current_setting('server_version_num')::int",
             &[],
         )
         .await?;
     Ok(ServerState {
         wal_level: column(&row, 0, "wal_level")?,
         in_recovery: column(&row, 1, "pg_is_in_recovery()")?,
+        version_num: column(&row, 2, "server_version_num")?,
     })
 }
 
@@ -130,6 +172,11 @@ pub struct Slot {
     pub restart: Option<Lsn>,
     /// Bytes of WAL that may still be written before the slot is lost.
     pub safe_wal_size: Option<i64>,
+    /// Whether it is synchronised to standbys that ask for it (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
+    /// On a standby: a copy synchronised from the primary (PostgreSQL 17+). On a promoted
+    /// standby's slots it may stay true and means nothing.
+    pub synced: Option<bool>,
 }
 
 /// A slot (or its absence) and the server's WAL position, read in one statement so that the
@@ -181,7 +228,8 @@ pub async fn read_slot(client: &Client, name: &str) -> Result<SlotReading, PgErr
              SELECT current_database()::text, cur.standby, cur.lsn::text, s.slot_name IS NOT NULL, \
                     s.plugin::text, s.slot_type::text, s.database::text, \
                     coalesce(s.temporary, false), coalesce(s.active, false), s.active_pid, \
-                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, s.safe_wal_size \
+                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, s.safe_wal_size, \
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool \
              FROM cur LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
             &[&name],
         )
@@ -200,6 +248,8 @@ pub async fn read_slot(client: &Client, name: &str) -> Result<SlotReading, PgErr
             confirmed_flush: lsn(column(&row, 11, what)?, "confirmed_flush_lsn")?,
             restart: lsn(column(&row, 12, what)?, "restart_lsn")?,
             safe_wal_size: column(&row, 13, what)?,
+            failover: column(&row, 14, what)?,
+            synced: column(&row, 15, what)?,
         })
     } else {
         None
@@ -1068,8 +1118,24 @@ mod tests {
         let state = ServerState {
             wal_level: "logical".into(),
             in_recovery: true,
+            version_num: 150_010,
         };
         assert_eq!(state.problems(), [ServerProblem::InRecovery]);
+    }
+
+    #[test]
+    fn failover_slots_are_kept_where_the_server_has_them_and_demanded_only_by_true() {
+        assert_eq!(failover_wanted(FailoverSlot::Auto, 170_004), Ok(true));
+        assert_eq!(failover_wanted(FailoverSlot::Auto, 160_008), Ok(false));
+        assert_eq!(failover_wanted(FailoverSlot::Off, 180_001), Ok(false));
+        assert_eq!(failover_wanted(FailoverSlot::On, 180_001), Ok(true));
+        let e = failover_wanted(FailoverSlot::On, 150_010).expect_err("15 has none");
+        assert!(
+            e.to_string().starts_with(
+                "[postgres] failover_slot = true, but PostgreSQL 15 has no failover slots"
+            ),
+            "{e}"
+        );
     }
 
     fn outbox(table: &str) -> OutboxConfig {
