@@ -40,6 +40,9 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// Rows of the initial snapshot handed to the producer, by outbox table.
     pub snapshot_events: IntCounterVec,
+    /// Replication sessions closed because Kafka acknowledged nothing for
+    /// `[relay] release_session_after_secs`.
+    pub sessions_released: IntCounter,
 }
 
 /// `wal_status` values exported, so a dashboard sees zeros rather than gaps.
@@ -138,8 +141,13 @@ impl Metrics {
                 &["table"],
             )
             .expect("static metric definition"),
+            sessions_released: IntCounter::with_opts(opts(
+                "sessions_released_total",
+                "Replication sessions closed so that a Kafka outage does not block PostgreSQL's shutdown",
+            ))
+            .expect("static metric definition"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(m.events_published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.transactions.clone()),
@@ -154,6 +162,7 @@ impl Metrics {
             Box::new(m.reconnects.clone()),
             Box::new(m.slot_wal_status.clone()),
             Box::new(m.snapshot_events.clone()),
+            Box::new(m.sessions_released.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -295,6 +304,7 @@ mod tests {
             "outbox_relay_leader 0",
             "outbox_relay_reconnects_total{target=\"postgres\"} 0",
             "outbox_relay_slot_wal_status{status=\"missing\"} 1",
+            "outbox_relay_sessions_released_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

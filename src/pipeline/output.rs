@@ -20,6 +20,7 @@ use crate::ops::metrics::Metrics;
 use crate::pipeline::ack::{AckTracker, Progress, TxnId};
 use crate::pipeline::end::{classify, failed, txn_end, SessionEnd};
 use crate::pipeline::handover::{Handover, HandoverError, Waiting};
+use crate::pipeline::release;
 use crate::pipeline::stop::Stop;
 use crate::postgres::replication::{ReplicationError, ReplicationStream};
 
@@ -120,6 +121,7 @@ impl Output<'_> {
             stream,
             status: &mut self.status,
             progress: &self.progress,
+            tracker: &self.tracker,
             config: self.config,
             stop: &self.stop,
         };
@@ -237,11 +239,13 @@ impl Output<'_> {
 /// While the producer's queue is full the relay stops reading the socket (the walsender
 /// blocks on TCP), but keeps the server from timing it out, and gives up the wait once a
 /// requested stop has spent its reading half: a frozen broker must not hold the process past
-/// `shutdown_timeout_secs`.
+/// `shutdown_timeout_secs`; nor, once Kafka has been silent for `release_session_after_secs`,
+/// hold PostgreSQL's shutdown (see `pipeline::release`).
 struct KeepAlive<'p> {
     stream: &'p mut ReplicationStream,
     status: &'p mut Status,
     progress: &'p watch::Receiver<Progress>,
+    tracker: &'p AckTracker,
     config: &'p Config,
     stop: &'p Stop,
 }
@@ -259,7 +263,9 @@ impl Waiting for KeepAlive<'_> {
         // the rest of the stop goes to waiting for what was sent.
         match self.stop.reading_deadline() {
             Some(until) if tokio::time::Instant::now() >= until => Err(SessionEnd::Stopped),
-            _ => Ok(()),
+            // A requested stop bounds itself; it needs the socket for its last status update.
+            Some(_) => Ok(()),
+            None => release::due(self.tracker, self.config).map_or(Ok(()), Err),
         }
     }
 }

@@ -213,6 +213,25 @@ pub async fn run(
                     break Ok(());
                 }
             }
+            SessionEnd::Released(why) => {
+                standby = false;
+                metrics.leader.set(0);
+                metrics.sessions_released.inc();
+                tracing::warn!(
+                    "released the replication session: {why}; PostgreSQL can shut down or switch over meanwhile; resuming from the slot once Kafka catches up"
+                );
+                health.set_not_streaming(format!(
+                    "released the replication session ({why}); waiting for Kafka before resuming from the slot"
+                ));
+                // Drained before the abort (exactly-once mode): aborting needs the broker too,
+                // and would fail while it is still away.
+                if session.drain().await {
+                    break Ok(());
+                }
+                if let Err(e) = session.abandon().await {
+                    break Err(e);
+                }
+            }
             SessionEnd::Transient(e) => {
                 standby = false;
                 metrics.leader.set(0);
