@@ -14,8 +14,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_delivered, basic_config, free_port, insert_outbox, scrape, Broker, Event, Expect,
-    Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    assert_delivered, basic_config, free_port, http_get, insert_outbox, scrape, Broker, Event,
+    Expect, Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 4;
@@ -26,10 +26,26 @@ const RELEASE_AFTER: Duration = Duration::from_secs(5);
 const SLACK: Duration = Duration::from_secs(15);
 /// `pg_ctl`'s own timeout, as a DBA's restart would have it.
 const PG_CTL_TIMEOUT_SECS: u64 = 40;
+/// Exactly-once mode's offsets topic (the default name).
+const OFFSETS_TOPIC: &str = "outbox-relay-offsets";
 const STARTUP: Duration = Duration::from_secs(30);
 const PATIENCE: Patience = Patience {
     delivery: Duration::from_secs(180),
     confirm: Duration::from_secs(60),
+};
+
+/// The relay's settings that vary between the tests here.
+#[derive(Clone, Copy, Debug)]
+struct Settings {
+    /// `[relay] release_session_after_secs`.
+    release_after_secs: u64,
+    /// `[kafka] delivery = "exactly-once"`.
+    exactly_once: bool,
+}
+
+const DEFAULTS: Settings = Settings {
+    release_after_secs: 5,
+    exactly_once: false,
 };
 
 async fn setup(pg: Pg) -> (Pg, Broker) {
@@ -38,16 +54,25 @@ async fn setup(pg: Pg) -> (Pg, Broker) {
     for topic in TOPICS {
         broker.create_topic(topic, PARTITIONS).await;
     }
+    broker
+        .create_topic_with(OFFSETS_TOPIC, 1, &[("cleanup.policy", "compact")])
+        .await;
     (pg, broker)
 }
 
-/// The default config plus metrics, a short reconnect backoff, and the release bound.
-fn start_relay(pg: &Pg, broker: &Broker, release_after_secs: u64) -> (Relay, u16) {
+/// The default config plus metrics, a short reconnect backoff, and `settings`.
+fn start_relay(pg: &Pg, broker: &Broker, settings: Settings) -> (Relay, u16) {
     let port = free_port();
+    let delivery = if settings.exactly_once {
+        "delivery = \"exactly-once\"\n"
+    } else {
+        ""
+    };
     let config = format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n\
-         [relay]\nreconnect_max_backoff_secs = 2\nrelease_session_after_secs = {release_after_secs}\n",
-        basic_config(&pg.url(), &broker.bootstrap())
+        "{}{delivery}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [relay]\nreconnect_max_backoff_secs = 2\nrelease_session_after_secs = {}\n",
+        basic_config(&pg.url(), &broker.bootstrap()),
+        settings.release_after_secs
     );
     (Relay::start(&config), port)
 }
@@ -121,11 +146,11 @@ async fn fast_stop_with_the_broker_frozen(
     pg: Pg,
     backlog: usize,
     per_txn: usize,
-    release_after_secs: u64,
+    settings: Settings,
     what: &str,
 ) -> (bool, Duration) {
     let (pg, broker) = setup(pg).await;
-    let (mut relay, port) = start_relay(&pg, &broker, release_after_secs);
+    let (mut relay, port) = start_relay(&pg, &broker, settings);
     relay.wait_for_slot(&pg, SLOT, STARTUP).await;
     let mut seqs = Seqs::default();
     let mut expected = write(&pg, &mut seqs, 10, 10, "before").await;
@@ -151,6 +176,21 @@ async fn fast_stop_with_the_broker_frozen(
         if stopped { "stopped" } else { "FAILED" },
         took.as_secs_f64()
     );
+    if released > 0.0 {
+        // What an operator sees meanwhile.
+        let (status, body) = http_get(port, "/readyz").unwrap_or_default();
+        assert!(
+            status == 503 && body.contains("released the replication session"),
+            "{what}: /readyz answered {status} {body:?} while the session was released"
+        );
+        assert!(
+            relay
+                .stderr()
+                .contains("PostgreSQL can shut down or switch over meanwhile"),
+            "{what}: the release was not logged:\n{}",
+            relay.stderr()
+        );
+    }
     if !stopped {
         // The walsender still waits: thawing the broker lets the relay confirm and the
         // shutdown end.
@@ -187,7 +227,7 @@ fn assert_within_the_bound(stopped: bool, took: Duration, what: &str) {
 async fn a_fast_shutdown_completes_while_a_frozen_broker_holds_a_backlog_pg15() {
     let what = "PG 15, backlog";
     let (stopped, took) =
-        fast_stop_with_the_broker_frozen(Pg::start(), 30_000, 5_000, 5, what).await;
+        fast_stop_with_the_broker_frozen(Pg::start(), 30_000, 5_000, DEFAULTS, what).await;
     assert_within_the_bound(stopped, took, what);
 }
 
@@ -195,7 +235,7 @@ async fn a_fast_shutdown_completes_while_a_frozen_broker_holds_a_backlog_pg15() 
 async fn a_fast_shutdown_completes_while_a_frozen_broker_holds_a_backlog_pg18() {
     let what = "PG 18, backlog";
     let (stopped, took) =
-        fast_stop_with_the_broker_frozen(Pg::start_major(18), 30_000, 5_000, 5, what).await;
+        fast_stop_with_the_broker_frozen(Pg::start_major(18), 30_000, 5_000, DEFAULTS, what).await;
     assert_within_the_bound(stopped, took, what);
 }
 
@@ -204,7 +244,7 @@ async fn a_fast_shutdown_completes_while_a_frozen_broker_holds_a_backlog_pg18() 
 #[tokio::test]
 async fn a_fast_shutdown_completes_with_a_few_records_unacknowledged() {
     let what = "PG 15, a few records";
-    let (stopped, took) = fast_stop_with_the_broker_frozen(Pg::start(), 5, 5, 5, what).await;
+    let (stopped, took) = fast_stop_with_the_broker_frozen(Pg::start(), 5, 5, DEFAULTS, what).await;
     assert_within_the_bound(stopped, took, what);
 }
 
@@ -217,8 +257,12 @@ async fn with_the_release_off_a_frozen_broker_holds_a_fast_shutdown() {
         (30_000, 5_000, "PG 15, backlog, release off"),
         (5, 5, "PG 15, a few records, release off"),
     ] {
+        let off = Settings {
+            release_after_secs: 0,
+            ..DEFAULTS
+        };
         let (stopped, took) =
-            fast_stop_with_the_broker_frozen(Pg::start(), backlog, per_txn, 0, what).await;
+            fast_stop_with_the_broker_frozen(Pg::start(), backlog, per_txn, off, what).await;
         assert!(
             !stopped && took >= Duration::from_secs(PG_CTL_TIMEOUT_SECS),
             "{what}: expected pg_ctl to give up, it took {took:?} (succeeded: {stopped})"
@@ -231,7 +275,7 @@ async fn with_the_release_off_a_frozen_broker_holds_a_fast_shutdown() {
 #[tokio::test]
 async fn a_healthy_broker_draining_a_backlog_never_releases_the_session() {
     let (pg, broker) = setup(Pg::start()).await;
-    let (mut relay, port) = start_relay(&pg, &broker, RELEASE_AFTER.as_secs());
+    let (mut relay, port) = start_relay(&pg, &broker, DEFAULTS);
     relay.wait_for_slot(&pg, SLOT, STARTUP).await;
     let mut seqs = Seqs::default();
     let expected = write(&pg, &mut seqs, 40_000, 5_000, "healthy").await;
@@ -248,4 +292,19 @@ async fn a_healthy_broker_draining_a_backlog_never_releases_the_session() {
         "{}",
         relay.stderr()
     );
+}
+
+/// Exactly-once mode: a Kafka transaction waiting for its records' acknowledgements before
+/// committing is cut short by the release too (the transaction is aborted once the broker is
+/// back); everything is delivered afterwards.
+#[tokio::test]
+async fn a_fast_shutdown_completes_in_exactly_once_mode_while_the_broker_is_frozen() {
+    let what = "PG 15, backlog, exactly-once";
+    let settings = Settings {
+        exactly_once: true,
+        ..DEFAULTS
+    };
+    let (stopped, took) =
+        fast_stop_with_the_broker_frozen(Pg::start(), 30_000, 5_000, settings, what).await;
+    assert_within_the_bound(stopped, took, what);
 }

@@ -93,7 +93,8 @@ impl Output<'_> {
             if eos.skips() {
                 return Ok(());
             }
-            let ready = eos.before_send(&self.publisher, &self.tracker).await;
+            let ready = eos.before_send(&self.publisher, &self.tracker);
+            let ready = release::racing(&self.tracker, self.config, &self.stop, ready).await?;
             ready.map_err(|e| txn_end(&self.progress, self.status.reported, e))?;
         }
         self.publish(stream, txn, record).await?;
@@ -140,7 +141,8 @@ impl Output<'_> {
     pub(super) async fn commit(&mut self, txn: TxnId, end: Lsn) -> Result<(), SessionEnd> {
         self.tracker.commit(txn, end);
         if let Some(eos) = &mut self.eos {
-            let done = eos.end(end, &self.publisher, &self.tracker).await;
+            let done = eos.end(end, &self.publisher, &self.tracker);
+            let done = release::racing(&self.tracker, self.config, &self.stop, done).await?;
             done.map_err(|e| txn_end(&self.progress, self.status.reported, e))?;
         }
         Ok(())
@@ -160,7 +162,8 @@ impl Output<'_> {
         let Some(eos) = &mut self.eos else {
             return Ok(());
         };
-        let done = eos.pause(caught_up, &self.publisher, &self.tracker).await;
+        let done = eos.pause(caught_up, &self.publisher, &self.tracker);
+        let done = release::racing(&self.tracker, self.config, &self.stop, done).await?;
         done.map_err(|e| txn_end(&self.progress, self.status.reported, e))
     }
 

@@ -18,12 +18,19 @@
 //! reordering), and a broker silent for longer than the bound during normal operation also
 //! costs a reconnect. Silence rather than the oldest record's age is the measure, so a slow
 //! but working broker draining a long queue does not trigger it.
+//!
+//! The rule is checked wherever the session waits on Kafka: on the stream's timer, while it
+//! waits for room in the producer queue, and, in exactly-once mode, while a Kafka transaction
+//! waits for its records' acknowledgements before committing ([`racing`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::kafka::producer::WAIT_TICK;
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::end::SessionEnd;
+use crate::pipeline::stop::Stop;
 
 /// The session's end if Kafka has been silent too long while records wait; `None` otherwise
 /// or when the bound is 0 (never release).
@@ -40,4 +47,34 @@ pub(super) fn due(tracker: &AckTracker, config: &Config) -> Option<SessionEnd> {
             silent.as_secs()
         ))
     })
+}
+
+/// Runs `work` (an exactly-once step that may wait for Kafka) unless the release falls due
+/// first; then `work` is dropped and the release is the session's end. Only the wait for
+/// acknowledgements before a commit can be cut short so: the rule needs records in flight,
+/// and a commit or an abort starts only once none are. The Kafka transaction stays open and
+/// is aborted after the drain, when the broker is back. Not while stopping: the stop has its
+/// own bound and its own last steps.
+pub(super) async fn racing<F: Future>(
+    tracker: &AckTracker,
+    config: &Config,
+    stop: &Stop,
+    work: F,
+) -> Result<F::Output, SessionEnd> {
+    if config.relay.release_session_after_secs == 0 || stop.requested() {
+        return Ok(work.await);
+    }
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(WAIT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            done = &mut work => return Ok(done),
+            _ = tick.tick() => {
+                if let Some(end) = due(tracker, config) {
+                    return Err(end);
+                }
+            }
+        }
+    }
 }
