@@ -220,9 +220,7 @@ pub async fn run(
                 tracing::warn!(
                     "released the replication session: {why}; PostgreSQL can shut down or switch over meanwhile; resuming from the slot once Kafka catches up"
                 );
-                health.set_not_streaming(format!(
-                    "released the replication session ({why}); waiting for Kafka before resuming from the slot"
-                ));
+                health.set_released(why);
                 // Drained before the abort (exactly-once mode): aborting needs the broker too,
                 // and would fail while it is still away.
                 if session.drain().await {

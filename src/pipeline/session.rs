@@ -438,6 +438,8 @@ impl Session<'_> {
     pub(super) async fn drain(&mut self) -> bool {
         let mut stop = self.out.stop.clone();
         while self.out.tracker.in_flight() > 0 {
+            // Kept current: a drain may last as long as a Kafka outage.
+            self.out.update_metrics();
             tokio::select! {
                 _ = stop.wait() => return true,
                 _ = self.out.publisher.space_below(0) => {}
