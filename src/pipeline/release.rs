@@ -13,10 +13,10 @@
 //! release_session_after_secs`. Then the session ends as [`SessionEnd::Released`]: the socket
 //! is dropped (which frees the walsender at once), the lifecycle waits for the producer queue
 //! to drain while only the monitor's plain SQL connection talks to PostgreSQL, and the next
-//! session resumes from the slot, which kept its position. The cost: the cut-off
-//! transaction's records already acknowledged are sent again (duplicates, never loss or
-//! reordering), and a broker silent for longer than the bound during normal operation also
-//! costs a reconnect. Silence rather than the oldest record's age is the measure, so a slow
+//! session resumes from the slot, which kept its position. The cost: the records in flight at
+//! the release are sent again, as the slot hears of no acknowledgement meanwhile (duplicates,
+//! never loss or reordering), and every Kafka outage longer than the bound costs that and a
+//! reconnect, shutdown or not. Silence rather than the oldest record's age is the measure, so a slow
 //! but working broker draining a long queue does not trigger it.
 //!
 //! The rule is checked wherever the session waits on Kafka: on the stream's timer, while it
