@@ -112,6 +112,10 @@ pub struct RelayConfig {
     /// `/readyz` fails when a record waits longer than this for its ack while lag grows.
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout_secs: u64,
+    /// Closes the replication session once Kafka has acknowledged nothing for this long while
+    /// records wait, so PostgreSQL can shut down or switch over; 0: never.
+    #[serde(default = "default_release_session_after")]
+    pub release_session_after_secs: u64,
 }
 
 impl Default for RelayConfig {
@@ -120,6 +124,7 @@ impl Default for RelayConfig {
             shutdown_timeout_secs: default_shutdown_timeout(),
             reconnect_max_backoff_secs: default_max_backoff(),
             stall_timeout_secs: default_stall_timeout(),
+            release_session_after_secs: default_release_session_after(),
         }
     }
 }
@@ -264,6 +269,11 @@ fn default_max_backoff() -> u64 {
 }
 fn default_stall_timeout() -> u64 {
     60
+}
+/// A few seconds: well inside `pg_ctl`'s 60 s and Patroni's switchover waits, well above a
+/// healthy broker's acknowledgement time.
+fn default_release_session_after() -> u64 {
+    5
 }
 fn default_id_column() -> String {
     "id".into()

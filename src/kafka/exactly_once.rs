@@ -23,8 +23,9 @@ use crate::kafka::producer::Publisher;
 use crate::lsn::Lsn;
 use crate::pipeline::ack::AckTracker;
 
-/// Bound on each call that waits for the brokers (init, commit, abort).
-const BROKER_WAIT: Duration = Duration::from_secs(30);
+/// Bound on each call that waits for the brokers (init, commit, abort), and on the wait for a
+/// released session's records before their transaction is aborted.
+pub const BROKER_WAIT: Duration = Duration::from_secs(30);
 
 /// Why a Kafka transaction step failed, sorted by what the relay does next.
 #[derive(Debug, thiserror::Error)]

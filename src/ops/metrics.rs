@@ -40,6 +40,9 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// Rows of the initial snapshot handed to the producer, by outbox table.
     pub snapshot_events: IntCounterVec,
+    /// Replication sessions closed because Kafka acknowledged nothing for
+    /// `[relay] release_session_after_secs`.
+    pub sessions_released: IntCounter,
 }
 
 /// `wal_status` values exported, so a dashboard sees zeros rather than gaps.
@@ -138,8 +141,13 @@ impl Metrics {
                 &["table"],
             )
             .expect("static metric definition"),
+            sessions_released: IntCounter::with_opts(opts(
+                "sessions_released_total",
+                "Replication sessions closed so that a Kafka outage does not block PostgreSQL's shutdown",
+            ))
+            .expect("static metric definition"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(m.events_published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.transactions.clone()),
@@ -154,6 +162,7 @@ impl Metrics {
             Box::new(m.reconnects.clone()),
             Box::new(m.slot_wal_status.clone()),
             Box::new(m.snapshot_events.clone()),
+            Box::new(m.sessions_released.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -202,12 +211,23 @@ pub struct Health {
     /// when a probe only sees a timeout. Cleared when a broker answers.
     transport_error: Mutex<Option<String>>,
     stalled: Mutex<Option<String>>,
+    /// Why the replication session was released while Kafka is silent, until streaming again.
+    released: Mutex<Option<String>>,
 }
 
 impl Health {
     /// The replication stream is running (this instance holds the slot).
     pub fn set_streaming(&self) {
+        *lock(&self.released) = None;
         self.streaming.store(true, Ordering::Relaxed);
+    }
+
+    /// The replication session was released because Kafka stayed silent (`why`); `/readyz`
+    /// names Kafka's trouble first, as the cause, then the release.
+    pub fn set_released(&self, why: impl Into<String>) {
+        let why = why.into();
+        *lock(&self.released) = Some(why.clone());
+        self.set_not_streaming(format!("released the replication session ({why}); waiting for Kafka before resuming from the slot"));
     }
 
     /// The replication stream is not running, and why (standby, reconnecting, stopping).
@@ -246,21 +266,28 @@ impl Health {
     /// `Ok` when ready; otherwise the one-line reason.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.streaming.load(Ordering::Relaxed) {
-            return Err(format!(
-                "not streaming: {}",
-                lock(&self.not_streaming_reason)
-            ));
+            let not_streaming = format!("not streaming: {}", lock(&self.not_streaming_reason));
+            return Err(
+                match (lock(&self.released).is_some(), self.kafka_trouble()) {
+                    (true, Some(cause)) => format!("{cause}; {not_streaming}"),
+                    _ => not_streaming,
+                },
+            );
         }
+        self.kafka_trouble().map_or(Ok(()), Err)
+    }
+
+    /// Kafka unreachable, or acknowledgements stalled, in words.
+    fn kafka_trouble(&self) -> Option<String> {
         if self.broker_down.load(Ordering::Relaxed) {
-            return Err(match lock(&self.transport_error).as_ref() {
+            return Some(match lock(&self.transport_error).as_ref() {
                 Some(why) => format!("Kafka unreachable: {why}"),
                 None => format!("Kafka unreachable: {}", lock(&self.broker_reason)),
             });
         }
-        if let Some(why) = lock(&self.stalled).as_ref() {
-            return Err(format!("stalled: {why}"));
-        }
-        Ok(())
+        lock(&self.stalled)
+            .as_ref()
+            .map(|why| format!("stalled: {why}"))
     }
 }
 
@@ -295,9 +322,33 @@ mod tests {
             "outbox_relay_leader 0",
             "outbox_relay_reconnects_total{target=\"postgres\"} 0",
             "outbox_relay_slot_wal_status{status=\"missing\"} 1",
+            "outbox_relay_sessions_released_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn a_released_session_names_kafka_first() {
+        let h = Health::default();
+        h.set_released("Kafka acknowledged none of 3 waiting records for 5 s");
+        let said = h.readiness().unwrap_err();
+        assert!(
+            said.starts_with("not streaming: released the replication session"),
+            "{said}"
+        );
+        h.set_broker(false, "1/1 brokers are down");
+        let said = h.readiness().unwrap_err();
+        assert!(
+            said.starts_with("Kafka unreachable: 1/1 brokers are down; not streaming: released"),
+            "{said}"
+        );
+        h.set_streaming();
+        h.set_not_streaming("reconnecting to PostgreSQL");
+        assert_eq!(
+            h.readiness(),
+            Err("not streaming: reconnecting to PostgreSQL".into())
+        );
     }
 
     #[test]

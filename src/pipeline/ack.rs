@@ -120,6 +120,9 @@ struct State {
     in_flight: u64,
     /// Transactions released so far.
     done: u64,
+    /// When Kafka last gave a verdict, or the first record went in flight after none was:
+    /// how long records have waited without a word from Kafka.
+    heard: Instant,
 }
 
 /// What [`AckTracker::delivered`] learned.
@@ -175,6 +178,7 @@ impl AckTracker {
                 txns: VecDeque::new(),
                 in_flight: 0,
                 done: 0,
+                heard: Instant::now(),
             }),
             progress: tx,
             committed_only,
@@ -219,6 +223,9 @@ impl AckTracker {
         if let Some(t) = s.get_mut(txn) {
             t.pending += 1;
             t.since.get_or_insert_with(Instant::now);
+        }
+        if s.in_flight == 0 {
+            s.heard = Instant::now();
         }
         s.in_flight += 1;
         InFlight {
@@ -291,6 +298,7 @@ impl AckTracker {
             "a delivery report for a record never counted"
         );
         s.in_flight = s.in_flight.saturating_sub(1);
+        s.heard = Instant::now();
         let mut done = Delivered {
             commit_time: None,
             in_flight: s.in_flight,
@@ -330,6 +338,14 @@ impl AckTracker {
     /// Records handed to the producer and not yet acknowledged.
     pub fn in_flight(&self) -> u64 {
         self.lock().in_flight
+    }
+
+    /// How long records have been in flight without any verdict from Kafka (acknowledgement
+    /// or refusal); `None` when nothing is in flight. Unlike the oldest record's wait, this
+    /// stays small while a slow but working broker acknowledges a long queue.
+    pub fn silent_for(&self) -> Option<Duration> {
+        let s = self.lock();
+        (s.in_flight > 0).then(|| s.heard.elapsed())
     }
 
     /// Counts for metrics and readiness.

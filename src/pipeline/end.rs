@@ -19,6 +19,9 @@ pub(super) enum SessionEnd {
     SlotBusy(String),
     /// The connection failed in a way a reconnect may fix.
     Transient(anyhow::Error),
+    /// Kafka was silent too long while records waited: the replication session was let go so
+    /// PostgreSQL can shut down or switch over (see `pipeline::release`); why, in words.
+    Released(String),
     /// Stop the relay.
     Fatal(anyhow::Error),
     /// The server does not know a name the stream uses: the slot, or the publication. Which

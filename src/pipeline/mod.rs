@@ -6,6 +6,7 @@ mod end;
 pub mod handover;
 mod monitor;
 mod output;
+mod release;
 pub mod run;
 pub mod session;
 pub mod setup;

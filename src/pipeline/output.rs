@@ -20,6 +20,7 @@ use crate::ops::metrics::Metrics;
 use crate::pipeline::ack::{AckTracker, Progress, TxnId};
 use crate::pipeline::end::{classify, failed, txn_end, SessionEnd};
 use crate::pipeline::handover::{Handover, HandoverError, Waiting};
+use crate::pipeline::release;
 use crate::pipeline::stop::Stop;
 use crate::postgres::replication::{ReplicationError, ReplicationStream};
 
@@ -92,7 +93,8 @@ impl Output<'_> {
             if eos.skips() {
                 return Ok(());
             }
-            let ready = eos.before_send(&self.publisher, &self.tracker).await;
+            let ready = eos.before_send(&self.publisher, &self.tracker);
+            let ready = release::racing(&self.tracker, self.config, &self.stop, ready).await?;
             ready.map_err(|e| txn_end(&self.progress, self.status.reported, e))?;
         }
         self.publish(stream, txn, record).await?;
@@ -120,6 +122,7 @@ impl Output<'_> {
             stream,
             status: &mut self.status,
             progress: &self.progress,
+            tracker: &self.tracker,
             config: self.config,
             stop: &self.stop,
         };
@@ -138,7 +141,8 @@ impl Output<'_> {
     pub(super) async fn commit(&mut self, txn: TxnId, end: Lsn) -> Result<(), SessionEnd> {
         self.tracker.commit(txn, end);
         if let Some(eos) = &mut self.eos {
-            let done = eos.end(end, &self.publisher, &self.tracker).await;
+            let done = eos.end(end, &self.publisher, &self.tracker);
+            let done = release::racing(&self.tracker, self.config, &self.stop, done).await?;
             done.map_err(|e| txn_end(&self.progress, self.status.reported, e))?;
         }
         Ok(())
@@ -158,7 +162,8 @@ impl Output<'_> {
         let Some(eos) = &mut self.eos else {
             return Ok(());
         };
-        let done = eos.pause(caught_up, &self.publisher, &self.tracker).await;
+        let done = eos.pause(caught_up, &self.publisher, &self.tracker);
+        let done = release::racing(&self.tracker, self.config, &self.stop, done).await?;
         done.map_err(|e| txn_end(&self.progress, self.status.reported, e))
     }
 
@@ -237,11 +242,13 @@ impl Output<'_> {
 /// While the producer's queue is full the relay stops reading the socket (the walsender
 /// blocks on TCP), but keeps the server from timing it out, and gives up the wait once a
 /// requested stop has spent its reading half: a frozen broker must not hold the process past
-/// `shutdown_timeout_secs`.
+/// `shutdown_timeout_secs`; nor, once Kafka has been silent for `release_session_after_secs`,
+/// hold PostgreSQL's shutdown (see `pipeline::release`).
 struct KeepAlive<'p> {
     stream: &'p mut ReplicationStream,
     status: &'p mut Status,
     progress: &'p watch::Receiver<Progress>,
+    tracker: &'p AckTracker,
     config: &'p Config,
     stop: &'p Stop,
 }
@@ -259,7 +266,9 @@ impl Waiting for KeepAlive<'_> {
         // the rest of the stop goes to waiting for what was sent.
         match self.stop.reading_deadline() {
             Some(until) if tokio::time::Instant::now() >= until => Err(SessionEnd::Stopped),
-            _ => Ok(()),
+            // A requested stop bounds itself; it needs the socket for its last status update.
+            Some(_) => Ok(()),
+            None => release::due(self.tracker, self.config).map_or(Ok(()), Err),
         }
     }
 }

@@ -213,6 +213,38 @@ pub async fn run(
                     break Ok(());
                 }
             }
+            SessionEnd::Released(why) => {
+                standby = false;
+                metrics.leader.set(0);
+                metrics.sessions_released.inc();
+                tracing::warn!(
+                    "released the replication session: {why}; PostgreSQL can shut down or switch over meanwhile; resuming from the slot once Kafka catches up"
+                );
+                health.set_released(why);
+                // Drained before the abort (exactly-once mode): aborting needs the broker too,
+                // and would fail while it is still away. Bounded there as a commit's wait is:
+                // records a broker never acknowledges (no transaction support) must not hold
+                // the relay forever; the abort then purges them.
+                let drained = if session.out.eos.is_some() {
+                    tokio::time::timeout(exactly_once::BROKER_WAIT, session.drain()).await
+                } else {
+                    Ok(session.drain().await)
+                };
+                match drained {
+                    Ok(true) => break Ok(()),
+                    Ok(false) => {}
+                    Err(_) => tracing::warn!(
+                        "Kafka acknowledged none of the released session's records within {:?}; aborting their Kafka transaction (a broker without transaction support never does: delivery = \"exactly-once\" needs one)",
+                        exactly_once::BROKER_WAIT
+                    ),
+                }
+                if let Err(e) = session.abandon().await {
+                    break Err(e);
+                }
+                if session.drain().await {
+                    break Ok(());
+                }
+            }
             SessionEnd::Transient(e) => {
                 standby = false;
                 metrics.leader.set(0);

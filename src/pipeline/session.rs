@@ -17,6 +17,7 @@ use crate::ops::metrics::Health;
 use crate::pipeline::ack::TxnId;
 use crate::pipeline::end::{self, classify, txn_end, Known, SessionEnd};
 use crate::pipeline::output::Output;
+use crate::pipeline::release;
 use crate::postgres::catalog;
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::errors::PgError;
@@ -142,9 +143,16 @@ impl Session<'_> {
         );
         let end = self.stream(&mut stream).await;
         self.health.set_not_streaming("replication stream ended");
-        if !matches!(end, SessionEnd::Transient(_)) {
+        match end {
+            SessionEnd::Transient(_) => {}
+            // Dropped, not closed: a goodbye could wait on a server that is not reading, and
+            // closing the socket with unread data in it resets the connection, which ends the
+            // walsender at once even while it is blocked sending.
+            SessionEnd::Released(_) => drop(stream),
             // The socket still works: say goodbye so the slot is released at once.
-            let _ = stream.close().await;
+            _ => {
+                let _ = stream.close().await;
+            }
         }
         end
     }
@@ -246,6 +254,13 @@ impl Session<'_> {
                     // than waiting ~15 s for the next one.
                     self.out.idle(self.idle_end);
                     self.out.update_metrics();
+                    // Records in flight and Kafka silent: the walsender may be holding a
+                    // shutdown for a confirmation that cannot come (see `pipeline::release`).
+                    if !stopping {
+                        if let Some(end) = release::due(&self.out.tracker, self.config) {
+                            return end;
+                        }
+                    }
                     let reported = self.out.status.reported;
                     if last_log.elapsed() >= LOG_EVERY && reported != logged {
                         tracing::info!(confirmed = %reported, events = self.out.events, "confirmed");
@@ -476,6 +491,8 @@ impl Session<'_> {
     pub(super) async fn drain(&mut self) -> bool {
         let mut stop = self.out.stop.clone();
         while self.out.tracker.in_flight() > 0 {
+            // Kept current: a drain may last as long as a Kafka outage.
+            self.out.update_metrics();
             tokio::select! {
                 _ = stop.wait() => return true,
                 _ = self.out.publisher.space_below(0) => {}

@@ -145,6 +145,42 @@ pub async fn settle(
     (reader.records(), confirmed)
 }
 
+/// Where the records go and how long to wait for them, for [`assert_delivered`].
+#[derive(Clone, Copy, Debug)]
+pub struct Expect<'a> {
+    pub topics: &'a [&'a str],
+    pub partitions: i32,
+    pub patience: Patience,
+}
+
+/// Waits until every event of `expected` is in Kafka and the slot is confirmed past the WAL
+/// position now, then checks the records against `expected` (`what` names the moment in a
+/// failure). Returns how many records were read and the delivery, for further checks.
+pub async fn assert_delivered(
+    pg: &Pg,
+    broker: &Broker,
+    relay: &mut Relay,
+    to: Expect<'_>,
+    expected: &[Event],
+    what: &str,
+) -> (usize, Delivery) {
+    let target = pg.current_wal_lsn().await;
+    let (recs, confirmed) = settle(
+        pg,
+        broker,
+        relay,
+        to.topics,
+        expected.len(),
+        target,
+        to.patience,
+    )
+    .await;
+    let delivery = check_delivery(&recs, expected, to.partitions);
+    delivery.assert_ok(what);
+    confirmed.unwrap_or_else(|e| panic!("{what}: {e}"));
+    (recs.len(), delivery)
+}
+
 /// The outcome of comparing what a consumer read with what was committed.
 #[derive(Debug, Default)]
 pub struct Delivery {
