@@ -6,6 +6,8 @@
 //! `pg_ctl stop -m immediate`), the standby promoted, the writer moves to it and the relay must
 //! follow on its own: the failover slot it made is there, synced, and it resumes from it. A
 //! checker then reads every topic: nothing lost, reordered or invented; duplicates counted.
+//! Also a switchover as Patroni makes one (fast stop, promotion) with the broker frozen: the
+//! fast stop must not wait for Kafka (`[relay] release_session_after_secs`).
 //! Each round after the first makes a new standby of the new primary on the dead one's port,
 //! so the same URL names both throughout.
 //!
@@ -104,9 +106,29 @@ async fn wait_for(what: &str, relay: &mut Relay, mut ready: impl AsyncFnMut() ->
     }
 }
 
+/// How the primary goes away.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// `kill -9` of the postmaster and `pg_ctl stop -m immediate`, alternating.
+    Crash,
+    /// A switchover as Patroni makes one, `pg_ctl stop -m fast` then promotion, with the
+    /// broker frozen throughout: the fast stop must not wait for Kafka.
+    SwitchoverKafkaFrozen,
+}
+
 #[tokio::test]
 async fn the_relay_follows_a_promoted_standby_and_loses_nothing() {
-    let report = failovers(true, runs(2)).await;
+    let report = failovers(true, runs(2), Fault::Crash).await;
+    report.assert_ok();
+}
+
+/// The release bound of `[relay] release_session_after_secs` (5 s by default), plus the
+/// seconds a loaded machine may need: a fast stop waiting for Kafka took its 60 s and failed.
+const FAST_STOP_BOUND: Duration = Duration::from_secs(25);
+
+#[tokio::test]
+async fn a_switchover_with_kafka_frozen_is_not_blocked_and_loses_nothing() {
+    let report = failovers(true, 1, Fault::SwitchoverKafkaFrozen).await;
     report.assert_ok();
 }
 
@@ -117,7 +139,7 @@ async fn the_relay_follows_a_promoted_standby_and_loses_nothing() {
 /// still guarantee: every event the new primary has reaches Kafka, in order.
 #[tokio::test]
 async fn without_synchronized_standby_slots_nothing_the_new_primary_has_is_lost() {
-    let report = failovers(false, 1).await;
+    let report = failovers(false, 1, Fault::Crash).await;
     println!("unprotected: {report}");
     assert_eq!(
         (report.lost, report.reordered),
@@ -127,7 +149,7 @@ async fn without_synchronized_standby_slots_nothing_the_new_primary_has_is_lost(
     );
 }
 
-async fn failovers(protected: bool, failovers: usize) -> common::checker::Report {
+async fn failovers(protected: bool, failovers: usize, fault: Fault) -> common::checker::Report {
     let mut rng = Rng::new(seed());
     let mut primary = Pg::start_major(17);
     primary.sql(OUTBOX_DDL).await;
@@ -181,17 +203,35 @@ async fn failovers(protected: bool, failovers: usize) -> common::checker::Report
         .await;
         tokio::time::sleep(rng.millis(1000, 3000)).await;
 
-        let how = if round % 2 == 1 {
-            "kill -9"
-        } else {
-            "pg_ctl stop -m immediate"
+        let how = match fault {
+            Fault::SwitchoverKafkaFrozen => {
+                broker.freeze();
+                // Records pile up unacknowledged: the relay cannot confirm what it was sent.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let stopping = Instant::now();
+                primary.stop("fast").await;
+                let took = stopping.elapsed();
+                println!("switchover: pg_ctl stop -m fast took {took:.1?} with the broker frozen");
+                assert!(
+                    took < FAST_STOP_BOUND,
+                    "the fast stop took {took:?} with Kafka frozen; relay stderr:\n{}",
+                    relay.stderr()
+                );
+                "switchover, Kafka frozen"
+            }
+            Fault::Crash if round % 2 == 1 => {
+                primary.kill9();
+                "kill -9"
+            }
+            Fault::Crash => {
+                primary.stop("immediate").await;
+                "pg_ctl stop -m immediate"
+            }
         };
-        if round % 2 == 1 {
-            primary.kill9();
-        } else {
-            primary.stop("immediate").await;
-        }
         standby.promote().await;
+        if fault == Fault::SwitchoverKafkaFrozen {
+            broker.thaw();
+        }
         let promoted = Instant::now();
         let seconds = wait_for(
             "the relay on the promoted standby",
