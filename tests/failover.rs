@@ -240,6 +240,18 @@ async fn failovers(protected: bool, failovers: usize, fault: Fault) -> common::c
         )
         .await;
         println!("failover {round} ({how}): the relay streamed from the new primary {seconds:.1} s after the promotion");
+        let host = format!("127.0.0.1:{}", standby.port());
+        wait_for(
+            "the metrics naming the new primary",
+            &mut relay,
+            async || {
+                scrape(metrics).ok().is_some_and(|m| {
+                    m.get("outbox_relay_primary", &[("host", host.as_str())]) == Some(1.0)
+                        && m.get("outbox_relay_slot_failover", &[]) == Some(1.0)
+                })
+            },
+        )
+        .await;
         resumed.push(promoted.elapsed().as_secs_f64().min(seconds));
 
         // The old primary is gone for good; a new standby takes its port.

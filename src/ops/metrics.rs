@@ -43,6 +43,10 @@ pub struct Metrics {
     /// Replication sessions closed because Kafka acknowledged nothing for
     /// `[relay] release_session_after_secs`.
     pub sessions_released: IntCounter,
+    /// 1 if the slot is a failover slot, 0 if not, -1 where the server has none (before 17).
+    pub slot_failover: IntGauge,
+    /// 1 for the `host:port` of `[postgres] url` the relay streams from (the primary).
+    pub primary: IntGaugeVec,
 }
 
 /// `wal_status` values exported, so a dashboard sees zeros rather than gaps.
@@ -146,8 +150,21 @@ impl Metrics {
                 "Replication sessions closed so that a Kafka outage does not block PostgreSQL's shutdown",
             ))
             .expect("static metric definition"),
+            slot_failover: IntGauge::with_opts(opts(
+                "slot_failover",
+                "1 if the slot is a failover slot (kept on standbys with sync_replication_slots), 0 if not, -1 if the server has none (before PostgreSQL 17)",
+            ))
+            .expect("static metric definition"),
+            primary: IntGaugeVec::new(
+                opts(
+                    "primary",
+                    "1 for the host of [postgres] url the relay streams from, the primary",
+                ),
+                &["host"],
+            )
+            .expect("static metric definition"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(m.events_published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.transactions.clone()),
@@ -163,6 +180,8 @@ impl Metrics {
             Box::new(m.slot_wal_status.clone()),
             Box::new(m.snapshot_events.clone()),
             Box::new(m.sessions_released.clone()),
+            Box::new(m.slot_failover.clone()),
+            Box::new(m.primary.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -171,6 +190,7 @@ impl Metrics {
             m.reconnects.with_label_values(&[target]);
         }
         m.set_wal_status(None);
+        m.slot_failover.set(-1);
         m.up.set(1);
         m
     }
@@ -183,6 +203,12 @@ impl Metrics {
                 .with_label_values(&[s])
                 .set(i64::from(s == current));
         }
+    }
+
+    /// Marks `host` as the one the relay streams from now.
+    pub fn set_primary(&self, host: &str) {
+        self.primary.reset();
+        self.primary.with_label_values(&[host]).set(1);
     }
 
     /// The Prometheus text exposition of every metric.

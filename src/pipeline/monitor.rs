@@ -117,6 +117,9 @@ impl Monitor {
                 if let Some(lag) = reading.lag_bytes() {
                     self.metrics.replication_lag_bytes.set(lag.max(0));
                 }
+                self.metrics
+                    .slot_failover
+                    .set(slot.failover.map_or(-1, i64::from));
             }
             None => self.metrics.set_wal_status(None),
         }

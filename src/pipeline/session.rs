@@ -97,6 +97,7 @@ impl Session<'_> {
             }
         };
         let mut conn = conn;
+        let host = conn.host().to_owned();
         if let Err(e) = self.keep_failover(&mut conn).await {
             return classify(
                 e,
@@ -135,8 +136,10 @@ impl Session<'_> {
         }
         self.health.set_streaming();
         self.out.metrics.leader.set(1);
+        self.out.metrics.set_primary(&host);
         tracing::info!(
             slot,
+            host,
             publication = %self.config.postgres.publication,
             resume_from = %self.out.status.reported,
             "streaming"

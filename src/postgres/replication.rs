@@ -87,6 +87,8 @@ pub struct ExportedSnapshot {
 
 /// A replication-mode connection, before and during streaming.
 pub struct ReplicationConnection {
+    /// `host:port` of the server, as `[postgres] url` names it.
+    host: String,
     socket: Box<dyn Socket>,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -186,6 +188,7 @@ impl ReplicationConnection {
         let dbname = config.get_dbname().unwrap_or(user);
         let opened = endpoint.open_host(host).await?;
         let mut conn = ReplicationConnection {
+            host: endpoint.host_label(host),
             socket: opened.socket,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(1024),
@@ -385,6 +388,11 @@ impl ReplicationConnection {
             consistent_point: field(1).and_then(|l| l.parse().ok()).ok_or_else(bad)?,
             name: field(2).ok_or_else(bad)?,
         })
+    }
+
+    /// `host:port` of the server this connection reached, as `[postgres] url` names it.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// `server_version_num` of the server this connection reached, e.g. 170004.
