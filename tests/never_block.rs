@@ -14,8 +14,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_delivered, basic_config, free_port, http_get, insert_outbox, scrape, Broker, Event,
-    Expect, Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    assert_delivered, basic_config, free_port, http_get, insert_outbox, scrape, wait_until, Broker,
+    Event, Expect, Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 4;
@@ -29,6 +29,8 @@ const PG_CTL_TIMEOUT_SECS: u64 = 40;
 /// Exactly-once mode's offsets topic (the default name).
 const OFFSETS_TOPIC: &str = "outbox-relay-offsets";
 const STARTUP: Duration = Duration::from_secs(30);
+/// For the relay to stream again once PostgreSQL and Kafka are both back.
+const RESUME: Duration = Duration::from_secs(90);
 const PATIENCE: Patience = Patience {
     delivery: Duration::from_secs(180),
     confirm: Duration::from_secs(60),
@@ -201,8 +203,18 @@ async fn fast_stop_with_the_broker_frozen(
             "{what}: PostgreSQL did not stop even with the broker back"
         );
     }
-    pg.start_again().await;
     broker.thaw();
+    pg.start_again().await;
+    // Both back: the relay resumes from the slot and says so on /readyz.
+    let ready = wait_until(RESUME, || {
+        relay.assert_running();
+        async move { matches!(http_get(port, "/readyz"), Ok((200, _))) }
+    })
+    .await;
+    assert!(
+        ready,
+        "{what}: /readyz not 200 within {RESUME:?} of PostgreSQL and Kafka being back"
+    );
     let duplicates = assert_all_delivered(&pg, &broker, &mut relay, &expected, what).await;
     eprintln!(
         "{what}: {} events, 0 lost, 0 reordered, {duplicates} duplicates",
