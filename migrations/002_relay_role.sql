@@ -17,7 +17,9 @@
 --                        REPLICATION as it is here.
 --   CONNECT              on the application's database (granted below; PUBLIC usually has it).
 --   SELECT on the table  read access to the outbox, as in Debezium's documented setup (handy
---                        when checking an event by id); the relay writes nothing.
+--                        when checking an event by id); the relay writes nothing there.
+--   SELECT, INSERT,      on public.outbox_relay_slots (created below): the record of the
+--   UPDATE               slots it created, for the lost-slot guard.
 --   a publication        created below by the table's owner, so the relay needs no ownership
 --                        of anything. The relay creates a publication only when none of that
 --                        name exists (which needs ownership of the tables), and never alters
@@ -63,10 +65,18 @@ BEGIN
 END
 $$;
 
--- Optional: let the relay record "I created slot X" as a comment on the publication, so that
--- a slot lost in a failover (slots are not replicated, catalogs are) is detected at start
--- instead of a fresh slot being created silently. Commenting needs the publication's owner,
--- and owning it needs CREATE on the database; the relay still cannot add tables it does not
--- own. Without this the relay logs a warning and only runtime slot loss is detected.
--- GRANT CREATE ON DATABASE app TO outbox_relay;
--- ALTER PUBLICATION outbox_relay OWNER TO outbox_relay;
+-- The lost-slot guard: the relay records each slot it creates here, and refuses to start
+-- when a recorded slot is gone instead of silently creating a fresh one (which would skip the
+-- events committed in between). Rows are replicated to standbys, slots are not (before
+-- PostgreSQL 17's failover slots), so this is what notices a slot lost in a failover. The
+-- relay inserts and updates its own rows only; it never deletes one: after recovering from a
+-- lost slot, its owner does (DELETE FROM public.outbox_relay_slots WHERE slot_name = '...').
+-- A table rather than the publication's comment: commenting needs the publication's
+-- ownership, and owning it needs CREATE on the database, which would also let the relay
+-- create schemas and publications.
+CREATE TABLE IF NOT EXISTS public.outbox_relay_slots (
+    slot_name   text PRIMARY KEY,
+    created_lsn pg_lsn NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+GRANT SELECT, INSERT, UPDATE ON public.outbox_relay_slots TO outbox_relay;

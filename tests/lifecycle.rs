@@ -1349,6 +1349,10 @@ async fn a_slot_dropped_while_stopped_is_refused_until_the_marker_is_cleared() {
     let (pg, broker) = setup().await;
     let (mut relay, _) = start_relay(&pg, &broker);
     relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+    wait_until(STARTUP, || async {
+        publication_comment(&pg).await.is_some()
+    })
+    .await;
     let marker = publication_comment(&pg).await;
     assert!(
         marker
@@ -1390,8 +1394,12 @@ async fn a_slot_dropped_while_stopped_is_refused_until_the_marker_is_cleared() {
     pg.sql("COMMENT ON PUBLICATION outbox_relay IS NULL").await;
     let (mut relay, _) = start_relay(&pg, &broker);
     relay.wait_for_slot(&pg, SLOT, STARTUP).await;
+    // The marker follows the slot's creation by a statement.
     assert!(
-        publication_comment(&pg).await.is_some(),
+        wait_until(STARTUP, || async {
+            publication_comment(&pg).await.is_some()
+        })
+        .await,
         "the fresh slot's creation was not marked"
     );
     let client = pg.client().await;

@@ -383,7 +383,7 @@ async fn sslmode_require_fails_clearly_against_a_server_without_tls() {
     pg.sql(OUTBOX_DDL).await;
     let pg_url = format!("{}?sslmode=require", pg.url());
     let ep = endpoint(&pg_url);
-    match ep.open_socket().await {
+    match ep.open_host(0).await {
         Err(OpenError::Tls(m)) => assert!(
             m.contains("does not accept TLS connections")
                 && m.contains("set ssl = on on the server or use sslmode=prefer"),

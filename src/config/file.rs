@@ -51,6 +51,33 @@ pub struct PostgresConfig {
     /// read in the snapshot the slot's creation exports (see `snapshot`).
     #[serde(default)]
     pub initial_snapshot: bool,
+    /// Whether the slot is kept a failover slot (PostgreSQL 17+), synchronised to physical
+    /// standbys so that it survives a failover: unset is "where the server has them"; see
+    /// [`PostgresConfig::failover`].
+    pub failover_slot: Option<bool>,
+}
+
+/// `[postgres] failover_slot`, as the relay acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailoverSlot {
+    /// Unset: on where the server supports it (17 and later).
+    #[default]
+    Auto,
+    /// `true`: on, and a server without failover slots is a configuration error.
+    On,
+    /// `false`: the relay leaves the slot as it is.
+    Off,
+}
+
+impl PostgresConfig {
+    /// `failover_slot` as a decision.
+    pub fn failover(&self) -> FailoverSlot {
+        match self.failover_slot {
+            None => FailoverSlot::Auto,
+            Some(true) => FailoverSlot::On,
+            Some(false) => FailoverSlot::Off,
+        }
+    }
 }
 
 /// The suffix of the temporary slot the initial snapshot is taken with.

@@ -12,7 +12,8 @@ pub mod topic;
 use std::path::Path;
 
 pub use file::{
-    ConfigFile, MetricsConfig, PostgresConfig, RecordFormat, RelayConfig, SNAPSHOT_SLOT_SUFFIX,
+    ConfigFile, FailoverSlot, MetricsConfig, PostgresConfig, RecordFormat, RelayConfig,
+    SNAPSHOT_SLOT_SUFFIX,
 };
 pub use kafka::{
     Delivery, ExactlyOnceSettings, KafkaConfig, DEFAULT_OFFSETS_TOPIC,

@@ -21,9 +21,12 @@ use tokio_postgres::Client;
 use crate::config::topic::Template;
 use crate::config::{Config, ConfigError, KafkaConfig, OutboxConfig, PostgresConfig};
 use crate::pipeline::setup::{self, SetupError};
-use crate::postgres::catalog::{self, Publication, ServerProblem, SlotRoom, SlotVerdict};
+use crate::postgres::catalog::{
+    self, Publication, ServerProblem, SlotMarker, SlotRoom, SlotVerdict,
+};
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::errors::{pg_message, Cause, PgError};
+use crate::postgres::ha;
 use crate::postgres::replication::ReplicationConnection;
 
 /// How long to wait for PostgreSQL to accept a connection before calling it unreachable.
@@ -42,6 +45,9 @@ pub enum Verdict {
     Skip,
     /// Information only, never a failure.
     Info,
+    /// The relay would run, but something a careful operator wants is missing (the lost-slot
+    /// guard, a high-availability setting); never a failure.
+    Warn,
 }
 
 impl Verdict {
@@ -52,6 +58,7 @@ impl Verdict {
             Verdict::Fail => "FAIL",
             Verdict::Skip => "skip",
             Verdict::Info => "info",
+            Verdict::Warn => "WARN",
         }
     }
 }
@@ -103,6 +110,9 @@ impl Report<'_> {
     }
     fn info(&mut self, message: String) {
         self.line(Verdict::Info, message)
+    }
+    fn warn(&mut self, message: String) {
+        self.line(Verdict::Warn, message)
     }
 }
 
@@ -261,6 +271,11 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
             for problem in problems {
                 report.fail(problem.to_string());
             }
+            if let Err(problem) =
+                catalog::failover_wanted(config.postgres.failover(), state.version_num)
+            {
+                report.fail(problem.to_string());
+            }
         }
         Err(e) => report.fail(format!(
             "cannot read wal_level and pg_is_in_recovery(): {e}; fix the cause and retry"
@@ -325,15 +340,182 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
         tables.push(TableAccess { exists, owned });
     }
 
-    let publication = check_publication(report, &client, config, role.as_ref(), &tables).await;
-    check_slot(
-        report,
-        &client,
-        &config.postgres,
-        publication.as_ref(),
-        role.as_ref(),
-    )
-    .await;
+    check_publication(report, &client, config, role.as_ref(), &tables).await;
+    // Read before the slot, as `run` does: a record of its creation then predates the reading.
+    let guard =
+        catalog::read_guard(&client, &config.postgres.slot, &config.postgres.publication).await;
+    let marker = guard.as_ref().ok().and_then(|g| g.marker.as_ref());
+    check_slot(report, &client, &config.postgres, marker, role.as_ref()).await;
+    check_guard(report, &config.postgres, guard);
+    check_ha(report, &config.postgres, endpoint, &client).await;
+}
+
+/// One `(host:port, url)` per host of a multi-host `[postgres] url` (libpq's
+/// `postgres://h1:5432,h2:5432/app` or `host=h1,h2 port=5432,5433`), each url naming only that
+/// host; empty for a single host. Unix-socket hosts are left out (a standby is elsewhere).
+fn per_host_urls(url: &str, config: &tokio_postgres::Config) -> Vec<(String, String)> {
+    use tokio_postgres::config::Host;
+    let (hosts, ports) = (config.get_hosts(), config.get_ports());
+    if hosts.len() < 2 {
+        return Vec::new();
+    }
+    let scheme = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find(|s| url.starts_with(s));
+    hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, host)| {
+            let Host::Tcp(name) = host else { return None };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            let single = match scheme {
+                Some(scheme) => {
+                    let rest = &url[scheme.len()..];
+                    let (authority, tail) =
+                        rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+                    let userinfo = authority.rfind('@').map_or("", |at| &authority[..=at]);
+                    let host = if name.contains(':') {
+                        format!("[{name}]")
+                    } else {
+                        name.clone()
+                    };
+                    format!("{scheme}{userinfo}{host}:{port}{tail}")
+                }
+                None => {
+                    let kept: Vec<&str> = url
+                        .split_whitespace()
+                        .filter(|kv| {
+                            !["host=", "hostaddr=", "port="]
+                                .iter()
+                                .any(|k| kv.starts_with(k))
+                        })
+                        .collect();
+                    format!("{} host={name} port={port}", kept.join(" "))
+                }
+            };
+            Some((format!("{name}:{port}"), single))
+        })
+        .collect()
+}
+
+/// Reads the high-availability settings of the server at `url`.
+async fn read_ha_at(pg: &PostgresConfig, url: String) -> Result<ha::HaReading, String> {
+    let single = PostgresConfig { url, ..pg.clone() };
+    let endpoint = PgEndpoint::new(&single).map_err(|e| e.to_string())?;
+    let client = match tokio::time::timeout(PG_TIMEOUT, endpoint.connect_sql()).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return Err(pg_message(&e)),
+        Err(_) => return Err(format!("no answer within {}s", PG_TIMEOUT.as_secs())),
+    };
+    ha::read(&client).await.map_err(|e| e.to_string())
+}
+
+/// Whether the relay's slot would survive a failover: the primary's and, when `[postgres]
+/// url` lists them, each standby's settings, by [`ha`]'s rules. Warnings only: a server
+/// without standbys runs the relay fine.
+async fn check_ha(
+    report: &mut Report<'_>,
+    pg: &PostgresConfig,
+    endpoint: &PgEndpoint,
+    client: &Client,
+) {
+    let hosts = per_host_urls(&pg.url, endpoint.config());
+    let mut primary = None;
+    let mut standbys = Vec::new();
+    if hosts.is_empty() {
+        match ha::read(client).await {
+            Ok(reading) if !reading.in_recovery => primary = Some(reading),
+            // A standby: already a FAIL above.
+            Ok(_) => return,
+            Err(e) => {
+                return report.warn(format!(
+                    "cannot read the high-availability settings (synchronized_standby_slots and others): {e}; failover readiness was not checked"
+                ))
+            }
+        }
+    } else {
+        for (host, url) in &hosts {
+            match read_ha_at(pg, url.clone()).await {
+                Ok(reading) if reading.in_recovery => standbys.push((host.clone(), reading)),
+                Ok(reading) if primary.is_none() => primary = Some(reading),
+                Ok(_) => report.warn(format!(
+                    "{host} in [postgres] url is a primary too (not in recovery); only the first primary's settings were checked"
+                )),
+                Err(e) => report.warn(format!(
+                    "cannot reach {host} of [postgres] url to check its high-availability settings: {e}"
+                )),
+            }
+        }
+    }
+    let Some(primary) = primary else {
+        return report.warn(
+            "high-availability settings not checked: no host of [postgres] url is a reachable primary".into(),
+        );
+    };
+    if let Some(line) = ha::too_old(&primary) {
+        return report.info(line);
+    }
+    let warnings = ha::primary_warnings(&primary);
+    if warnings.is_empty() {
+        report.ok(format!(
+            "synchronized_standby_slots = {} on the primary",
+            primary.standby_slots().join(", ")
+        ));
+    }
+    for warning in warnings {
+        report.warn(warning.to_string());
+    }
+    if standbys.is_empty() {
+        report.info(if hosts.is_empty() {
+            "standby settings not checked: [postgres] url names one host; list the standbys after the primary (postgres://primary:5432,standby:5432/app, or host=primary,standby) so that check judges their sync_replication_slots, hot_standby_feedback and primary_slot_name".into()
+        } else {
+            "no standby among the reachable hosts of [postgres] url: standby settings not checked".into()
+        });
+    }
+    for (host, standby) in &standbys {
+        let warnings = ha::standby_warnings(host, standby, &primary);
+        if warnings.is_empty() {
+            report.ok(format!(
+                "standby {host} synchronises slots (sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name = {}, listed in synchronized_standby_slots)",
+                standby.primary_slot_name
+            ));
+        }
+        for warning in warnings {
+            report.warn(warning.to_string());
+        }
+    }
+}
+
+/// Whether the relay can record the slot's creation, so that a slot lost in a failover is
+/// refused at start instead of silently replaced (see [`catalog::Guard::armed`]).
+fn check_guard(
+    report: &mut Report<'_>,
+    pg: &PostgresConfig,
+    guard: Result<catalog::Guard, PgError>,
+) {
+    let (slot, publication) = (&pg.slot, &pg.publication);
+    let guard = match guard {
+        Ok(guard) => guard,
+        Err(e) => {
+            return report.fail(format!(
+                "cannot read where the relay records the creation of slot {slot} ({} or publication {publication}'s comment): {e}; fix the cause and retry",
+                catalog::MARKER_TABLE
+            ))
+        }
+    };
+    match guard.armed(slot, publication) {
+        Ok(catalog::GuardArmed::Table) => report.ok(format!(
+            "lost-slot guard armed: the relay records the creation of slot {slot} in {}, so a slot lost in a failover is refused at start, not silently replaced",
+            catalog::MARKER_TABLE
+        )),
+        Ok(catalog::GuardArmed::Publication) => report.ok(format!(
+            "lost-slot guard armed: the relay records the creation of slot {slot} as the comment of publication {publication}, which role {} {} (without that ownership, migrations/002_relay_role.sql's {} keeps the record)",
+            guard.role,
+            if guard.owns_publication.is_some() { "owns" } else { "will own once it creates it" },
+            catalog::MARKER_TABLE
+        )),
+        Err(off) => report.warn(off.to_string()),
+    }
 }
 
 async fn check_role(report: &mut Report<'_>, client: &Client) -> Option<Role> {
@@ -604,13 +786,13 @@ async fn publication_absent(
     ));
 }
 
-/// Checks the slot by the rules `run` applies; `publication` (its marker) tells a slot that
-/// never existed from one that vanished.
+/// Checks the slot by the rules `run` applies; `marker` (the record of its creation) tells a
+/// slot that never existed from one that vanished.
 async fn check_slot(
     report: &mut Report<'_>,
     client: &Client,
     pg: &PostgresConfig,
-    publication: Option<&Publication>,
+    marker: Option<&SlotMarker>,
     role: Option<&Role>,
 ) {
     let name = pg.slot.as_str();
@@ -623,10 +805,7 @@ async fn check_slot(
             return;
         }
     };
-    let slot = match (
-        catalog::slot_verdict(&reading, publication, pg),
-        &reading.slot,
-    ) {
+    let slot = match (catalog::slot_verdict(&reading, marker, pg), &reading.slot) {
         (SlotVerdict::Unusable(problem), _) => return report.fail(problem.to_string()),
         (SlotVerdict::Usable(_) | SlotVerdict::Creating, Some(slot)) => slot,
         (SlotVerdict::Missing, _) | (_, None) => {
@@ -648,6 +827,25 @@ async fn check_slot(
         slot.confirmed_flush
             .map_or_else(|| "(none)".to_owned(), |lsn| lsn.to_string()),
     ));
+    check_slot_failover(report, client, pg, slot).await;
+}
+
+/// Whether the slot survives a failover (PostgreSQL 17+): [`catalog::failover_note`].
+async fn check_slot_failover(
+    report: &mut Report<'_>,
+    client: &Client,
+    pg: &PostgresConfig,
+    slot: &catalog::Slot,
+) {
+    let Ok(server) = catalog::server(client).await else {
+        return;
+    };
+    let wanted = catalog::failover_wanted(pg.failover(), server.version_num).unwrap_or(true);
+    match catalog::failover_note(slot, &pg.slot, wanted) {
+        Some((true, line)) => report.ok(line),
+        Some((false, line)) => report.warn(line),
+        None => {}
+    }
 }
 
 async fn slot_absent(
@@ -945,6 +1143,38 @@ mod tests {
             metadata_timeout(&kafka(&[("socket.timeout.ms", "soon")])),
             KAFKA_TIMEOUT
         );
+    }
+
+    #[test]
+    fn a_multi_host_url_splits_into_one_url_per_host() {
+        let split = |url: &str| per_host_urls(url, &url.parse().expect("a url"));
+        assert_eq!(
+            split("postgres://relay:p%40ss@h1:5432,h2:5433/app?sslmode=require"),
+            [
+                (
+                    "h1:5432".to_owned(),
+                    "postgres://relay:p%40ss@h1:5432/app?sslmode=require".to_owned()
+                ),
+                (
+                    "h2:5433".to_owned(),
+                    "postgres://relay:p%40ss@h2:5433/app?sslmode=require".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            split("host=h1,h2 port=5432 user=relay dbname=app"),
+            [
+                (
+                    "h1:5432".to_owned(),
+                    "user=relay dbname=app host=h1 port=5432".to_owned()
+                ),
+                (
+                    "h2:5432".to_owned(),
+                    "user=relay dbname=app host=h2 port=5432".to_owned()
+                ),
+            ]
+        );
+        assert!(split("postgres://relay@db:5432/app").is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, ConfigError, PostgresConfig};
 use crate::ops::check::{describe_target, PG_TIMEOUT};
-use crate::postgres::catalog::{self, Publication, SlotReading, SlotVerdict};
+use crate::postgres::catalog::{self, SlotMarker, SlotReading, SlotVerdict};
 use crate::postgres::connect::PgEndpoint;
 use crate::postgres::errors::{pg_message, PgError, IN_RECOVERY};
 
@@ -70,6 +70,11 @@ pub struct SlotStatus {
     pub retained_bytes: Option<i64>,
     /// Bytes of WAL that may still be written before the slot is lost (`max_slot_wal_keep_size`).
     pub safe_wal_size: Option<i64>,
+    /// Whether standbys with `sync_replication_slots = on` keep a copy of the slot, so that it
+    /// survives a failover (PostgreSQL 17+; absent before).
+    pub failover: Option<bool>,
+    /// Whether this is a standby's synchronised copy of the slot (PostgreSQL 17+).
+    pub synced: Option<bool>,
     /// The configured publication name.
     pub publication: String,
     /// Whether the publication exists.
@@ -113,9 +118,12 @@ pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, Statu
     let publication = catalog::read_publication(client, &config.postgres.publication)
         .await
         .map_err(failed("pg_publication"))?;
+    let guard = catalog::read_guard(client, &config.postgres.slot, &config.postgres.publication)
+        .await
+        .map_err(failed(catalog::MARKER_TABLE))?;
     let slot = reading.slot.as_ref();
     let text = |lsn: Option<crate::lsn::Lsn>| lsn.map(|l| l.to_string());
-    let problem = problem(&reading, publication.as_ref(), &config.postgres);
+    let problem = problem(&reading, guard.marker.as_ref(), &config.postgres);
     Ok(SlotStatus {
         slot: config.postgres.slot.clone(),
         exists: slot.is_some(),
@@ -131,6 +139,8 @@ pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, Statu
         lag_bytes: reading.lag_bytes(),
         retained_bytes: reading.retained_bytes(),
         safe_wal_size: slot.and_then(|s| s.safe_wal_size),
+        failover: slot.and_then(|s| s.failover),
+        synced: slot.and_then(|s| s.synced),
         publication: config.postgres.publication.clone(),
         publication_exists: publication.is_some(),
         publication_tables: publication
@@ -146,13 +156,13 @@ pub async fn query(client: &Client, config: &Config) -> Result<SlotStatus, Statu
 /// would reach, where a missing slot is a problem only for now (the relay creates it).
 fn problem(
     reading: &SlotReading,
-    publication: Option<&Publication>,
+    marker: Option<&SlotMarker>,
     pg: &PostgresConfig,
 ) -> Option<String> {
     if reading.in_recovery {
         return Some(IN_RECOVERY.to_owned());
     }
-    match catalog::slot_verdict(reading, publication, pg) {
+    match catalog::slot_verdict(reading, marker, pg) {
         SlotVerdict::Usable(_) | SlotVerdict::Creating => None,
         SlotVerdict::Missing => Some(format!(
             "slot {} does not exist; the relay creates it at start (outbox-relay check tells whether it can)",
@@ -194,6 +204,7 @@ pub fn render_text(s: &SlotStatus) -> String {
         ("lag_bytes", opt(&s.lag_bytes)),
         ("retained_bytes", opt(&s.retained_bytes)),
         ("safe_wal_size", opt(&s.safe_wal_size)),
+        ("failover", opt(&s.failover)),
         ("publication", s.publication.clone()),
         ("publication_tables", tables),
         ("ok", yes_no(s.ok).to_owned()),
@@ -238,6 +249,8 @@ mod tests {
             lag_bytes: None,
             retained_bytes: None,
             safe_wal_size: None,
+            failover: None,
+            synced: None,
             publication: "outbox_relay".into(),
             publication_exists: false,
             publication_tables: Vec::new(),

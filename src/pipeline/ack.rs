@@ -380,6 +380,23 @@ impl AckTracker {
         self.advance(slot_confirmed);
     }
 
+    /// A new session found the slot *behind* what this process confirmed: the server lost the
+    /// slot's latest position (a crash before the slot was saved, or a failover to a standby
+    /// whose synced copy of the slot lags). The server sends again what lies between, on a
+    /// new timeline possibly other WAL than before, so confirming from the old position would
+    /// skip it: the tracker starts over from the slot's. Called between sessions, with nothing
+    /// in flight; says whether it moved back.
+    pub fn restart_from(&self, slot_confirmed: Lsn) -> bool {
+        let _s = self.lock();
+        self.progress.send_if_modified(|p| {
+            if slot_confirmed < p.confirmed && p.failure.is_none() {
+                p.confirmed = slot_confirmed;
+            }
+            false
+        });
+        self.confirmed() == slot_confirmed
+    }
+
     /// Exactly-once mode: everything before `lsn` is in committed Kafka transactions.
     pub fn confirm_committed(&self, lsn: Lsn) {
         self.rebase(lsn);

@@ -96,6 +96,14 @@ impl Session<'_> {
                 return classify(e, &self.config.postgres, &during);
             }
         };
+        let mut conn = conn;
+        if let Err(e) = self.keep_failover(&mut conn).await {
+            return classify(
+                e,
+                &self.config.postgres,
+                &format!("cannot make slot {slot} a failover slot"),
+            );
+        }
         let start = conn
             .start_replication(
                 slot,
@@ -149,6 +157,42 @@ impl Session<'_> {
         end
     }
 
+    /// `[postgres] failover_slot`: on a server with failover slots, makes the slot one if it is
+    /// not yet (a slot created before 17, by the initial snapshot's copy, which does not keep
+    /// the property, or by hand), before streaming, which it cannot be while streamed from.
+    /// Another walsender holding the slot is left for START_REPLICATION to report.
+    async fn keep_failover(
+        &self,
+        conn: &mut ReplicationConnection,
+    ) -> Result<(), crate::postgres::replication::ReplicationError> {
+        let pg = &self.config.postgres;
+        let version = conn.server_version_num().await?;
+        // A `true` the server cannot honour was refused at start; here it only decides.
+        if !catalog::failover_wanted(pg.failover(), version).unwrap_or(false) {
+            return Ok(());
+        }
+        let client = match self.endpoint.connect_sql().await {
+            Ok(c) => c,
+            Err(_) => return Ok(()),
+        };
+        let failover = catalog::read_slot(&client, &pg.slot)
+            .await
+            .ok()
+            .and_then(|r| r.slot)
+            .and_then(|s| s.failover);
+        if failover != Some(false) {
+            return Ok(());
+        }
+        match conn.set_failover(&pg.slot).await {
+            Ok(()) => {
+                tracing::info!(slot = %pg.slot, "made the slot a failover slot: standbys with sync_replication_slots = on keep a copy of it");
+                Ok(())
+            }
+            Err(e) if e.sqlstate() == Some("55006") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Takes the slot's confirmed position as the floor of what is reported; returns the
     /// server's current WAL position.
     async fn rebase(&mut self) -> Result<Lsn, PgError> {
@@ -157,6 +201,15 @@ impl Session<'_> {
         let server_wal = reading.primary_wal()?;
         if let Some(lsn) = reading.slot.and_then(|s| s.confirmed_flush) {
             let out = &mut self.out;
+            let before = out.tracker.confirmed();
+            if lsn < before && out.tracker.restart_from(lsn) {
+                tracing::warn!(
+                    slot = %self.config.postgres.slot,
+                    "the slot stands at {lsn}, before the {before} this relay had confirmed: the server lost the slot's latest position (a crash, or a failover to a standby whose copy of the slot lagged); resuming from the slot, so the events in between are sent again"
+                );
+                out.status.received = lsn;
+                self.idle_end = lsn;
+            }
             out.tracker.rebase(lsn);
             let confirmed = out.tracker.confirmed();
             out.status.reported = confirmed;

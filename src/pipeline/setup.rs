@@ -12,7 +12,7 @@ use crate::lsn::Lsn;
 use crate::mapping::debezium::Envelopes;
 use crate::mapping::outbox::MappingError;
 use crate::postgres::catalog::{
-    self, Publication, PublicationProblem, ServerProblem, SlotProblem, SlotVerdict,
+    self, Guard, Publication, PublicationProblem, ServerProblem, SlotProblem, SlotVerdict,
 };
 use crate::postgres::errors::{Action, Cause, PgError};
 
@@ -117,27 +117,34 @@ impl From<tokio_postgres::Error> for SetupError {
     }
 }
 
-/// Whether the server can serve the relay: `wal_level = logical`, and not a standby.
-pub async fn check_server(client: &Client) -> Result<(), SetupError> {
+/// Whether the server can serve the relay: `wal_level = logical`, not a standby, and failover
+/// slots if `[postgres] failover_slot = true` demands them.
+pub async fn check_server(client: &Client, pg: &PostgresConfig) -> Result<(), SetupError> {
     let state = catalog::server(client).await?;
     match state.problems().into_iter().next() {
         Some(problem) => Err(problem.into()),
-        None => Ok(()),
+        None => {
+            catalog::failover_wanted(pg.failover(), state.version_num)?;
+            Ok(())
+        }
     }
 }
 
 /// Checks the database and creates the publication and slot where missing. `None`: the slot
 /// is missing and, with `initial_snapshot`, is left for the snapshot to create.
 pub async fn prepare(client: &Client, config: &Config) -> Result<Option<SlotState>, SetupError> {
-    check_server(client).await?;
+    check_server(client, &config.postgres).await?;
     for table in &config.outbox {
         check_table(client, table).await?;
     }
-    let publication = ensure_publication(client, config).await?;
+    ensure_publication(client, config).await?;
+    // Read before the slot: a record of its creation then predates the slot's reading.
+    let guard =
+        catalog::read_guard(client, &config.postgres.slot, &config.postgres.publication).await?;
     ensure_slot(
         client,
         &config.postgres,
-        publication.as_ref(),
+        &guard,
         !config.postgres.initial_snapshot,
         0,
     )
@@ -297,12 +304,12 @@ pub async fn ensure_publication(
 const SLOT_CREATION_PATIENCE: u32 = 150;
 
 /// Uses the slot, or creates it (`create`) when [`catalog::slot_verdict`] finds it missing.
-/// `publication` was read before the slot: its marker then predates the reading, so a marked
-/// publication without the slot means the slot vanished, not that it is being made.
+/// `guard` was read before the slot: its record then predates the reading, so a record of the
+/// slot's creation without the slot means the slot vanished, not that it is being made.
 async fn ensure_slot(
     client: &Client,
     pg: &PostgresConfig,
-    publication: Option<&Publication>,
+    guard: &Guard,
     create: bool,
     attempt: u32,
 ) -> Result<Option<SlotState>, SetupError> {
@@ -312,7 +319,7 @@ async fn ensure_slot(
         problem,
     };
     let reading = catalog::read_slot(client, slot).await?;
-    match catalog::slot_verdict(&reading, publication, pg) {
+    match catalog::slot_verdict(&reading, guard.marker.as_ref(), pg) {
         SlotVerdict::Usable(confirmed_flush) => Ok(Some(SlotState {
             confirmed_flush,
             created: false,
@@ -322,7 +329,7 @@ async fn ensure_slot(
         // replica is building its snapshot, which waits for running transactions): wait.
         SlotVerdict::Creating if attempt < SLOT_CREATION_PATIENCE => {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            Box::pin(ensure_slot(client, pg, publication, create, attempt + 1)).await
+            Box::pin(ensure_slot(client, pg, guard, create, attempt + 1)).await
         }
         SlotVerdict::Creating => Err(slot_err(
             "has had no confirmed_flush_lsn for 30 s: its creation did not finish; drop it and restart the relay".into(),
@@ -331,7 +338,7 @@ async fn ensure_slot(
         SlotVerdict::Missing => match catalog::create_slot(client, slot).await {
             Ok(lsn) => {
                 tracing::info!(slot, lsn = %lsn, "created replication slot");
-                catalog::write_marker(client, slot, &pg.publication, lsn).await;
+                catalog::record_creation(client, guard, slot, &pg.publication, lsn).await;
                 Ok(Some(SlotState {
                     confirmed_flush: lsn,
                     created: true,
@@ -339,7 +346,7 @@ async fn ensure_slot(
             }
             // Another replica created it a moment ago; use it.
             Err(e) if e.is(&SqlState::DUPLICATE_OBJECT) => {
-                Box::pin(ensure_slot(client, pg, publication, create, attempt + 1)).await
+                Box::pin(ensure_slot(client, pg, guard, create, attempt + 1)).await
             }
             Err(e) if e.action() == Action::Fatal && e.cause != Cause::InRecovery => {
                 Err(slot_err(format!(

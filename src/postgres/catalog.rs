@@ -9,7 +9,7 @@
 
 use tokio_postgres::{Client, Row};
 
-use crate::config::{OutboxConfig, PostgresConfig};
+use crate::config::{FailoverSlot, OutboxConfig, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::postgres::errors::{PgError, IN_RECOVERY};
 
@@ -62,6 +62,8 @@ pub struct ServerState {
     pub wal_level: String,
     /// `pg_is_in_recovery()`: a standby.
     pub in_recovery: bool,
+    /// `server_version_num`, e.g. 170004.
+    pub version_num: i32,
 }
 
 /// Why the server cannot serve the relay.
@@ -73,6 +75,44 @@ pub enum ServerProblem {
     /// A standby: its WAL position cannot be read, and before PostgreSQL 16 it cannot decode.
     #[error("{IN_RECOVERY}")]
     InRecovery,
+    /// `failover_slot = true` on a server without failover slots.
+    #[error("[postgres] failover_slot = true, but PostgreSQL {0} has no failover slots (they came in 17): upgrade, or remove failover_slot (or set it to false) and rely on the lost-slot guard to refuse a slot lost in a failover")]
+    NoFailoverSlots(i32),
+}
+
+/// What `check` and `status` say about the slot's failover property, and whether it is a
+/// problem: `None` where the server has no failover slots (or the slot is being created).
+pub fn failover_note(slot: &Slot, name: &str, wanted: bool) -> Option<(bool, String)> {
+    match (slot.failover?, wanted) {
+        (true, _) => Some((
+            true,
+            format!("replication slot {name} is a failover slot: standbys with sync_replication_slots = on keep a copy of it"),
+        )),
+        (false, true) => Some((
+            false,
+            format!("replication slot {name} is not a failover slot, so a failover loses it: the relay makes it one when it next starts streaming ([postgres] failover_slot), or run ALTER_REPLICATION_SLOT {name} ( FAILOVER true ) on a replication connection (psql \"dbname=... replication=database\") while nothing streams from it"),
+        )),
+        (false, false) => Some((
+            true,
+            format!("replication slot {name} is not a failover slot ([postgres] failover_slot = false)"),
+        )),
+    }
+}
+
+/// The first server major with failover slots (`CREATE_REPLICATION_SLOT ... (FAILOVER)`,
+/// `sync_replication_slots` on standbys).
+pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
+
+/// Whether the relay keeps its slot a failover slot on a server of `version_num`; `true` on a
+/// server without them is a configuration error.
+pub fn failover_wanted(setting: FailoverSlot, version_num: i32) -> Result<bool, ServerProblem> {
+    let supported = version_num >= FAILOVER_SLOTS_SINCE;
+    match setting {
+        FailoverSlot::Off => Ok(false),
+        FailoverSlot::Auto => Ok(supported),
+        FailoverSlot::On if supported => Ok(true),
+        FailoverSlot::On => Err(ServerProblem::NoFailoverSlots(version_num / 10_000)),
+    }
 }
 
 impl ServerState {
@@ -93,13 +133,15 @@ impl ServerState {
 pub async fn server(client: &Client) -> Result<ServerState, PgError> {
     let row = client
         .query_one(
-            "SELECT current_setting('wal_level'), pg_is_in_recovery()",
+            "SELECT current_setting('wal_level'), pg_is_in_recovery(), \
+                    current_setting('server_version_num')::int",
             &[],
         )
         .await?;
     Ok(ServerState {
         wal_level: column(&row, 0, "wal_level")?,
         in_recovery: column(&row, 1, "pg_is_in_recovery()")?,
+        version_num: column(&row, 2, "server_version_num")?,
     })
 }
 
@@ -130,6 +172,11 @@ pub struct Slot {
     pub restart: Option<Lsn>,
     /// Bytes of WAL that may still be written before the slot is lost.
     pub safe_wal_size: Option<i64>,
+    /// Whether it is synchronised to standbys that ask for it (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
+    /// On a standby: a copy synchronised from the primary (PostgreSQL 17+). On a promoted
+    /// standby's slots it may stay true and means nothing.
+    pub synced: Option<bool>,
 }
 
 /// A slot (or its absence) and the server's WAL position, read in one statement so that the
@@ -181,7 +228,8 @@ pub async fn read_slot(client: &Client, name: &str) -> Result<SlotReading, PgErr
              SELECT current_database()::text, cur.standby, cur.lsn::text, s.slot_name IS NOT NULL, \
                     s.plugin::text, s.slot_type::text, s.database::text, \
                     coalesce(s.temporary, false), coalesce(s.active, false), s.active_pid, \
-                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, s.safe_wal_size \
+                    s.wal_status, s.confirmed_flush_lsn::text, s.restart_lsn::text, s.safe_wal_size, \
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool \
              FROM cur LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
             &[&name],
         )
@@ -200,6 +248,8 @@ pub async fn read_slot(client: &Client, name: &str) -> Result<SlotReading, PgErr
             confirmed_flush: lsn(column(&row, 11, what)?, "confirmed_flush_lsn")?,
             restart: lsn(column(&row, 12, what)?, "restart_lsn")?,
             safe_wal_size: column(&row, 13, what)?,
+            failover: column(&row, 14, what)?,
+            synced: column(&row, 15, what)?,
         })
     } else {
         None
@@ -242,24 +292,25 @@ pub enum SlotProblem {
         current: String,
     },
     /// The server removed WAL the slot still needed.
-    #[error("replication slot {slot} has wal_status = lost: WAL it needed was removed, so events committed after {confirmed} may never reach Kafka; recover by re-publishing outbox rows committed since then, then drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart the relay")]
+    #[error("replication slot {slot} has wal_status = lost: WAL it needed was removed, so events committed after {confirmed} may never reach Kafka; recover by re-publishing outbox rows committed since then, then drop the slot (SELECT pg_drop_replication_slot('{slot}')){clear} and restart the relay")]
     Lost {
         /// The slot.
         slot: String,
-        /// The publication whose marker must be cleared too.
-        publication: String,
         /// Its last confirmed position.
         confirmed: String,
+        /// `, run <statement>` clearing the record of the slot's creation, or empty when
+        /// there is none (a fresh slot would otherwise be refused as vanished).
+        clear: String,
     },
-    /// The slot is missing, but the publication records that this relay created it.
-    #[error("replication slot {slot} is gone, but publication {publication} records {marker:?}: events committed since its last confirmed LSN may never have reached Kafka (a failover to a server without the slot, or a dropped slot). Recover: re-publish outbox rows committed since the newest event in Kafka, then run COMMENT ON PUBLICATION {publication} IS NULL and restart; the relay then creates a fresh slot")]
+    /// The slot is missing, but the relay's record says that it created it.
+    #[error("replication slot {slot} is gone, but {marker}: events committed since its last confirmed LSN may never have reached Kafka (a failover to a server without the slot, or a dropped slot). Recover: re-publish outbox rows committed since the newest event in Kafka, then run {clear} and restart; the relay then creates a fresh slot")]
     Vanished {
         /// The slot.
         slot: String,
-        /// The publication carrying the marker.
-        publication: String,
-        /// The marker.
+        /// Where the record is and what it says.
         marker: String,
+        /// The statement that clears it.
+        clear: String,
     },
 }
 
@@ -276,20 +327,20 @@ pub enum SlotVerdict {
     Unusable(SlotProblem),
 }
 
-/// Judges the configured slot; `publication` (its comment) tells a slot that never existed
-/// from one that vanished.
+/// Judges the configured slot; `marker` (the record of its creation, see [`read_guard`])
+/// tells a slot that never existed from one that vanished.
 pub fn slot_verdict(
     reading: &SlotReading,
-    publication: Option<&Publication>,
+    marker: Option<&SlotMarker>,
     pg: &PostgresConfig,
 ) -> SlotVerdict {
     let name = pg.slot.clone();
     let Some(slot) = &reading.slot else {
-        return match publication.and_then(|p| p.created_slot(&pg.slot)) {
+        return match marker {
             Some(marker) => SlotVerdict::Unusable(SlotProblem::Vanished {
                 slot: name,
-                publication: pg.publication.clone(),
-                marker: marker.to_owned(),
+                marker: marker.to_string(),
+                clear: marker.clear_sql(&pg.slot),
             }),
             None => SlotVerdict::Missing,
         };
@@ -316,7 +367,7 @@ pub fn slot_verdict(
     } else if slot.wal_status.as_deref() == Some("lost") {
         Some(SlotProblem::Lost {
             slot: name,
-            publication: pg.publication.clone(),
+            clear: marker.map_or_else(String::new, |m| format!(", run {}", m.clear_sql(&pg.slot))),
             confirmed: slot.confirmed_flush.map_or_else(
                 || "its last confirmed LSN".to_owned(),
                 |lsn| lsn.to_string(),
@@ -597,39 +648,250 @@ pub async fn create_publication(
     Ok(())
 }
 
-/// The publication comment that records "this relay created slot X": it outlives the slot
-/// (catalogs are replicated, slots are not), so a slot lost in a failover is noticed.
+// ---------------------------------------------------------------------------------------------
+// The lost-slot guard
+// ---------------------------------------------------------------------------------------------
+
+/// The table in which the relay records each slot it created; migrations/002_relay_role.sql
+/// creates it and grants the relay's role SELECT, INSERT and UPDATE on it. A row outlives its
+/// slot: table rows are replicated to physical standbys, slots are not (before PostgreSQL
+/// 17's failover slots), so after a failover the row without its slot tells a lost slot from
+/// one that never existed. A table of its own rather than the publication's comment, because
+/// commenting needs the publication's ownership, and owning it needs CREATE on the database,
+/// which would let the least-privilege role create schemas and publications too.
+pub const MARKER_TABLE: &str = "public.outbox_relay_slots";
+/// [`MARKER_TABLE`]'s schema and name, for looking it up in the catalogs.
+const MARKER_TABLE_PARTS: (&str, &str) = ("public", "outbox_relay_slots");
+
+/// The publication comment that records "this relay created slot X": the record where there
+/// is no [`MARKER_TABLE`] but the relay owns the publication (it created it, or a superuser).
 fn marker_prefix(slot: &str) -> String {
     format!("outbox-relay: slot {slot} created")
 }
 
-impl Publication {
-    /// The marker saying that the relay created `slot`, if the comment is one.
-    pub fn created_slot(&self, slot: &str) -> Option<&str> {
-        self.comment
-            .as_deref()
-            .filter(|c| c.starts_with(&marker_prefix(slot)))
+/// The marker comment saying that the relay created `slot`, if `comment` is one.
+fn created_slot<'c>(comment: Option<&'c str>, slot: &str) -> Option<&'c str> {
+    comment.filter(|c| c.starts_with(&marker_prefix(slot)))
+}
+
+/// Where the record of a slot's creation is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkerPlace {
+    /// A row of [`MARKER_TABLE`].
+    Table,
+    /// The comment on this publication.
+    Publication(String),
+}
+
+/// The record that the relay created the configured slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotMarker {
+    /// Where it is.
+    pub place: MarkerPlace,
+    /// What it says.
+    pub text: String,
+}
+
+impl SlotMarker {
+    /// The statement that clears it, after which the relay creates a fresh slot.
+    pub fn clear_sql(&self, slot: &str) -> String {
+        match &self.place {
+            MarkerPlace::Table => format!(
+                "DELETE FROM {MARKER_TABLE} WHERE slot_name = {} (as the table's owner)",
+                quote_literal(slot)
+            ),
+            MarkerPlace::Publication(publication) => {
+                format!("COMMENT ON PUBLICATION {publication} IS NULL")
+            }
+        }
     }
 }
 
-/// Records on the publication that this relay created `slot` at `lsn`, so that its loss is
-/// noticed (see [`slot_verdict`]); without the publication's ownership only a warning, since
-/// the slot itself is fine.
+impl std::fmt::Display for SlotMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.place {
+            MarkerPlace::Table => write!(f, "{MARKER_TABLE} records {:?}", self.text),
+            MarkerPlace::Publication(p) => write!(f, "publication {p} records {:?}", self.text),
+        }
+    }
+}
+
+/// Where the relay, as its configured role, can record a slot's creation, and the record of
+/// the configured slot if there is one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// The role the relay connects as.
+    pub role: String,
+    /// Whether [`MARKER_TABLE`] exists.
+    pub table: bool,
+    /// Whether the role may read it.
+    pub table_readable: bool,
+    /// Whether the role may insert and update its rows.
+    pub table_writable: bool,
+    /// Whether the role owns (may comment on) the publication; `None` when there is none yet
+    /// (the relay owns the one it creates).
+    pub owns_publication: Option<bool>,
+    /// The record of the configured slot's creation.
+    pub marker: Option<SlotMarker>,
+}
+
+/// Where the guard records a slot's creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardArmed {
+    /// In [`MARKER_TABLE`].
+    Table,
+    /// As the publication's comment.
+    Publication,
+}
+
+/// Why the relay cannot record a slot's creation anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the lost-slot guard is off: role {role} cannot write {MARKER_TABLE} ({why}) and does not own publication {publication}, so the relay cannot record the creation of slot {slot} and would replace a slot lost in a failover with a fresh one, skipping the events in between; run migrations/002_relay_role.sql as a superuser (it creates {MARKER_TABLE} and grants {role} SELECT, INSERT, UPDATE on it)")]
+pub struct GuardOff {
+    /// The relay's role.
+    pub role: String,
+    /// The slot.
+    pub slot: String,
+    /// The publication.
+    pub publication: String,
+    /// What is wrong with the table.
+    pub why: &'static str,
+}
+
+impl Guard {
+    /// Where the relay records a slot's creation: the table when it may, else the
+    /// publication's comment when it owns the publication.
+    pub fn armed(&self, slot: &str, publication: &str) -> Result<GuardArmed, GuardOff> {
+        if self.table_readable && self.table_writable {
+            return Ok(GuardArmed::Table);
+        }
+        if self.owns_publication != Some(false) {
+            return Ok(GuardArmed::Publication);
+        }
+        Err(GuardOff {
+            role: self.role.clone(),
+            slot: slot.to_owned(),
+            publication: publication.to_owned(),
+            why: if !self.table {
+                "it does not exist"
+            } else if !self.table_readable {
+                "no SELECT privilege on it, or no USAGE on its schema"
+            } else {
+                "no INSERT and UPDATE privileges on it"
+            },
+        })
+    }
+}
+
+/// Reads where the relay may record the creation of `slot`, and the record if there is one:
+/// a row of [`MARKER_TABLE`], else a marker comment on `publication`.
+pub async fn read_guard(client: &Client, slot: &str, publication: &str) -> Result<Guard, PgError> {
+    let row = client
+        .query_one(
+            // Looked up in pg_class rather than by to_regclass, which fails outright for a
+            // role without USAGE on the schema: that role just cannot use the table.
+            "SELECT current_user::text, t.oid IS NOT NULL, \
+                    coalesce(t.usable AND has_table_privilege(t.oid, 'SELECT'), false), \
+                    coalesce(t.usable AND has_table_privilege(t.oid, 'INSERT') \
+                             AND has_table_privilege(t.oid, 'UPDATE'), false), \
+                    (SELECT pg_has_role(p.pubowner, 'USAGE') FROM pg_publication p WHERE p.pubname = $3), \
+                    (SELECT obj_description(p.oid, 'pg_publication') FROM pg_publication p WHERE p.pubname = $3) \
+             FROM (SELECT 1) one LEFT JOIN \
+                  (SELECT c.oid, has_schema_privilege(n.oid, 'USAGE') AS usable \
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   WHERE n.nspname = $1 AND c.relname = $2) t ON true",
+            &[&MARKER_TABLE_PARTS.0, &MARKER_TABLE_PARTS.1, &publication],
+        )
+        .await?;
+    let what = "the lost-slot guard's privileges";
+    let mut guard = Guard {
+        role: column(&row, 0, what)?,
+        table: column(&row, 1, what)?,
+        table_readable: column(&row, 2, what)?,
+        table_writable: column(&row, 3, what)?,
+        owns_publication: column(&row, 4, what)?,
+        marker: None,
+    };
+    let comment: Option<String> = column(&row, 5, "the publication's comment")?;
+    if guard.table_readable {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT format('slot %s created at %s on %s', slot_name, created_lsn, created_at) \
+                     FROM {MARKER_TABLE} WHERE slot_name = $1"
+                ),
+                &[&slot],
+            )
+            .await?;
+        if let Some(row) = row {
+            guard.marker = Some(SlotMarker {
+                place: MarkerPlace::Table,
+                text: column(&row, 0, MARKER_TABLE)?,
+            });
+        }
+    }
+    if guard.marker.is_none() {
+        guard.marker = created_slot(comment.as_deref(), slot).map(|text| SlotMarker {
+            place: MarkerPlace::Publication(publication.to_owned()),
+            text: text.to_owned(),
+        });
+    }
+    Ok(guard)
+}
+
+fn guard_off(slot: &str, cause: &str) {
+    tracing::warn!(
+        "the lost-slot guard is off: cannot record the creation of slot {slot} ({cause}); a slot lost in a failover will then not be detected at start"
+    )
+}
+
+/// Records that this relay created `slot` at `lsn` where [`Guard::armed`] says, so that its
+/// loss is noticed (see [`slot_verdict`]); where it cannot, only a warning, since the slot
+/// itself is fine.
 pub async fn write_marker(client: &Client, slot: &str, publication: &str, lsn: Lsn) {
-    let comment = format!(
-        "{} at {lsn}; if the slot disappears outbox-relay refuses to create a new one until this comment is cleared",
-        marker_prefix(slot)
-    );
-    let sql = format!(
-        "COMMENT ON PUBLICATION {} IS {}",
-        quote_ident(publication),
-        quote_literal(&comment)
-    );
-    if let Err(e) = client.batch_execute(&sql).await {
-        tracing::warn!(
-            "cannot mark publication {publication} with the slot's creation ({}); a slot lost in a failover will then not be detected at start",
-            PgError::from(e)
-        );
+    match read_guard(client, slot, publication).await {
+        Ok(guard) => record_creation(client, &guard, slot, publication, lsn).await,
+        Err(e) => guard_off(slot, &e.to_string()),
+    }
+}
+
+/// [`write_marker`] with the `guard` read before the slot was created, so that the record
+/// follows the slot's creation by one statement.
+pub async fn record_creation(
+    client: &Client,
+    guard: &Guard,
+    slot: &str,
+    publication: &str,
+    lsn: Lsn,
+) {
+    let written = match guard.armed(slot, publication) {
+        Ok(GuardArmed::Table) => client
+            .execute(
+                &format!(
+                    "INSERT INTO {MARKER_TABLE} (slot_name, created_lsn) VALUES ($1, $2::text::pg_lsn) \
+                     ON CONFLICT (slot_name) DO UPDATE SET created_lsn = excluded.created_lsn, created_at = now()"
+                ),
+                &[&slot, &lsn.to_string()],
+            )
+            .await
+            .map(drop),
+        Ok(GuardArmed::Publication) => {
+            let comment = format!(
+                "{} at {lsn}; if the slot disappears outbox-relay refuses to create a new one until this comment is cleared",
+                marker_prefix(slot)
+            );
+            client
+                .batch_execute(&format!(
+                    "COMMENT ON PUBLICATION {} IS {}",
+                    quote_ident(publication),
+                    quote_literal(&comment)
+                ))
+                .await
+        }
+        Err(problem) => return tracing::warn!("{problem}"),
+    };
+    if let Err(e) = written {
+        guard_off(slot, &PgError::from(e).to_string());
     }
 }
 
@@ -717,43 +979,120 @@ mod tests {
             "0/16B3700",
             "may never reach Kafka",
             "pg_drop_replication_slot('outbox_relay')",
-            "COMMENT ON PUBLICATION outbox_pub IS NULL",
         ] {
             assert!(text.contains(needle), "{needle}: {text}");
         }
     }
 
     #[test]
-    fn a_missing_slot_is_created_unless_the_publication_records_its_creation() {
+    fn a_missing_slot_is_created_unless_its_creation_is_recorded() {
         assert_eq!(
             slot_verdict(&reading(None), None, &pg()),
             SlotVerdict::Missing
         );
-        let other_comment = Publication {
-            comment: Some("owned by the billing team".into()),
-            ..Publication::default()
+        // A comment of someone else's, or another slot's marker, says nothing about this one.
+        for comment in [
+            "owned by the billing team",
+            "outbox-relay: slot outbox_relay_2 created at 0/1",
+        ] {
+            assert_eq!(created_slot(Some(comment), "outbox_relay"), None);
+        }
+        let comment = "outbox-relay: slot outbox_relay created at 0/16B3700; ...";
+        assert_eq!(created_slot(Some(comment), "outbox_relay"), Some(comment));
+        let on_publication = SlotMarker {
+            place: MarkerPlace::Publication("outbox_pub".into()),
+            text: comment.into(),
         };
-        assert_eq!(
-            slot_verdict(&reading(None), Some(&other_comment), &pg()),
-            SlotVerdict::Missing
-        );
-        let marked = Publication {
-            comment: Some("outbox-relay: slot outbox_relay created at 0/16B3700; ...".into()),
-            ..Publication::default()
-        };
-        let text = problem(slot_verdict(&reading(None), Some(&marked), &pg()));
+        let text = problem(slot_verdict(&reading(None), Some(&on_publication), &pg()));
         assert!(
-            text.contains("is gone") && text.contains("COMMENT ON PUBLICATION outbox_pub IS NULL")
+            text.contains("is gone")
+                && text.contains("publication outbox_pub records")
+                && text.contains("run COMMENT ON PUBLICATION outbox_pub IS NULL and restart"),
+            "{text}"
         );
-        // Another slot's marker says nothing about this one.
-        let elsewhere = Publication {
-            comment: Some("outbox-relay: slot outbox_relay_2 created at 0/1".into()),
-            ..Publication::default()
+        let in_table = SlotMarker {
+            place: MarkerPlace::Table,
+            text: "slot outbox_relay created at 0/16B3700 on 2026-12-04".into(),
         };
-        assert_eq!(
-            slot_verdict(&reading(None), Some(&elsewhere), &pg()),
-            SlotVerdict::Missing
+        let text = problem(slot_verdict(&reading(None), Some(&in_table), &pg()));
+        assert!(
+            text.contains(
+                "public.outbox_relay_slots records \"slot outbox_relay created at 0/16B3700"
+            ) && text.contains(
+                "run DELETE FROM public.outbox_relay_slots WHERE slot_name = 'outbox_relay'"
+            ) && !text.contains("COMMENT ON"),
+            "{text}"
         );
+        // A lost slot's recovery clears the record where there is one, and only then.
+        let lost = Slot {
+            wal_status: Some("lost".into()),
+            ..healthy()
+        };
+        let text = problem(slot_verdict(
+            &reading(Some(lost.clone())),
+            Some(&in_table),
+            &pg(),
+        ));
+        assert!(text.contains("pg_drop_replication_slot('outbox_relay')), run DELETE FROM public.outbox_relay_slots"), "{text}");
+        let text = problem(slot_verdict(&reading(Some(lost)), None, &pg()));
+        assert!(
+            text.contains("pg_drop_replication_slot('outbox_relay')) and restart"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_guard_records_in_the_table_else_on_an_owned_publication_else_is_off() {
+        let writable = Guard {
+            role: "outbox_relay".into(),
+            table: true,
+            table_readable: true,
+            table_writable: true,
+            owns_publication: Some(false),
+            marker: None,
+        };
+        assert_eq!(writable.armed("s", "p"), Ok(GuardArmed::Table));
+        let owner = Guard {
+            table: false,
+            table_readable: false,
+            table_writable: false,
+            owns_publication: Some(true),
+            ..writable.clone()
+        };
+        assert_eq!(owner.armed("s", "p"), Ok(GuardArmed::Publication));
+        // No publication yet: the relay creates it and then owns it.
+        let creator = Guard {
+            owns_publication: None,
+            ..owner.clone()
+        };
+        assert_eq!(creator.armed("s", "p"), Ok(GuardArmed::Publication));
+        let neither = Guard {
+            owns_publication: Some(false),
+            ..owner
+        };
+        let off = neither
+            .armed("s", "p")
+            .expect_err("nowhere to write")
+            .to_string();
+        for needle in [
+            "the lost-slot guard is off",
+            "role outbox_relay cannot write public.outbox_relay_slots (it does not exist)",
+            "does not own publication p",
+            "slot s",
+            "run migrations/002_relay_role.sql",
+        ] {
+            assert!(off.contains(needle), "{needle}: {off}");
+        }
+        let read_only = Guard {
+            table: true,
+            table_readable: true,
+            ..neither
+        };
+        let off = read_only
+            .armed("s", "p")
+            .expect_err("read-only")
+            .to_string();
+        assert!(off.contains("no INSERT and UPDATE privileges"), "{off}");
     }
 
     #[test]
@@ -779,8 +1118,24 @@ mod tests {
         let state = ServerState {
             wal_level: "logical".into(),
             in_recovery: true,
+            version_num: 150_010,
         };
         assert_eq!(state.problems(), [ServerProblem::InRecovery]);
+    }
+
+    #[test]
+    fn failover_slots_are_kept_where_the_server_has_them_and_demanded_only_by_true() {
+        assert_eq!(failover_wanted(FailoverSlot::Auto, 170_004), Ok(true));
+        assert_eq!(failover_wanted(FailoverSlot::Auto, 160_008), Ok(false));
+        assert_eq!(failover_wanted(FailoverSlot::Off, 180_001), Ok(false));
+        assert_eq!(failover_wanted(FailoverSlot::On, 180_001), Ok(true));
+        let e = failover_wanted(FailoverSlot::On, 150_010).expect_err("15 has none");
+        assert!(
+            e.to_string().starts_with(
+                "[postgres] failover_slot = true, but PostgreSQL 15 has no failover slots"
+            ),
+            "{e}"
+        );
     }
 
     fn outbox(table: &str) -> OutboxConfig {

@@ -165,6 +165,12 @@ impl PgEndpoint {
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
+        // With several hosts listed, a standby must never be taken for the primary, whatever
+        // the URL says (libpq would take the first host that answers); a single host that is a
+        // standby is refused by name at start (`catalog`'s IN_RECOVERY).
+        if config.get_hosts().len().max(config.get_hostaddrs().len()) > 1 {
+            config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
         let tls = Tls::new(mode, split.sslrootcert.as_deref())
             .map_err(|m| invalid(format!("url: {m}")))?;
         Ok(PgEndpoint {
@@ -206,38 +212,51 @@ impl PgEndpoint {
         Ok(client)
     }
 
-    /// Opens the byte stream a replication connection runs on: TCP (or a Unix socket), then
-    /// SSLRequest and the TLS handshake as `sslmode` says. Tries each host in turn, like libpq.
-    pub async fn open_socket(&self) -> Result<PgStream, OpenError> {
+    /// How many hosts the URL lists (libpq's multi-host form, `h1:5432,h2:5432` or
+    /// `host=h1,h2`); tried in this order.
+    pub fn host_count(&self) -> usize {
+        self.config
+            .get_hosts()
+            .len()
+            .max(self.config.get_hostaddrs().len())
+    }
+
+    /// `host:port` of the `i`-th host, for logs, errors and the metrics.
+    pub fn host_label(&self, i: usize) -> String {
+        let port = self.port_of(i);
+        match (
+            self.config.get_hosts().get(i),
+            self.config.get_hostaddrs().get(i),
+        ) {
+            (Some(Host::Tcp(name)), _) => format!("{name}:{port}"),
+            (_, Some(addr)) => format!("{addr}:{port}"),
+            (Some(Host::Unix(dir)), None) => format!("{}:{port}", dir.display()),
+            (None, None) => format!("?:{port}"),
+        }
+    }
+
+    fn port_of(&self, i: usize) -> u16 {
+        let ports = self.config.get_ports();
+        ports.get(i).or(ports.first()).copied().unwrap_or(5432)
+    }
+
+    /// Opens the byte stream a replication connection to the `i`-th host runs on: TCP (or a
+    /// Unix socket), then SSLRequest and the TLS handshake as `sslmode` says, within
+    /// `connect_timeout` if one is set. Which host is the primary is the caller's question.
+    pub async fn open_host(&self, i: usize) -> Result<PgStream, OpenError> {
         let hosts = self.config.get_hosts();
         let hostaddrs = self.config.get_hostaddrs();
-        let ports = self.config.get_ports();
-        let count = hosts.len().max(hostaddrs.len());
-        let mut last = None;
-        for i in 0..count {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let attempt = self.open_one(hosts.get(i), hostaddrs.get(i), port);
-            let attempt = match self.config.get_connect_timeout() {
-                Some(limit) => match tokio::time::timeout(*limit, attempt).await {
-                    Ok(result) => result,
-                    Err(_) => Err(OpenError::Io(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no connection within connect_timeout ({limit:?})"),
-                    ))),
-                },
-                None => attempt.await,
-            };
-            match attempt {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
+        let attempt = self.open_one(hosts.get(i), hostaddrs.get(i), self.port_of(i));
+        match self.config.get_connect_timeout() {
+            Some(limit) => match tokio::time::timeout(*limit, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(OpenError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within connect_timeout ({limit:?})"),
+                ))),
+            },
+            None => attempt.await,
         }
-        Err(last.unwrap_or_else(|| {
-            OpenError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the URL names no host",
-            ))
-        }))
     }
 
     async fn open_one(
@@ -1047,8 +1066,24 @@ mod tests {
             publication: "p".into(),
             status_interval_secs: 10,
             initial_snapshot: false,
+            failover_slot: None,
         };
         PgEndpoint::new(&pg).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn several_hosts_are_listed_in_order_in_both_spellings() {
+        for url in [
+            "postgres://relay@db1:5432,db2:5433/app",
+            "host=db1,db2 port=5432,5433 user=relay dbname=app",
+        ] {
+            let e = endpoint(url).expect("a multi-host url");
+            assert_eq!(e.host_count(), 2, "{url}");
+            assert_eq!(e.host_label(0), "db1:5432", "{url}");
+            assert_eq!(e.host_label(1), "db2:5433", "{url}");
+        }
+        let one = endpoint("postgres://relay@db/app").expect("one host");
+        assert_eq!((one.host_count(), one.host_label(0)), (1, "db:5432".into()));
     }
 
     /// A CA certificate in a temporary PEM file.

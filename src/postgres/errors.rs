@@ -183,7 +183,7 @@ impl From<tokio_postgres::Error> for PgError {
 impl From<ReplicationError> for PgError {
     fn from(e: ReplicationError) -> Self {
         let cause = match &e {
-            ReplicationError::Io(_) => Cause::Connection,
+            ReplicationError::Io(_) | ReplicationError::NotPrimary(_) => Cause::Connection,
             ReplicationError::Server { code, message, .. } => Cause::of_sqlstate(code, message),
             ReplicationError::Auth(_)
             | ReplicationError::Protocol(_)

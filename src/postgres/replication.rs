@@ -51,6 +51,9 @@ pub enum ReplicationError {
     /// The connection parameters are unusable.
     #[error("{0}")]
     Config(String),
+    /// Every reachable host listed is a standby (a failover may be under way).
+    #[error("no primary among the listed hosts: {0}")]
+    NotPrimary(String),
 }
 
 impl ReplicationError {
@@ -132,14 +135,56 @@ pub struct SystemIdentity {
 }
 
 impl ReplicationConnection {
-    /// Connects in `replication=database` mode and authenticates.
+    /// Connects in `replication=database` mode to the first listed host that is a primary,
+    /// trying them in order as libpq does, and authenticates. A standby is never streamed
+    /// from (logical decoding on a standby would follow it, not the primary): with no primary
+    /// reachable the error is a connection error, retried like any lost connection, since a
+    /// standby may be promoted any moment.
     pub async fn connect(endpoint: &PgEndpoint) -> Result<Self> {
+        let mut definite = None;
+        let mut last = None;
+        for host in 0..endpoint.host_count().max(1) {
+            match Self::connect_host(endpoint, host).await {
+                Ok(conn) => return Ok(conn),
+                // A wrong password or a refused option says more than a host that is down.
+                Err(e @ (ReplicationError::Io(_) | ReplicationError::NotPrimary(_))) => {
+                    last = Some(e)
+                }
+                Err(e) => {
+                    definite.get_or_insert(e);
+                }
+            }
+        }
+        Err(definite
+            .or(last)
+            .unwrap_or_else(|| ReplicationError::Config("[postgres] url names no host".into())))
+    }
+
+    async fn connect_host(endpoint: &PgEndpoint, host: usize) -> Result<Self> {
+        let mut conn = Self::open(endpoint, host).await?;
+        // One host: a standby is a configuration error the server itself reports
+        // (`catalog`'s IN_RECOVERY); only among several is it a host to pass over.
+        if endpoint.host_count() < 2 {
+            return Ok(conn);
+        }
+        let rows = conn.simple_query("SELECT pg_is_in_recovery()").await?;
+        let in_recovery = rows.first().and_then(|r| r.first()).cloned().flatten();
+        if in_recovery.as_deref() != Some("f") {
+            return Err(ReplicationError::NotPrimary(format!(
+                "{} is a standby (in recovery), and the relay streams only from the primary",
+                endpoint.host_label(host)
+            )));
+        }
+        Ok(conn)
+    }
+
+    async fn open(endpoint: &PgEndpoint, host: usize) -> Result<Self> {
         let config = endpoint.config();
         let user = config
             .get_user()
             .ok_or_else(|| ReplicationError::Config("the URL names no user".into()))?;
         let dbname = config.get_dbname().unwrap_or(user);
-        let opened = endpoint.open_socket().await?;
+        let opened = endpoint.open_host(host).await?;
         let mut conn = ReplicationConnection {
             socket: opened.socket,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -340,6 +385,31 @@ impl ReplicationConnection {
             consistent_point: field(1).and_then(|l| l.parse().ok()).ok_or_else(bad)?,
             name: field(2).ok_or_else(bad)?,
         })
+    }
+
+    /// `server_version_num` of the server this connection reached, e.g. 170004.
+    pub async fn server_version_num(&mut self) -> Result<i32> {
+        let rows = self.simple_query("SHOW server_version_num").await?;
+        rows.first()
+            .and_then(|r| r.first())
+            .cloned()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ReplicationError::Protocol("malformed SHOW server_version_num answer".into())
+            })
+    }
+
+    /// `ALTER_REPLICATION_SLOT … (FAILOVER true)` (PostgreSQL 17+): standbys with
+    /// `sync_replication_slots = on` then keep a copy of the slot, which survives a failover.
+    /// Refused (SQLSTATE 55006) while another walsender streams from the slot.
+    pub async fn set_failover(&mut self, slot: &str) -> Result<()> {
+        // Names were validated to [a-z0-9_], so quoting them is enough.
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT \"{slot}\" ( FAILOVER true )"
+        ))
+        .await
+        .map(|_| ())
     }
 
     /// Ends the session politely (Terminate); a temporary slot goes with it.

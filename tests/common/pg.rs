@@ -428,6 +428,74 @@ impl Pg {
             .await;
     }
 
+    /// A physical standby of this server, listening on `port` (e.g. a dead primary's, so that
+    /// a fixed two-host URL keeps naming both), streaming from the physical slot `slot`
+    /// (created here) with `settings` appended to its postgresql.conf; a `Pg` of its own,
+    /// with the same binaries. Made from a copy of the data directory taken while this server
+    /// is stopped (cleanly, so the copy is consistent; the embedded PostgreSQL builds have no
+    /// pg_basebackup), so this server is briefly down.
+    pub async fn start_standby(&self, slot: &str, port: u16, settings: &str) -> Pg {
+        self.sql(&format!(
+            "SELECT pg_create_physical_replication_slot('{slot}', true)"
+        ))
+        .await;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pg-standby-")
+            .tempdir()
+            .expect("create temp dir for the standby");
+        let data = dir.path().join("data");
+        self.stop("fast").await;
+        let mut copy = Command::new("cp");
+        copy.arg("-a").arg(self.data_dir()).arg(&data);
+        run_checked(copy, "copy the primary's data directory");
+        self.start_again().await;
+        // The primary's slots are not the standby's: a logical one of the same name would
+        // keep slot synchronisation from creating its synced copy.
+        let slots = data.join("pg_replslot");
+        for entry in fs::read_dir(&slots).expect("read pg_replslot").flatten() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+        let _ = fs::remove_file(data.join("postmaster.pid"));
+        let conf = data.join("postgresql.conf");
+        let text = fs::read_to_string(&conf).expect("read postgresql.conf")
+            + &format!(
+                "\n# set by Pg::start_standby\nport = {port}\nunix_socket_directories = '{}'\n\
+                 primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}'\n\
+                 primary_slot_name = '{slot}'\n{settings}\n",
+                dir.path().display(),
+                self.port
+            );
+        fs::write(&conf, text).expect("write postgresql.conf");
+        fs::write(data.join("standby.signal"), "").expect("write standby.signal");
+        chown_to_postgres(dir.path());
+        let standby = Pg {
+            dir,
+            port,
+            bin: self.bin.clone(),
+        };
+        standby.start_again().await;
+        standby
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary (and waits until it is one).
+    pub async fn promote(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "promote"], "pg_ctl promote")
+            .await;
+    }
+
+    /// SIGKILL to the postmaster: the server dies as in a crash of its machine (its backends
+    /// notice and exit on their own). `pg_ctl stop -m immediate` is [`Pg::stop`].
+    pub fn kill9(&self) {
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let text = fs::read_to_string(&pid_file).expect("read postmaster.pid");
+        let pid = text.lines().next().unwrap_or_default().trim().to_owned();
+        let status = Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .expect("run kill -9");
+        assert!(status.success(), "kill -9 {pid} failed");
+    }
+
     /// The pid of the walsender streaming from `slot`, if one is.
     pub async fn slot_active_pid(&self, slot: &str) -> Option<i32> {
         self.client()

@@ -53,7 +53,14 @@ fn migrations_create_the_table_the_publication_and_a_least_privilege_role() {
             "002_relay_role.sql does not run: {needle}"
         );
     }
-    // Least privilege: nothing beyond reading the outbox, unless the reader opts in.
+    // Least privilege: nothing beyond reading the outbox and writing the relay's own record
+    // of the slots it created (the lost-slot guard), never deleting it.
+    let guard_grant = "GRANT SELECT, INSERT, UPDATE ON public.outbox_relay_slots TO outbox_relay;";
+    assert!(
+        code.contains(guard_grant),
+        "002_relay_role.sql does not run: {guard_grant}"
+    );
+    let code = code.replace(guard_grant, "");
     for excess in [
         "SUPERUSER",
         "GRANT ALL",
