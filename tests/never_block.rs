@@ -6,16 +6,19 @@
 //! release_session_after_secs` plus a few seconds, and once both are back every event must
 //! reach Kafka (duplicates counted, none lost or reordered) and the slot must catch up.
 //!
-//! Needs PostgreSQL 15 from apt, and for the PostgreSQL 18 case `OUTBOX_TEST_PG18_BIN` (see
-//! `scripts/lib.sh`: `pg_stage_init`, `pg_major_bin 18`).
+//! Also a Patroni-like switchover (fast stop of the primary, the standby promoted, the relay
+//! resuming there from its failover slot) with the broker frozen throughout.
+//!
+//! Needs PostgreSQL 15 from apt, and for the PostgreSQL 17 and 18 cases
+//! `OUTBOX_TEST_PG17_BIN` and `OUTBOX_TEST_PG18_BIN` (`scripts/test.sh` sets them).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_delivered, basic_config, free_port, http_get, insert_outbox, scrape, Broker, Event,
-    Expect, Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
+    assert_delivered, basic_config, free_port, http_get, insert_outbox, scrape, wait_until, Broker,
+    Event, Expect, Patience, Pg, Relay, Seqs, OUTBOX_DDL, SLOT,
 };
 
 const PARTITIONS: i32 = 4;
@@ -29,6 +32,8 @@ const PG_CTL_TIMEOUT_SECS: u64 = 40;
 /// Exactly-once mode's offsets topic (the default name).
 const OFFSETS_TOPIC: &str = "outbox-relay-offsets";
 const STARTUP: Duration = Duration::from_secs(30);
+/// For the relay to stream again once PostgreSQL and Kafka are both back.
+const RESUME: Duration = Duration::from_secs(90);
 const PATIENCE: Patience = Patience {
     delivery: Duration::from_secs(180),
     confirm: Duration::from_secs(60),
@@ -139,6 +144,19 @@ async fn assert_all_delivered(
     delivery.duplicates
 }
 
+/// Both back: the relay resumes from the slot and says so on /readyz.
+async fn wait_resumed(relay: &mut Relay, port: u16, what: &str) {
+    let ready = wait_until(RESUME, || {
+        relay.assert_running();
+        async move { matches!(http_get(port, "/readyz"), Ok((200, _))) }
+    })
+    .await;
+    assert!(
+        ready,
+        "{what}: /readyz not 200 within {RESUME:?} of PostgreSQL and Kafka being back"
+    );
+}
+
 /// The broker freezes while the relay has `in_flight` events of a backlog on their way; a
 /// fast shutdown follows. Returns whether `pg_ctl` succeeded and how long it took; afterwards
 /// PostgreSQL and the broker are back, and everything must be delivered.
@@ -201,8 +219,9 @@ async fn fast_stop_with_the_broker_frozen(
             "{what}: PostgreSQL did not stop even with the broker back"
         );
     }
-    pg.start_again().await;
     broker.thaw();
+    pg.start_again().await;
+    wait_resumed(&mut relay, port, what).await;
     let duplicates = assert_all_delivered(&pg, &broker, &mut relay, &expected, what).await;
     eprintln!(
         "{what}: {} events, 0 lost, 0 reordered, {duplicates} duplicates",
@@ -307,4 +326,80 @@ async fn a_fast_shutdown_completes_in_exactly_once_mode_while_the_broker_is_froz
     let (stopped, took) =
         fast_stop_with_the_broker_frozen(Pg::start(), 30_000, 5_000, settings, what).await;
     assert_within_the_bound(stopped, took, what);
+}
+
+/// A Patroni-like switchover with the broker frozen, on PostgreSQL 17 with a failover slot
+/// synchronised to a physical standby: a fast stop of the primary (which completes within the
+/// bound), the standby promoted, then Kafka back. The relay, given both hosts, resumes on the
+/// new primary from the synchronised slot; nothing is lost or reordered.
+#[tokio::test]
+async fn a_switchover_with_the_broker_frozen_completes_and_loses_nothing_pg17() {
+    let what = "PG 17, switchover";
+    let (primary, broker) = setup(Pg::start_major(17)).await;
+    let standby = primary
+        .start_standby(
+            "standby1",
+            free_port(),
+            "sync_replication_slots = on\nhot_standby_feedback = on\n\
+             synchronous_standby_names = ''\nsynchronized_standby_slots = ''",
+        )
+        .await;
+    primary
+        .sql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
+        .await;
+    primary.sql("SELECT pg_reload_conf()").await;
+    let port = free_port();
+    let both = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        primary.port(),
+        standby.port()
+    );
+    let mut relay = Relay::start(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[relay]\nreconnect_max_backoff_secs = 2\n",
+        basic_config(&both, &broker.bootstrap())
+    ));
+    relay.wait_for_slot(&primary, SLOT, STARTUP).await;
+    let mut seqs = Seqs::default();
+    let mut expected = write(&primary, &mut seqs, 10, 10, "before").await;
+    let synced = wait_until(RESUME, || {
+        relay.assert_running();
+        let standby = &standby;
+        async move {
+            let Ok(client) = common::connect(&standby.url()).await else {
+                return false;
+            };
+            let row = client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND synced AND NOT temporary",
+                    &[&SLOT],
+                )
+                .await;
+            matches!(row, Ok(Some(_)))
+        }
+    })
+    .await;
+    assert!(
+        synced,
+        "{what}: the relay's slot was not synchronised to the standby"
+    );
+
+    broker.freeze();
+    expected.extend(write(&primary, &mut seqs, 5_000, 1_000, "frozen").await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (stopped, took) = fast_stop(&primary);
+    eprintln!(
+        "{what}: pg_ctl stop -m fast of the primary with the broker frozen: {} after {:.1} s",
+        if stopped { "stopped" } else { "FAILED" },
+        took.as_secs_f64()
+    );
+    assert_within_the_bound(stopped, took, what);
+    standby.promote().await;
+    broker.thaw();
+    wait_resumed(&mut relay, port, what).await;
+    let duplicates = assert_all_delivered(&standby, &broker, &mut relay, &expected, what).await;
+    eprintln!(
+        "{what}: {} events, 0 lost, 0 reordered, {duplicates} duplicates",
+        expected.len()
+    );
 }
