@@ -8,6 +8,7 @@ use crate::config::PostgresConfig;
 use crate::kafka::exactly_once::TxnError;
 use crate::lsn::Lsn;
 use crate::pipeline::ack::Progress;
+use crate::postgres::catalog;
 use crate::postgres::errors::{Action, Cause, PgError, IN_RECOVERY};
 
 /// How a streaming session ended.
@@ -32,17 +33,31 @@ pub(super) enum SessionEnd {
 
 /// What the catalog says about the names the stream uses, asked after an
 /// [`SessionEnd::Undefined`]; `None` where it could not be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Known {
     pub(super) slot: Option<bool>,
     pub(super) publication: Option<bool>,
+    /// The statement that clears the record of the slot's creation (the lost-slot guard's),
+    /// if there is one.
+    pub(super) clear: Option<String>,
+}
+
+/// The fix's step that disarms the lost-slot guard, when where its record lies is not known
+/// here: both places it may be.
+fn clear_guard(pg: &PostgresConfig) -> String {
+    format!(
+        "clear the record of the slot's creation (DELETE FROM {} WHERE slot_name = '{}' where that table exists, else COMMENT ON PUBLICATION {} IS NULL)",
+        catalog::MARKER_TABLE,
+        pg.slot,
+        pg.publication
+    )
 }
 
 /// Sorts a failure met while streaming (by [`PgError`]'s one classification) into what the
 /// lifecycle does about it, with the slot's own words for a slot that is gone or lost.
 pub(super) fn classify(e: impl Into<PgError>, pg: &PostgresConfig, during: &str) -> SessionEnd {
     let e: PgError = e.into();
-    let (slot, publication) = (&pg.slot, &pg.publication);
+    let slot = &pg.slot;
     match (e.cause, e.action()) {
         (_, Action::Standby) => SessionEnd::SlotBusy(format!("slot {slot} is in use by another process")),
         // The slot or the publication: the words depend on which, see `undefined`.
@@ -50,7 +65,7 @@ pub(super) fn classify(e: impl Into<PgError>, pg: &PostgresConfig, during: &str)
         // The slot was invalidated (wal_status = lost).
         (Cause::NotInPrerequisiteState, _) => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} can no longer be read ({e}): WAL it needed was removed, so events may have been lost; \
-             re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')), run COMMENT ON PUBLICATION {publication} IS NULL and restart"
+             re-publish outbox rows committed since the newest event in Kafka, drop the slot (SELECT pg_drop_replication_slot('{slot}')), {} and restart", clear_guard(pg)
         )),
         (Cause::InRecovery, _) => SessionEnd::Fatal(anyhow!("{IN_RECOVERY} ({during}: {e})")),
         (Cause::Credentials, _) => {
@@ -67,20 +82,24 @@ pub(super) fn classify(e: impl Into<PgError>, pg: &PostgresConfig, during: &str)
 /// publication created after the slot lost nothing and needs the order of creation fixed.
 pub(super) fn undefined(e: PgError, pg: &PostgresConfig, known: Known) -> SessionEnd {
     let (slot, publication) = (&pg.slot, &pg.publication);
+    let clear = known
+        .clear
+        .as_ref()
+        .map_or_else(|| clear_guard(pg), |sql| format!("run {sql}"));
     match known {
         // The slot is gone (dropped, or lost in a failover).
         Known { slot: Some(false), .. } => SessionEnd::Fatal(anyhow!(
             "replication slot {slot} no longer exists ({e}): events committed since its last confirmed LSN may never reach Kafka; \
-             re-publish outbox rows committed since the newest event in Kafka, run COMMENT ON PUBLICATION {publication} IS NULL, then restart the relay to create a fresh slot"
+             re-publish outbox rows committed since the newest event in Kafka, {clear}, then restart the relay to create a fresh slot"
         )),
-        Known { slot: Some(true), publication: Some(false) } => SessionEnd::Fatal(anyhow!(
+        Known { slot: Some(true), publication: Some(false), .. } => SessionEnd::Fatal(anyhow!(
             "publication {publication} does not exist ({e}): it was dropped while slot {slot} was in use; \
              create it again for the outbox tables and restart (events committed while it was missing were not published)"
         )),
         // Decoding reads the catalog as of each change's position, so a publication created
         // after the slot's confirmed position is unknown there (taking over another tool's slot
         // with a new publication does this).
-        Known { slot: Some(true), publication: Some(true) } => SessionEnd::Fatal(anyhow!(
+        Known { slot: Some(true), publication: Some(true), .. } => SessionEnd::Fatal(anyhow!(
             "publication {publication} is not visible at slot {slot}'s position ({e}): the slot was created, or last confirmed, before the publication, and stays there; \
              create the publication before the slot (use the publication the slot was streamed with), \
              or start on a new slot (with initial_snapshot = true to publish the rows already in the outbox)"

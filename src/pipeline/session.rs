@@ -70,9 +70,15 @@ impl Session<'_> {
             return Known {
                 slot: None,
                 publication: None,
+                clear: None,
             };
         };
         Known {
+            clear: catalog::read_guard(&client, &pg.slot, &pg.publication)
+                .await
+                .ok()
+                .and_then(|g| g.marker)
+                .map(|m| m.clear_sql(&pg.slot)),
             slot: catalog::read_slot(&client, &pg.slot)
                 .await
                 .ok()
