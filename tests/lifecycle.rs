@@ -1138,14 +1138,10 @@ async fn an_unreachable_broker_keeps_the_slot_and_fails_readiness() {
         lsn_text(wal_before),
         lsn_text(first_commit_bound)
     );
+    // The relay still reads the stream and PostgreSQL is not waiting for it: it keeps its
+    // session (a shutdown would make it let go, tests/never_block.rs).
+    assert!(pg.slot_active(SLOT).await, "the relay let go of the slot");
     let s = scrape(port).expect("GET /metrics");
-    // Kafka silent with records waiting: the relay let go of the replication session so that
-    // PostgreSQL can shut down meanwhile (tests/never_block.rs); the slot stays where it was.
-    assert!(
-        metric(&s, "outbox_relay_sessions_released_total", &[]) >= 1.0,
-        "the relay kept its replication session through {:?} of Kafka silence",
-        killed.elapsed()
-    );
     let inflight = metric(&s, "outbox_relay_inflight_events", &[]);
     assert_eq!(
         inflight, unacked as f64,

@@ -48,6 +48,10 @@ pub(super) struct Status {
     /// The confirmed LSN last sent to the server.
     pub(super) reported: Lsn,
     pub(super) last: Instant,
+    /// The server asked for a reply while records waited for Kafka: a walsender at shutdown
+    /// asks once and then waits for a confirmation (see `pipeline::release`). Status updates
+    /// go out far more often than `wal_sender_timeout` would make it ask otherwise.
+    pub(super) asked: bool,
 }
 
 impl Status {
@@ -58,6 +62,7 @@ impl Status {
             received: confirmed,
             reported: confirmed,
             last: Instant::now(),
+            asked: false,
         }
     }
 

@@ -8,16 +8,20 @@
 //! reading the socket (the walsender cannot even send its last messages), or a few records
 //! are in flight and the relay reads and answers keepalives but still cannot confirm.
 //!
-//! One rule covers both, without telling a shutdown from an outage: records are waiting for
-//! Kafka and Kafka has given no verdict on any record for `[relay]
-//! release_session_after_secs`. Then the session ends as [`SessionEnd::Released`]: the socket
-//! is dropped (which frees the walsender at once), the lifecycle waits for the producer queue
-//! to drain while only the monitor's plain SQL connection talks to PostgreSQL, and the next
-//! session resumes from the slot, which kept its position. The cost: the records in flight at
-//! the release are sent again, as the slot hears of no acknowledgement meanwhile (duplicates,
-//! never loss or reordering), and every Kafka outage longer than the bound costs that and a
-//! reconnect, shutdown or not. Silence rather than the oldest record's age is the measure, so a slow
-//! but working broker draining a long queue does not trigger it.
+//! One rule covers both: records are waiting for Kafka and Kafka has given no verdict on any
+//! record for `[relay] release_session_after_secs`, and either the relay has stopped reading
+//! (the producer queue is full) or, while it reads, the server asked for a reply (a walsender
+//! at shutdown asks once and then waits; status updates otherwise go out far more often than
+//! `wal_sender_timeout` would make it ask). Then the session ends as [`SessionEnd::Released`]:
+//! the socket is dropped (which frees the walsender at once), the lifecycle waits for the
+//! producer queue to drain while only the monitor's plain SQL connection talks to PostgreSQL,
+//! and the next session resumes from the slot, which kept its position. The cost: the records
+//! in flight at the release are sent again, as the slot hears of no acknowledgement meanwhile
+//! (duplicates, never loss or reordering); a Kafka outage under a backlog that fills the queue
+//! costs that whether or not PostgreSQL is shutting down. Silence rather than the oldest
+//! record's age is the measure, so a slow but working broker draining a long queue does not
+//! trigger it; and a broker slow to answer one record while the relay reads (an unknown
+//! topic's metadata) does not either.
 //!
 //! The rule is checked wherever the session waits on Kafka: on the stream's timer, while it
 //! waits for room in the producer queue, and, in exactly-once mode, while a Kafka transaction

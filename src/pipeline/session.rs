@@ -205,6 +205,7 @@ impl Session<'_> {
     /// Takes the slot's confirmed position as the floor of what is reported; returns the
     /// server's current WAL position.
     async fn rebase(&mut self) -> Result<Lsn, PgError> {
+        self.out.status.asked = false;
         let client = self.endpoint.connect_sql().await?;
         let reading = catalog::read_slot(&client, &self.config.postgres.slot).await?;
         let server_wal = reading.primary_wal()?;
@@ -265,7 +266,13 @@ impl Session<'_> {
                     self.out.update_metrics();
                     // Records in flight and Kafka silent: the walsender may be holding a
                     // shutdown for a confirmation that cannot come (see `pipeline::release`).
-                    if !stopping {
+                    // While the relay reads, only when the server asked for a reply: a broker
+                    // merely slow to answer one record (a topic's metadata, say) must not cost
+                    // a reconnect and the records in flight sent again.
+                    if self.out.tracker.in_flight() == 0 {
+                        self.out.status.asked = false;
+                    }
+                    if !stopping && self.out.status.asked {
                         if let Some(end) = release::due(&self.out.tracker, self.config) {
                             return end;
                         }
@@ -349,6 +356,9 @@ impl Session<'_> {
                     self.out.idle(wal_end);
                 }
                 if reply_requested {
+                    if self.out.tracker.in_flight() > 0 {
+                        self.out.status.asked = true;
+                    }
                     self.out
                         .report(stream, true, "answering a keepalive failed")
                         .await?;
