@@ -259,7 +259,8 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
         "PostgreSQL reachable at {target} (server {version})"
     ));
 
-    match catalog::server(&client).await {
+    let server = catalog::server(&client).await;
+    match &server {
         Ok(state) => {
             let problems = state.problems();
             if !problems
@@ -281,6 +282,7 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
             "cannot read wal_level and pg_is_in_recovery(): {e}; fix the cause and retry"
         )),
     }
+    let version_num = server.as_ref().ok().map(|s| s.version_num);
     if !config.message.is_empty() {
         let major = version
             .split(|c: char| !c.is_ascii_digit())
@@ -345,7 +347,15 @@ async fn postgres_checks(report: &mut Report<'_>, config: &Config, endpoint: &Pg
     let guard =
         catalog::read_guard(&client, &config.postgres.slot, &config.postgres.publication).await;
     let marker = guard.as_ref().ok().and_then(|g| g.marker.as_ref());
-    check_slot(report, &client, &config.postgres, marker, role.as_ref()).await;
+    check_slot(
+        report,
+        &client,
+        &config.postgres,
+        marker,
+        role.as_ref(),
+        version_num,
+    )
+    .await;
     check_guard(report, &config.postgres, guard);
     check_ha(report, &config.postgres, endpoint, &client).await;
 }
@@ -794,6 +804,7 @@ async fn check_slot(
     pg: &PostgresConfig,
     marker: Option<&SlotMarker>,
     role: Option<&Role>,
+    version_num: Option<i32>,
 ) {
     let name = pg.slot.as_str();
     let reading = match catalog::read_slot(client, name).await {
@@ -827,20 +838,20 @@ async fn check_slot(
         slot.confirmed_flush
             .map_or_else(|| "(none)".to_owned(), |lsn| lsn.to_string()),
     ));
-    check_slot_failover(report, client, pg, slot).await;
+    check_slot_failover(report, pg, slot, version_num);
 }
 
 /// Whether the slot survives a failover (PostgreSQL 17+): [`catalog::failover_note`].
-async fn check_slot_failover(
+fn check_slot_failover(
     report: &mut Report<'_>,
-    client: &Client,
     pg: &PostgresConfig,
     slot: &catalog::Slot,
+    version_num: Option<i32>,
 ) {
-    let Ok(server) = catalog::server(client).await else {
+    let Some(version_num) = version_num else {
         return;
     };
-    let wanted = catalog::failover_wanted(pg.failover(), server.version_num).unwrap_or(true);
+    let wanted = catalog::failover_wanted(pg.failover(), version_num).unwrap_or(true);
     match catalog::failover_note(slot, &pg.slot, wanted) {
         Some((true, line)) => report.ok(line),
         Some((false, line)) => report.warn(line),

@@ -180,16 +180,8 @@ impl Session<'_> {
         if !catalog::failover_wanted(pg.failover(), version).unwrap_or(false) {
             return Ok(());
         }
-        let client = match self.endpoint.connect_sql().await {
-            Ok(c) => c,
-            Err(_) => return Ok(()),
-        };
-        let failover = catalog::read_slot(&client, &pg.slot)
-            .await
-            .ok()
-            .and_then(|r| r.slot)
-            .and_then(|s| s.failover);
-        if failover != Some(false) {
+        // On the replication connection itself: it reached the primary the slot lives on.
+        if !conn.slot_lacks_failover(&pg.slot).await? {
             return Ok(());
         }
         match conn.set_failover(&pg.slot).await {

@@ -408,6 +408,19 @@ impl ReplicationConnection {
             })
     }
 
+    /// Whether `slot` exists and is not a failover slot (PostgreSQL 17+, whose
+    /// `pg_replication_slots` has the column).
+    pub async fn slot_lacks_failover(&mut self, slot: &str) -> Result<bool> {
+        // Names were validated to [a-z0-9_], so quoting them is enough.
+        let rows = self
+            .simple_query(&format!(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .await?;
+        let failover = rows.first().and_then(|r| r.first()).cloned().flatten();
+        Ok(failover.as_deref() == Some("f"))
+    }
+
     /// `ALTER_REPLICATION_SLOT … (FAILOVER true)` (PostgreSQL 17+): standbys with
     /// `sync_replication_slots = on` then keep a copy of the slot, which survives a failover.
     /// Refused (SQLSTATE 55006) while another walsender streams from the slot.
